@@ -1,0 +1,36 @@
+"""FedProx (Li et al., 2020): FedAvg plus (mu/2)·||w - w_global||² in local training."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from baselines.head import HEAD, HeadClient, HeadConfig, HeadServer, LossTerm
+from bench.api import Message, register
+
+
+class FedProxConfig(HeadConfig):
+    mu: float = Field(0.01, ge=0)
+
+
+class FedProxClient(HeadClient):
+    config: FedProxConfig
+
+    def loss_terms(self, payload: Message, model: torch.nn.Module) -> list[LossTerm]:
+        if self.config.mu == 0:
+            return []
+        anchors = [(p, torch.from_numpy(payload.arrays[HEAD + n])) for n, p in model.named_parameters()]
+        mu = self.config.mu
+
+        def proximal(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            return 0.5 * mu * sum(((p - g) ** 2).sum() for p, g in anchors)
+
+        return [proximal]
+
+
+@register
+class FedProx(HeadServer):
+    name = "fedprox"
+    summary = "FedProx: FedAvg's head with a proximal term (mu/2)||w - w_global||^2"
+    Config = FedProxConfig
+    ClientClass = FedProxClient

@@ -1,0 +1,233 @@
+"""The method contract: what every FCIL method implements, and the registry that finds it.
+
+A method is a server/client pair (as FL-bench keeps them) plus a pydantic model of its own
+hyperparameters, which is also its config section. The server side follows Flower's
+Strategy naming (hooks named after what they do); the client side is one pure function
+`local_train(payload, data, ctx)`, so it can run in-process or inside a Ray actor and give
+the same numbers: everything it may depend on travels in its three arguments.
+
+Payloads and updates are `Message`s: a flat dict of numpy arrays plus small JSON-able
+metadata. They cross process boundaries cheaply (Ray's object store reads numpy arrays
+zero-copy) and their size is what the runner reports as bytes down/up.
+"""
+
+from __future__ import annotations
+
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from bench.errors import UserError
+
+ENTRY_POINT_GROUP = "fedame_bench.methods"
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's hyperparameter section; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Message:
+    """What crosses the wire: named numpy arrays plus small metadata (JSON-able)."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+
+@dataclass
+class ClientUpdate(Message):
+    """A client's answer: its trained arrays, how many samples trained them, its loss."""
+
+    num_samples: int = 0
+    loss: float = float("nan")
+
+
+@dataclass
+class ClientData:
+    """One client's training data for the current task.
+
+    `x` holds backbone features (float32, N x D) for feature methods, or images
+    (uint8, N x H x W x 3) for methods whose `input` is "images"; `y` holds global labels.
+    """
+
+    client_id: int
+    x: np.ndarray
+    y: np.ndarray
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The local-training knobs shared by all methods (from the `training` config section)."""
+
+    local_epochs: int
+    batch_size: int
+    optimizer: Literal["sgd", "adam", "adamw"]
+    lr: float
+    momentum: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """Everything about *this* call of local_train besides payload and data."""
+
+    run_seed: int
+    task: int
+    round: int
+    client_id: int
+    train: TrainSettings
+    device: str = "cpu"
+
+    @property
+    def seed(self) -> int:
+        """A seed derived from (run seed, task, round, client): same on every executor."""
+        return derive_seed(self.run_seed, "client", self.task, self.round, self.client_id)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the server learns at the start of a task."""
+
+    index: int
+    classes: tuple[int, ...]  # the new classes of this task (global label ids)
+    seen_classes: tuple[int, ...]  # all classes up to and including this task
+    client_classes: dict[int, tuple[int, ...]]  # classes present in each client's data
+
+
+@dataclass(frozen=True)
+class MethodEnv:
+    """Static facts a method is built with; identical on server and clients."""
+
+    feature_dim: int
+    num_classes: int
+    class_names: tuple[str, ...]
+    dataset: str
+    run_seed: int
+    num_clients: int
+    train: TrainSettings
+    superclasses: tuple[int, ...] | None = None  # per fine class, when the dataset has them
+    cache_dir: str = ""
+    image_size: int = 32
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+class Client(ABC):
+    """Client side of a method. Built once per worker from (config, env); stateless after."""
+
+    def __init__(self, config: MethodConfig, env: MethodEnv) -> None:
+        self.config = config
+        self.env = env
+
+    @abstractmethod
+    def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
+        """Train on one client's data starting from `payload`; pure in its arguments."""
+
+
+class Server(ABC):
+    """Server side of a method: holds the global state and the hooks the runner calls."""
+
+    #: registry name, e.g. "fedavg"
+    name: ClassVar[str]
+    #: one line for `fedame-bench methods`
+    summary: ClassVar[str]
+    #: hyperparameter model; also the method's config section
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: the client half
+    ClientClass: ClassVar[type[Client]]
+    #: what the client trains on
+    input: ClassVar[Literal["features", "images"]] = "features"
+
+    def __init__(self, config: MethodConfig, env: MethodEnv) -> None:
+        self.config = config
+        self.env = env
+
+    @classmethod
+    def preflight(cls, config: MethodConfig, dataset: Any, cache_dir: Any) -> None:
+        """Check, before any run starts, what this method needs beyond the data (anchor
+        files, model weights, API settings); raise a UserError saying what to do."""
+
+    def setup(self) -> None:
+        """Build the initial global state (called once before the first task)."""
+
+    @abstractmethod
+    def begin_task(self, task: TaskInfo) -> None:
+        """Prepare for a task's new classes (grow heads, assign experts, snapshot teachers)."""
+
+    @abstractmethod
+    def payload_for(self, client_id: int) -> Message:
+        """What client `client_id` downloads this round (only what it needs)."""
+
+    @abstractmethod
+    def aggregate(self, updates: list[ClientUpdate]) -> None:
+        """Fold the round's client updates into the global state."""
+
+    @abstractmethod
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Predicted global labels (restricted to seen classes) for a batch of inputs."""
+
+    def end_task(self) -> None:
+        """Called after the last round of a task (e.g. to snapshot a teacher)."""
+
+    def stats(self) -> dict[str, float]:
+        """Extra per-round numbers for the rounds table (e.g. experts alive)."""
+        return {}
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """Rows for the `decisions` table (FedAME); empty for most methods."""
+        return []
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple of ints/strings via numpy's SeedSequence (stable everywhere)."""
+    ints = [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
+    return int(np.random.SeedSequence(ints).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[Server]] = {}
+
+
+def register(cls: type[Server]) -> type[Server]:
+    """Class decorator: make a method known to the runner under `cls.name`."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_entry_points() -> None:
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _REGISTRY:
+            ep.load()
+
+
+def available_methods() -> dict[str, type[Server]]:
+    """All registered methods, loading those declared under the `fedame_bench.methods` entry point."""
+    _load_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+class UnknownMethodError(UserError, ValueError):
+    pass
+
+
+def get_method(name: str) -> type[Server]:
+    methods = available_methods()
+    if name not in methods:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; known methods: {', '.join(methods)} (see `fedame-bench methods`)"
+        )
+    return methods[name]

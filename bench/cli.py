@@ -1,0 +1,158 @@
+"""The `fedame-bench` command line (typer + rich).
+
+Every error a user can cause surfaces as one red line and exit code 2, before any work
+when it can be known in advance; anything else keeps its traceback (it is a bug).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from bench.errors import UserError
+from bench.progress import console, progress_bar
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated class-incremental learning benchmarks.")
+
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="YAML config path, or a name in configs/ (default, cifar100, smoke ...)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: key.sub=value (repeatable)")]
+DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the dataset files (else FEDAME_DATA_DIR, data.root, ~/.cache)")]
+
+
+def user_errors(fn):
+    """Turn UserErrors into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: completed runs are saved; rerun the same command to resume[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def methods() -> None:
+    """List the registered methods, one line each."""
+    from bench.api import available_methods
+
+    table = Table("method", "input", "description", box=None)
+    for name, cls in available_methods().items():
+        table.add_row(name, cls.input, cls.summary)
+    console.print(table) if sys.stdout.isatty() else [print(f"{n}\t{c.input}\t{c.summary}") for n, c in available_methods().items()]
+
+
+def _counts_table(scenario, ds) -> Table:
+    counts = scenario.counts(ds.train_y)
+    table = Table(title=f"samples per client and task ({ds.name}, {scenario.num_clients} clients)")
+    table.add_column("task")
+    table.add_column("classes", justify="right")
+    for k in range(scenario.num_clients):
+        table.add_column(f"client {k}", justify="right")
+    table.add_column("total", justify="right")
+    for t, row in enumerate(counts):
+        table.add_row(str(t), str(len(scenario.tasks[t])), *map(str, row), str(int(row.sum())))
+    return table
+
+
+@app.command()
+@user_errors
+def run(
+    config: ConfigOpt = "default",
+    methods: Annotated[Optional[str], typer.Option("--methods", "-m", help="Comma-separated methods, or 'all'")] = None,
+    alpha: Annotated[Optional[str], typer.Option("--alpha", help="Comma-separated Dirichlet alphas, e.g. 0.1,0.5")] = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Comma-separated seeds, e.g. 0,1,2")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results directory (Parquet tables)")] = Path("results"),
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+    executor: Annotated[Optional[str], typer.Option("--executor", help="local | ray | auto")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Join an existing Ray cluster")] = None,
+    gpus_per_client: Annotated[Optional[float], typer.Option("--gpus-per-client", help="GPU fraction per client actor")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-client, per-task sample counts and exit")] = False,
+) -> None:
+    """Run a sweep (methods x alphas x seeds) and write Parquet results; resumes where it stopped."""
+    from bench.config import load_config
+    from bench.data import load_dataset, resolve_data_dir
+    from bench.results import ResultWriter
+    from bench.scenario import build_scenario
+    from bench.sweep import expand, parse_floats, parse_ints, parse_methods, prepare, run_sweep
+
+    overrides = list(set_ or [])
+    for key, val in (("runtime.executor", executor), ("runtime.address", address), ("runtime.gpus_per_client", gpus_per_client)):
+        if val is not None:
+            overrides.append(f"{key}={val}")
+    cfg = load_config(config, overrides)
+    names = parse_methods(methods, cfg)
+    alphas = parse_floats(alpha, cfg.sweep.alpha or [cfg.scenario.alpha], "alpha")
+    seed_list = parse_ints(seeds, cfg.sweep.seeds or [cfg.seed], "seeds")
+    specs = expand(cfg, names, alphas, seed_list)
+
+    if dry_run:
+        ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
+        for a in alphas:
+            spec = next(s for s in specs if s.alpha == a)
+            scen = build_scenario(spec.config.scenario, ds.train_y, ds.class_names, spec.seed)
+            t = _counts_table(scen, ds)
+            t.title = f"{t.title}, {cfg.scenario.partition} alpha={a}, seed={spec.seed}"
+            console.print(t)
+        return
+
+    writer = ResultWriter(out)
+    writer.check_writable()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console.print(f"[bold]sweep[/] {cfg.name}: {len(specs)} runs ({', '.join(names)} x alpha {alphas} x seeds {seed_list}) -> {out}")
+    prepared = prepare(cfg, specs, data_dir)
+
+    with progress_bar() as bar:
+        sweep_job = bar.add_task("runs", total=len(specs))
+        run_job = None
+
+        def start(spec):
+            nonlocal run_job
+            total = spec.config.training.rounds * (len(spec.config.scenario.tasks or []) or spec.config.scenario.n_tasks or 1)
+            run_job = bar.add_task(f"{spec.method} a={spec.alpha:g} s={spec.seed}", total=total)
+
+        def round_done(spec, row):
+            acc = "" if row["acc_seen"] is None else f" acc={row['acc_seen']:.3f}"
+            bar.update(run_job, advance=1, description=f"{spec.method} a={spec.alpha:g} s={spec.seed} t{row['task']}{acc}")
+
+        def end(spec, summary, status):
+            bar.advance(sweep_job)
+            if run_job is not None:
+                bar.remove_task(run_job)
+            if status != "completed":
+                bar.console.print(f"{spec.run_id}: {status}")
+
+        summaries = run_sweep(specs, prepared, writer, start, round_done, end)
+
+    from bench.results import read_table
+
+    summary = read_table(out, "summary").to_pylist()
+    ids = {s.run_id for s in specs}
+    table = Table(title=f"summary ({out})")
+    for col in ("method", "alpha", "seed", "final_acc", "avg_acc", "forgetting", "bwt", "wall s"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    for row in sorted((r for r in summary if r["run_id"] in ids), key=lambda r: (r["method"], r["alpha"], r["seed"])):
+        table.add_row(
+            row["method"], f"{row['alpha']:g}", str(row["seed"]),
+            *(f"{row[k]:.4f}" if row[k] is not None else "-" for k in ("final_acc", "avg_acc", "forgetting", "bwt")),
+            f"{row['wall_seconds']:.1f}",
+        )
+    console.print(table)
+    console.print(f"{len(summaries)} runs completed now, {len(specs) - len(summaries)} skipped or failed; tables in {out}/")
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,210 @@
+"""Experiment configuration: pydantic models, YAML loading, `--set` overrides.
+
+Every section forbids unknown keys, so a typo is an error naming the key rather than a
+silently ignored setting. Method hyperparameters live in `methods.<name>` and are
+validated by the method's own pydantic model (see bench.api.Server.Config).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bench.api import MethodConfig, get_method
+from bench.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(UserError, ValueError):
+    """A config the user wrote is wrong; the message says which key and what to do."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticData(Section):
+    num_classes: int = Field(10, ge=2)
+    train_per_class: int = Field(60, ge=1)
+    test_per_class: int = Field(20, ge=1)
+    image_size: int = Field(32, ge=8)
+
+
+class DataConfig(Section):
+    dataset: Literal["cifar10", "cifar100", "synthetic"] = "cifar10"
+    root: str | None = None  # data dir; --data-dir and FEDAME_DATA_DIR override
+    max_train_per_class: int | None = Field(None, ge=1)
+    max_test_per_class: int | None = Field(None, ge=1)
+    synthetic: SyntheticData = SyntheticData()
+
+
+class ScenarioConfig(Section):
+    class_order: list[str | int] | None = None  # explicit order (names or label ids)
+    shuffle_classes: bool = False  # seeded permutation when no explicit order
+    tasks: list[int] | None = None  # explicit task sizes, e.g. [4, 4, 2]
+    n_tasks: int | None = Field(None, ge=1)  # or this many equal parts
+    num_clients: int = Field(5, ge=1)
+    partition: Literal["dirichlet", "iid", "shards"] = "dirichlet"
+    alpha: float = 0.5
+    min_samples: int = Field(2, ge=0)  # per client per task (dirichlet)
+    shards_per_client: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScenarioConfig":
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0 (got {self.alpha}); use e.g. 0.1 for skewed, 100 for near-IID")
+        if self.tasks is not None and any(t < 1 for t in self.tasks):
+            raise ValueError(f"task sizes must be positive, got {self.tasks}")
+        if self.tasks is not None and self.n_tasks is not None:
+            raise ValueError("give either scenario.tasks or scenario.n_tasks, not both")
+        return self
+
+
+class BackboneConfig(Section):
+    arch: Literal["resnet18"] = "resnet18"
+    variant: Literal["torchvision", "cifar"] = "torchvision"
+    weights: str = "none"  # imagenet | none | <path to a state dict>
+    input_size: int = Field(32, ge=8)
+    mean: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
+    std: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
+    batch_size: int = Field(256, ge=1)
+    device: str = "auto"
+
+
+class TrainingConfig(Section):
+    rounds: int = Field(100, ge=1)  # per task
+    local_epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    client_fraction: float = Field(1.0, gt=0, le=1)
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=0)  # rounds between evaluations; 0 = only at the end of each task
+
+
+class RuntimeConfig(Section):
+    executor: Literal["local", "ray", "auto"] = "local"
+    address: str | None = None
+    gpus_per_client: float = Field(0.0, ge=0)
+    cpus_per_client: float = Field(1.0, ge=0)
+    num_actors: int | None = Field(None, ge=1)
+    max_concurrent_runs: int | None = Field(None, ge=1)
+    max_retries: int = Field(2, ge=0)
+
+
+class SweepConfig(Section):
+    """The default grid; the CLI's --methods/--alpha/--seeds replace these. Unset alpha and
+    seeds mean the single scenario.alpha and seed."""
+
+    methods: list[str] = ["fedavg"]
+    alpha: list[float] | None = None
+    seeds: list[int] | None = None
+
+
+class ExperimentConfig(Section):
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    scenario: ScenarioConfig = ScenarioConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    training: TrainingConfig = TrainingConfig()
+    eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    sweep: SweepConfig = SweepConfig()
+    cache_dir: str | None = None  # features/anchors/LLM cache; default per-user cache dir
+    methods: dict[str, dict[str, Any]] = {}
+
+    def method_config(self, name: str) -> MethodConfig:
+        """The validated hyperparameters of method `name` (its section, or its defaults)."""
+        cls = get_method(name)
+        try:
+            return cls.Config.model_validate(self.methods.get(name, {}))
+        except ValidationError as e:
+            raise ConfigError(_format_validation(e, prefix=f"methods.{name}")) from None
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _format_validation(e: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+        loc = ".".join(p for p in (prefix, loc) if p)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/default.yaml for the keys)"
+        parts.append(f"{loc or '<root>'}: {msg}")
+    return "config error: " + "; ".join(parts)
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path as given, or a bare name looked up in ./configs and the project's configs/."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    for base in (Path("configs"), CONFIG_DIR):
+        cand = base / f"{name_or_path}.yaml"
+        if cand.exists():
+            return cand
+    raise ConfigError(f"no config named {name_or_path!r} (looked in ./configs and {CONFIG_DIR})")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key.sub=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item}: {k!r} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config (or defaults), apply --set overrides, validate everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"malformed config file {p}: {str(e).splitlines()[0]}; fix the YAML syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"malformed config file {p}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e)) from None
+    for name in cfg.methods:  # method sections must name known methods and be valid
+        try:
+            cfg.method_config(name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return cfg

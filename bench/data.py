@@ -1,0 +1,179 @@
+"""Datasets as plain arrays: CIFAR-10/100 from torchvision's on-disk format, or synthetic.
+
+The CIFAR pickles are read directly (the format is tiny and stable) so that small test
+fixtures in the same format load too; torchvision is used to download them when the files
+are missing and a network is there. Offline, a missing dataset is one clear error naming
+the directory and files expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.config import DataConfig
+from bench.errors import UserError
+
+
+class DataError(UserError, RuntimeError):
+    """Data the user asked for is not there; the message says where it was looked for."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    class_names: tuple[str, ...]
+    train_x: np.ndarray  # uint8, N x H x W x 3
+    train_y: np.ndarray  # int64, N
+    test_x: np.ndarray
+    test_y: np.ndarray
+    superclasses: tuple[int, ...] | None = None  # coarse label of each fine class
+    superclass_names: tuple[str, ...] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def digest(self, split: str) -> str:
+        """Content digest of one split (images and labels): the feature cache's data key."""
+        x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+        h = hashlib.sha256(f"{self.name}:{split}:{x.shape}".encode())
+        h.update(np.ascontiguousarray(x).data)
+        h.update(np.ascontiguousarray(y).data)
+        return h.hexdigest()[:16]
+
+
+_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta"),
+}
+_DOWNLOAD_HOST = ("www.cs.toronto.edu", 443)
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedame-bench" / "data"
+
+
+def resolve_data_dir(cli_value: str | None, config_value: str | None) -> Path:
+    """--data-dir, then FEDAME_DATA_DIR, then the config's data.root, then the user cache dir."""
+    for v in (cli_value, os.environ.get("FEDAME_DATA_DIR"), config_value):
+        if v:
+            return Path(v).expanduser()
+    return default_data_dir()
+
+
+def _network_reachable(host: tuple[str, int], timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(host, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _missing_files(root: Path, name: str) -> list[Path]:
+    folder, train, test, meta = _LAYOUT[name]
+    return [root / folder / f for f in [*train, *test, meta] if not (root / folder / f).exists()]
+
+
+def ensure_cifar(root: Path, name: str) -> None:
+    """Make sure the CIFAR files are under `root`, downloading through torchvision if possible."""
+    missing = _missing_files(root, name)
+    if not missing:
+        return
+    folder = root / _LAYOUT[name][0]
+    if not _network_reachable(_DOWNLOAD_HOST):
+        raise DataError(
+            f"{name} not found: expected {', '.join(str(m.name) for m in missing)} in {folder}; "
+            f"no network to download it. Put torchvision's {name} files there or pass --data-dir "
+            f"(or FEDAME_DATA_DIR) pointing at the folder that contains {folder.name}/"
+        )
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    root.mkdir(parents=True, exist_ok=True)
+    for train in (True, False):
+        cls(root=str(root), train=train, download=True)
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def _read_batches(folder: Path, files: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    xs, ys, coarse = [], [], []
+    for fname in files:
+        d = _unpickle(folder / fname)
+        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(d[label_key], dtype=np.int64))
+        if "coarse_labels" in d:
+            coarse.append(np.asarray(d["coarse_labels"], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys), (np.concatenate(coarse) if coarse else None)
+
+
+def load_cifar(root: Path, name: str) -> Dataset:
+    ensure_cifar(root, name)
+    folder_name, train_files, test_files, meta_file = _LAYOUT[name]
+    folder = root / folder_name
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    try:
+        meta = _unpickle(folder / meta_file)
+        train_x, train_y, train_coarse = _read_batches(folder, train_files, label_key)
+        test_x, test_y, _ = _read_batches(folder, test_files, label_key)
+    except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+        raise DataError(f"{name} files in {folder} are unreadable ({e}); delete them and download again") from None
+    class_names = tuple(meta["label_names"] if name == "cifar10" else meta["fine_label_names"])
+    superclasses = superclass_names = None
+    if train_coarse is not None:
+        mapping = np.zeros(len(class_names), dtype=np.int64)
+        mapping[train_y] = train_coarse
+        superclasses = tuple(int(c) for c in mapping)
+        superclass_names = tuple(meta.get("coarse_label_names", ())) or None
+    return Dataset(name, class_names, train_x, train_y, test_x, test_y, superclasses, superclass_names)
+
+
+def make_synthetic(cfg: DataConfig, seed: int = 1234) -> Dataset:
+    """Images whose class is a smooth random colour pattern plus noise: learnable, offline, fast."""
+    s = cfg.synthetic
+    rng = np.random.default_rng(seed)
+    k = s.num_classes
+    coarse = rng.uniform(0, 255, size=(k, 4, 4, 3))
+    reps = s.image_size // 4
+    templates = np.kron(coarse, np.ones((1, reps, reps, 1)))
+
+    def split(n_per: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(k), n_per)
+        x = templates[y] + rng.normal(0, 40, size=(len(y), s.image_size, s.image_size, 3))
+        return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+    train_x, train_y = split(s.train_per_class)
+    test_x, test_y = split(s.test_per_class)
+    names = tuple(f"class_{i}" for i in range(k))
+    groups = tuple(i % 2 for i in range(k))  # two "superclasses", for cluster-aware methods
+    return Dataset("synthetic", names, train_x, train_y, test_x, test_y, groups, ("even", "odd"))
+
+
+def _cap_per_class(x: np.ndarray, y: np.ndarray, cap: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first `cap` samples of every class (deterministic; order preserved)."""
+    if cap is None:
+        return x, y
+    keep = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        keep[np.flatnonzero(y == c)[:cap]] = True
+    return x[keep], y[keep]
+
+
+def load_dataset(cfg: DataConfig, data_dir: Path) -> Dataset:
+    ds = make_synthetic(cfg) if cfg.dataset == "synthetic" else load_cifar(data_dir, cfg.dataset)
+    if cfg.max_train_per_class or cfg.max_test_per_class:
+        tx, ty = _cap_per_class(ds.train_x, ds.train_y, cfg.max_train_per_class)
+        vx, vy = _cap_per_class(ds.test_x, ds.test_y, cfg.max_test_per_class)
+        ds = Dataset(ds.name, ds.class_names, tx, ty, vx, vy, ds.superclasses, ds.superclass_names)
+    return ds

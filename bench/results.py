@@ -1,0 +1,171 @@
+"""Parquet results: one file per (table, run), written atomically, `runs` last.
+
+Layout: OUT/<table>/<run_id>.parquet, so `pyarrow.dataset.dataset("OUT/summary")` or
+`pandas.read_parquet("OUT/summary")` loads a whole table. A run counts as complete only
+when its `runs` row says so; it is written after every other table of that run, each file
+via a temporary name and an atomic rename, so an interrupted sweep never leaves a half
+file behind and a rerun overwrites (never duplicates) the pieces of an unfinished run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bench.errors import UserError
+
+TS = pa.timestamp("us", tz="UTC")
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "runs": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("sweep", pa.string()),
+            ("method", pa.string()),
+            ("dataset", pa.string()),
+            ("alpha", pa.float64()),
+            ("seed", pa.int64()),
+            ("num_clients", pa.int64()),
+            ("tasks", pa.string()),
+            ("num_tasks", pa.int64()),
+            ("rounds", pa.int64()),
+            ("local_epochs", pa.int64()),
+            ("partition", pa.string()),
+            ("backbone", pa.string()),
+            ("executor", pa.string()),
+            ("config", pa.string()),
+            ("versions", pa.string()),
+            ("git_sha", pa.string()),
+            ("hardware", pa.string()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("start_time", TS),
+            ("end_time", TS),
+        ]
+    ),
+    "rounds": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("method", pa.string()),
+            ("task", pa.int64()),
+            ("round", pa.int64()),
+            ("acc_seen", pa.float64()),
+            ("loss", pa.float64()),
+            ("wall_seconds", pa.float64()),
+            ("client_seconds", pa.float64()),
+            ("bytes_up", pa.int64()),
+            ("bytes_down", pa.int64()),
+            ("clients_used", pa.int64()),
+            ("experts_alive", pa.int64()),
+            ("retries", pa.int64()),
+        ]
+    ),
+    "accuracy": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("method", pa.string()),
+            ("after_task", pa.int64()),
+            ("eval_task", pa.int64()),
+            ("accuracy", pa.float64()),
+        ]
+    ),
+    "summary": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("method", pa.string()),
+            ("dataset", pa.string()),
+            ("alpha", pa.float64()),
+            ("seed", pa.int64()),
+            ("num_tasks", pa.int64()),
+            ("final_acc", pa.float64()),
+            ("avg_acc", pa.float64()),
+            ("forgetting", pa.float64()),
+            ("bwt", pa.float64()),
+            ("wall_seconds", pa.float64()),
+            ("gpu_seconds", pa.float64()),
+            ("bytes_up", pa.int64()),
+            ("bytes_down", pa.int64()),
+        ]
+    ),
+    "decisions": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("task", pa.int64()),
+            ("class_id", pa.int64()),
+            ("class_name", pa.string()),
+            ("action", pa.string()),
+            ("expert", pa.int64()),
+            ("source", pa.string()),
+            ("latency_s", pa.float64()),
+            ("response_digest", pa.string()),
+            ("reason", pa.string()),
+        ]
+    ),
+}
+TABLES = tuple(SCHEMAS)
+
+
+class ResultsDirError(UserError, RuntimeError):
+    """The output directory cannot be used; the message says why."""
+
+
+def to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
+    schema = SCHEMAS[name]
+    return pa.Table.from_pylist([{f: r.get(f) for f in schema.names} for r in rows], schema=schema)
+
+
+class ResultWriter:
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+
+    def check_writable(self) -> None:
+        """Fail before any work if OUT cannot be created or written."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ResultsDirError(f"output directory {self.out} is not writable ({e.strerror}); pass --out to a writable directory") from None
+
+    def path(self, table: str, run_id: str) -> Path:
+        return self.out / table / f"{run_id}.parquet"
+
+    def _write(self, table: str, run_id: str, data: pa.Table) -> None:
+        dest = self.path(table, run_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+        pq.write_table(data, tmp)
+        os.replace(tmp, dest)
+
+    def write_run(self, run_id: str, tables: dict[str, list[dict[str, Any]]]) -> None:
+        """Write every table of one run; `runs` goes last and marks the run complete."""
+        for name in TABLES:
+            if name != "runs" and name in tables:
+                self._write(name, run_id, to_table(name, tables[name]))
+        self._write("runs", run_id, to_table("runs", tables["runs"]))
+
+    def status(self, run_id: str) -> str | None:
+        p = self.path("runs", run_id)
+        if not p.exists():
+            return None
+        try:
+            return pq.read_table(p, columns=["status"]).column("status")[0].as_py()
+        except (pa.ArrowInvalid, OSError, IndexError):
+            return None
+
+    def is_complete(self, run_id: str) -> bool:
+        return self.status(run_id) == "completed"
+
+
+def read_table(out: Path | str, name: str) -> pa.Table:
+    """One table of a results directory, all runs concatenated (empty if none)."""
+    folder = Path(out) / name
+    files = sorted(folder.glob("*.parquet")) if folder.exists() else []
+    if not files:
+        return SCHEMAS[name].empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=SCHEMAS[name]) for f in files])

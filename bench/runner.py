@@ -1,0 +1,245 @@
+"""The template loop of one run: tasks x rounds of select -> payloads -> train -> aggregate
+-> evaluate, and the rows it produces for every Parquet table.
+
+The runner knows the method only through the contract in bench.api; it never names one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from bench.api import MethodEnv, Server, TaskInfo, TrainContext, TrainSettings, derive_seed, get_method
+from bench.config import ExperimentConfig
+from bench.data import Dataset
+from bench.features import FeatureStore
+from bench.metrics import average_incremental_accuracy, backward_transfer, final_accuracy, forgetting, task_accuracies
+from bench.runtime import ClientJob, Executor
+from bench.scenario import Scenario, build_scenario
+from bench.sysinfo import git_sha, hardware, versions
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of a sweep: a method on a fully resolved config (alpha and seed set)."""
+
+    method: str
+    config: ExperimentConfig
+    sweep: str = ""
+
+    @property
+    def alpha(self) -> float:
+        return self.config.scenario.alpha
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def run_id(self) -> str:
+        """Stable across executors and machines: a digest of what determines the numbers."""
+        import hashlib
+
+        ident = self.config.model_dump(mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods"})
+        ident["data"].pop("root", None)
+        ident["method"] = self.method
+        ident["method_config"] = self.config.method_config(self.method).model_dump(mode="json")
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.method}-{self.config.data.dataset}-a{self.alpha:g}-s{self.seed}-{digest}"
+
+
+@dataclass
+class RunOutput:
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def train_settings(cfg: ExperimentConfig) -> TrainSettings:
+    t = cfg.training
+    return TrainSettings(t.local_epochs, t.batch_size, t.optimizer, t.lr, t.momentum, t.weight_decay)
+
+
+def method_env(cfg: ExperimentConfig, ds: Dataset, feature_dim: int, cache_dir: str) -> MethodEnv:
+    return MethodEnv(
+        feature_dim=feature_dim,
+        num_classes=ds.num_classes,
+        class_names=ds.class_names,
+        dataset=ds.name,
+        run_seed=cfg.seed,
+        num_clients=cfg.scenario.num_clients,
+        train=train_settings(cfg),
+        superclasses=ds.superclasses,
+        cache_dir=cache_dir,
+        image_size=ds.train_x.shape[1],
+        image_mean=cfg.backbone.mean,
+        image_std=cfg.backbone.std,
+    )
+
+
+def sample_clients(cfg: ExperimentConfig, task: int, rnd: int) -> list[int]:
+    n = cfg.scenario.num_clients
+    m = max(1, int(round(cfg.training.client_fraction * n)))
+    if m >= n:
+        return list(range(n))
+    rng = np.random.default_rng(derive_seed(cfg.seed, "sample", task, rnd))
+    return sorted(int(k) for k in rng.choice(n, size=m, replace=False))
+
+
+class Evaluator:
+    """Accuracy on the test data of all seen classes, and per task, from one predict call."""
+
+    def __init__(self, scenario: Scenario, test_x: np.ndarray, test_y: np.ndarray, num_classes: int) -> None:
+        self.scenario = scenario
+        self.task_of_label = np.full(num_classes, -1)
+        for t, classes in enumerate(scenario.tasks):
+            self.task_of_label[list(classes)] = t
+        self.test_x, self.test_y = test_x, test_y
+
+    def __call__(self, server: Server, task: int) -> tuple[float, list[float]]:
+        seen = np.isin(self.test_y, self.scenario.seen_classes(task))
+        x, y = np.asarray(self.test_x[seen]), self.test_y[seen]
+        return task_accuracies(server.predict(x), y, self.task_of_label, self.scenario.num_tasks)
+
+
+def execute_run(
+    spec: RunSpec, ds: Dataset, store: FeatureStore, executor: Executor, cache_dir: str, on_round=None
+) -> RunOutput:
+    """Run one spec to the end and return its table rows (the caller writes them)."""
+    cfg = spec.config
+    started = datetime.now(timezone.utc)
+    t_start = time.perf_counter()
+    method_cls = get_method(spec.method)
+    mcfg = cfg.method_config(spec.method)
+    scenario = build_scenario(cfg.scenario, ds.train_y, ds.class_names, cfg.seed)
+    if method_cls.input == "features":
+        train_x, test_x = store.features("train"), store.features("test")
+        feature_dim = int(train_x.shape[1])
+    else:
+        train_x, test_x = store.images("train"), store.images("test")
+        feature_dim = 0
+    env = method_env(cfg, ds, feature_dim, cache_dir)
+    server = method_cls(mcfg, env)
+    server.setup()
+    evaluate = Evaluator(scenario, test_x, ds.test_y, ds.num_classes)
+    executor.start(method_cls.ClientClass, mcfg, env, train_x, ds.train_y)
+    T = scenario.num_tasks
+    R = np.full((T, T), np.nan)
+    seen_acc = np.zeros(T)
+    rounds_rows: list[dict[str, Any]] = []
+    gpu_seconds = 0.0
+    try:
+        for t in range(T):
+            server.begin_task(
+                TaskInfo(t, scenario.tasks[t], scenario.seen_classes(t), scenario.client_classes(t, ds.train_y))
+            )
+            executor.set_task(t, scenario.client_indices[t])
+            for r in range(cfg.training.rounds):
+                t0 = time.perf_counter()
+                clients = sample_clients(cfg, t, r)
+                jobs = [
+                    ClientJob(k, server.payload_for(k), TrainContext(cfg.seed, t, r, k, env.train)) for k in clients
+                ]
+                results = executor.train(jobs)
+                server.aggregate([res.update for res in results])
+                last = r == cfg.training.rounds - 1
+                every = cfg.eval.every
+                acc = None
+                if last or (every and (r + 1) % every == 0):
+                    acc, per_task = evaluate(server, t)
+                    if last:
+                        R[t, : t + 1] = per_task[: t + 1]
+                        seen_acc[t] = acc
+                client_seconds = sum(res.seconds for res in results)
+                gpu_seconds += client_seconds * cfg.runtime.gpus_per_client
+                stats = server.stats()
+                row = {
+                    "run_id": spec.run_id,
+                    "method": spec.method,
+                    "task": t,
+                    "round": r,
+                    "acc_seen": acc,
+                    "loss": float(np.mean([res.update.loss for res in results])),
+                    "wall_seconds": time.perf_counter() - t0,
+                    "client_seconds": client_seconds,
+                    "bytes_up": sum(res.update.nbytes for res in results),
+                    "bytes_down": sum(j.payload.nbytes for j in jobs),
+                    "clients_used": len(results),
+                    "experts_alive": stats.get("experts_alive"),
+                    "retries": sum(res.retries for res in results),
+                }
+                rounds_rows.append(row)
+                if on_round is not None:
+                    on_round(row)
+            server.end_task()
+    finally:
+        executor.stop()
+
+    accuracy_rows = [
+        {"run_id": spec.run_id, "method": spec.method, "after_task": i, "eval_task": j, "accuracy": float(R[i, j])}
+        for i in range(T)
+        for j in range(i + 1)
+    ]
+    wall = time.perf_counter() - t_start
+    summary = {
+        "run_id": spec.run_id,
+        "method": spec.method,
+        "dataset": ds.name,
+        "alpha": spec.alpha,
+        "seed": spec.seed,
+        "num_tasks": T,
+        "final_acc": final_accuracy(seen_acc),
+        "avg_acc": average_incremental_accuracy(seen_acc),
+        "forgetting": forgetting(R),
+        "bwt": backward_transfer(R),
+        "wall_seconds": wall,
+        "gpu_seconds": gpu_seconds,
+        "bytes_up": int(sum(r["bytes_up"] for r in rounds_rows)),
+        "bytes_down": int(sum(r["bytes_down"] for r in rounds_rows)),
+    }
+    runs_row = run_row(spec, ds.name, executor.name, "completed", None, started)
+    decisions = [{"run_id": spec.run_id, **d} for d in server.decisions()]
+    tables = {
+        "runs": [runs_row],
+        "rounds": rounds_rows,
+        "accuracy": accuracy_rows,
+        "summary": [summary],
+        "decisions": decisions,
+    }
+    return RunOutput(tables, summary)
+
+
+def run_row(
+    spec: RunSpec, dataset: str, executor: str, status: str, error: str | None, started: datetime
+) -> dict[str, Any]:
+    cfg = spec.config
+    tasks = cfg.scenario.tasks
+    n_tasks = len(tasks) if tasks else (cfg.scenario.n_tasks or 1)
+    return {
+        "run_id": spec.run_id,
+        "sweep": spec.sweep,
+        "method": spec.method,
+        "dataset": dataset,
+        "alpha": spec.alpha,
+        "seed": spec.seed,
+        "num_clients": cfg.scenario.num_clients,
+        "tasks": ",".join(map(str, tasks)) if tasks else f"{n_tasks} equal",
+        "num_tasks": n_tasks,
+        "rounds": cfg.training.rounds,
+        "local_epochs": cfg.training.local_epochs,
+        "partition": cfg.scenario.partition,
+        "backbone": f"{cfg.backbone.arch}/{cfg.backbone.variant}/{cfg.backbone.weights}",
+        "executor": executor,
+        "config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
+        "versions": json.dumps(versions(), sort_keys=True),
+        "git_sha": git_sha(),
+        "hardware": hardware(),
+        "status": status,
+        "error": error,
+        "start_time": started,
+        "end_time": datetime.now(timezone.utc),
+    }

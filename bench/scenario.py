@@ -1,0 +1,140 @@
+"""Scenario: class order, task split and per-task label partition over clients.
+
+A pure function of (scenario config, labels, seed): the same inputs give the same indices
+on every machine, so a Ray worker and a local run see identical client data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bench.api import derive_seed
+from bench.config import ScenarioConfig
+from bench.errors import UserError
+
+
+class ScenarioError(UserError, ValueError):
+    """The scenario cannot be built from this config; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    class_order: tuple[int, ...]
+    tasks: tuple[tuple[int, ...], ...]  # global label ids of each task's classes
+    client_indices: tuple[tuple[np.ndarray, ...], ...]  # [task][client] -> train indices
+    num_clients: int
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def seen_classes(self, task: int) -> tuple[int, ...]:
+        return tuple(c for t in self.tasks[: task + 1] for c in t)
+
+    def counts(self, labels: np.ndarray) -> np.ndarray:
+        """Samples per (task, client): the --dry-run table."""
+        return np.array([[len(ix) for ix in task] for task in self.client_indices])
+
+    def client_classes(self, task: int, labels: np.ndarray) -> dict[int, tuple[int, ...]]:
+        return {k: tuple(int(c) for c in np.unique(labels[ix])) for k, ix in enumerate(self.client_indices[task])}
+
+
+def resolve_class_order(cfg: ScenarioConfig, class_names: tuple[str, ...], seed: int) -> tuple[int, ...]:
+    if cfg.class_order is not None:
+        order = []
+        for c in cfg.class_order:
+            if isinstance(c, int):
+                if not 0 <= c < len(class_names):
+                    raise ScenarioError(f"scenario.class_order: label {c} is out of range 0..{len(class_names) - 1}")
+                order.append(c)
+            elif c in class_names:
+                order.append(class_names.index(c))
+            else:
+                raise ScenarioError(f"scenario.class_order: unknown class {c!r}; known: {', '.join(class_names[:12])}...")
+        if len(set(order)) != len(order):
+            raise ScenarioError("scenario.class_order lists a class twice")
+        return tuple(order)
+    order = np.arange(len(class_names))
+    if cfg.shuffle_classes:
+        order = np.random.default_rng(derive_seed(seed, "class_order")).permutation(order)
+    return tuple(int(c) for c in order)
+
+
+def split_tasks(cfg: ScenarioConfig, order: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    if cfg.tasks is not None:
+        sizes = list(cfg.tasks)
+        if sum(sizes) != len(order):
+            raise ScenarioError(
+                f"task split {','.join(map(str, sizes))} covers {sum(sizes)} classes but the class order has "
+                f"{len(order)}; make scenario.tasks sum to {len(order)}"
+            )
+    else:
+        n = cfg.n_tasks or 1
+        if n > len(order):
+            raise ScenarioError(f"scenario.n_tasks={n} is more than the {len(order)} classes")
+        sizes = [len(p) for p in np.array_split(np.arange(len(order)), n)]
+    bounds = np.cumsum([0, *sizes])
+    return tuple(tuple(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def dirichlet_partition(
+    labels: np.ndarray, idx: np.ndarray, num_clients: int, alpha: float, min_samples: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Label-skewed split: per class, proportions ~ Dir(alpha); resampled until every client
+    has at least `min_samples` (the classic NIID-Bench recipe, with its balancing cap)."""
+    n = len(idx)
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        for c in np.unique(labels[idx]):
+            ic = rng.permutation(idx[labels[idx] == c])
+            p = rng.dirichlet(np.full(num_clients, alpha))
+            p = p * np.array([len(part) < n / num_clients for part in parts])  # cap clients already full
+            p = p / p.sum() if p.sum() > 0 else np.full(num_clients, 1 / num_clients)
+            cuts = (np.cumsum(p) * len(ic)).astype(int)[:-1]
+            for k, chunk in enumerate(np.split(ic, cuts)):
+                parts[k].extend(chunk.tolist())
+        if min(len(part) for part in parts) >= min_samples:
+            return [np.sort(np.asarray(part, dtype=np.int64)) for part in parts]
+    raise ScenarioError(
+        f"could not give each of {num_clients} clients >= {min_samples} samples with alpha={alpha} "
+        f"from {n} samples; lower scenario.min_samples, raise alpha or use fewer clients"
+    )
+
+
+def iid_partition(idx: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    return [np.sort(p) for p in np.array_split(rng.permutation(idx), num_clients)]
+
+
+def shard_partition(
+    labels: np.ndarray, idx: np.ndarray, num_clients: int, shards_per_client: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """McMahan et al.'s pathological split: sort by label, cut shards, deal them out."""
+    by_label = idx[np.argsort(labels[idx], kind="stable")]
+    shards = np.array_split(by_label, num_clients * shards_per_client)
+    deal = rng.permutation(len(shards)).reshape(num_clients, shards_per_client)
+    return [np.sort(np.concatenate([shards[s] for s in row])) for row in deal]
+
+
+def build_scenario(cfg: ScenarioConfig, labels: np.ndarray, class_names: tuple[str, ...], seed: int) -> Scenario:
+    order = resolve_class_order(cfg, class_names, seed)
+    tasks = split_tasks(cfg, order)
+    per_task = []
+    for t, classes in enumerate(tasks):
+        idx = np.flatnonzero(np.isin(labels, classes))
+        need = cfg.num_clients * max(1, cfg.min_samples if cfg.partition == "dirichlet" else 1)
+        if len(idx) < need:
+            raise ScenarioError(
+                f"task {t} has {len(idx)} training samples, fewer than needed for {cfg.num_clients} clients "
+                f"({need}); use fewer clients or more data"
+            )
+        rng = np.random.default_rng(derive_seed(seed, "partition", t))
+        if cfg.partition == "dirichlet":
+            parts = dirichlet_partition(labels, idx, cfg.num_clients, cfg.alpha, cfg.min_samples, rng)
+        elif cfg.partition == "iid":
+            parts = iid_partition(idx, cfg.num_clients, rng)
+        else:
+            parts = shard_partition(labels, idx, cfg.num_clients, cfg.shards_per_client, rng)
+        per_task.append(tuple(parts))
+    return Scenario(order, tasks, tuple(per_task), cfg.num_clients)

@@ -1,0 +1,142 @@
+"""A sweep: the grid of runs (methods x alphas x seeds), checked before any work starts,
+run one after another (or concurrently on Ray), skipping runs already complete."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench.api import available_methods, get_method
+from bench.config import ConfigError, ExperimentConfig
+from bench.data import Dataset, load_dataset, resolve_data_dir
+from bench.errors import UserError
+from bench.features import FeatureStore
+from bench.results import ResultWriter
+from bench.runner import RunSpec, execute_run, run_row
+from bench.runtime import make_executor
+from bench.scenario import build_scenario
+
+
+def default_cache_dir(cfg: ExperimentConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    env = os.environ.get("FEDAME_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedame-bench"
+
+
+def parse_methods(text: str | None, cfg: ExperimentConfig) -> list[str]:
+    names = cfg.sweep.methods if not text else [m.strip() for m in text.split(",") if m.strip()]
+    if names == ["all"]:
+        return list(available_methods())
+    for n in names:
+        get_method(n)  # raises with the list of known methods
+    return names
+
+
+def parse_floats(text: str | None, default: list[float], what: str) -> list[float]:
+    if not text:
+        return list(default)
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what} expects comma-separated numbers, got {text!r}") from None
+    if what == "alpha" and any(v <= 0 for v in vals):
+        raise ConfigError(f"--alpha values must be > 0, got {text}; Dirichlet concentration is positive (e.g. 0.1,0.5)")
+    return vals
+
+
+def parse_ints(text: str | None, default: list[int], what: str) -> list[int]:
+    if not text:
+        return list(default)
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what} expects comma-separated integers, got {text!r}") from None
+
+
+def expand(cfg: ExperimentConfig, methods: list[str], alphas: list[float], seeds: list[int]) -> list[RunSpec]:
+    specs = []
+    for m in methods:
+        cfg.method_config(m)  # validate every method's section before any work
+        for a in alphas:
+            for s in seeds:
+                c = ExperimentConfig.model_validate(
+                    {**cfg.model_dump(), "seed": s, "scenario": {**cfg.scenario.model_dump(), "alpha": a}}
+                )
+                specs.append(RunSpec(m, c, sweep=cfg.name))
+    return specs
+
+
+@dataclass
+class Prepared:
+    dataset: Dataset
+    store: FeatureStore
+    cache_dir: Path
+
+
+def prepare(cfg: ExperimentConfig, specs: list[RunSpec], data_dir: str | None) -> Prepared:
+    """Everything that can fail because of user input, done before the first run starts:
+    data present, every scenario buildable, backbone weights loadable (features cached)."""
+    ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
+    for spec in specs:
+        build_scenario(spec.config.scenario, ds.train_y, ds.class_names, spec.seed)
+    cache_dir = default_cache_dir(cfg)
+    store = FeatureStore(ds, cfg.backbone, cache_dir)
+    if any(get_method(s.method).input == "features" for s in specs):
+        store.features("train")
+        store.features("test")
+    for spec in specs:  # methods check their own inputs (anchors, model weights) up front
+        get_method(spec.method).preflight(spec.config.method_config(spec.method), ds, cache_dir)
+    return Prepared(ds, store, cache_dir)
+
+
+def run_sweep(
+    specs: list[RunSpec],
+    prepared: Prepared,
+    writer: ResultWriter,
+    on_run_start: Callable[[RunSpec], Any] | None = None,
+    on_round: Callable[[RunSpec, dict], Any] | None = None,
+    on_run_end: Callable[[RunSpec, dict | None, str], Any] | None = None,
+) -> list[dict]:
+    """Run every spec not yet complete in `writer`; a failing run is recorded and the rest go on."""
+    summaries = []
+    for spec in specs:
+        if writer.is_complete(spec.run_id):
+            if on_run_end:
+                on_run_end(spec, None, "skipped")
+            continue
+        if on_run_start:
+            on_run_start(spec)
+        started = datetime.now(timezone.utc)
+        executor = make_executor(spec.config.runtime)
+        try:
+            out = execute_run(
+                spec,
+                prepared.dataset,
+                prepared.store,
+                executor,
+                str(prepared.cache_dir),
+                on_round=(lambda row, s=spec: on_round(s, row)) if on_round else None,
+            )
+        except (KeyboardInterrupt, UserError):
+            raise
+        except Exception as e:  # a crashing run must not take the sweep down: record it
+            err = f"{type(e).__name__}: {e}"
+            row = run_row(spec, prepared.dataset.name, executor.name, "failed", err + "\n" + traceback.format_exc(), started)
+            writer.write_run(spec.run_id, {"runs": [row]})
+            if on_run_end:
+                on_run_end(spec, None, f"failed: {err}")
+            continue
+        writer.write_run(spec.run_id, out.tables)
+        summaries.append(out.summary)
+        if on_run_end:
+            on_run_end(spec, out.summary, "completed")
+    return summaries

@@ -1,0 +1,92 @@
+"""Shared pieces of local training: optimiser, seeded minibatches, the epoch loop, and
+conversion between torch modules and the numpy dicts that travel in messages.
+
+Methods do not copy the training loop; they hand `train_epochs` a loss function built
+from loss terms (CE plus whatever their method adds), as Avalanche plugins hook one loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.api import ClientUpdate, TrainContext, TrainSettings
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], s: TrainSettings, lr: float | None = None) -> torch.optim.Optimizer:
+    lr = s.lr if lr is None else lr
+    params = [p for p in params if p.requires_grad]
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=s.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
+
+
+def torch_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def minibatches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    for a in range(0, n, batch_size):
+        yield perm[a : a + batch_size]
+
+
+def train_epochs(
+    params: Iterable[torch.nn.Parameter],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ctx: TrainContext,
+    loss_fn: LossFn,
+    gen: torch.Generator,
+    lr: float | None = None,
+) -> float:
+    """The one local-training loop: `local_epochs` passes of seeded minibatches; mean loss."""
+    opt = make_optimizer(params, ctx.train, lr)
+    total, count = 0.0, 0
+    for _ in range(ctx.train.local_epochs):
+        for idx in minibatches(len(x), ctx.train.batch_size, gen):
+            loss = loss_fn(x[idx], y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+    return total / max(count, 1)
+
+
+def module_arrays(module: nn.Module, prefix: str = "") -> dict[str, np.ndarray]:
+    """A module's state as float32 numpy arrays (copies, safe to send)."""
+    return {prefix + k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def load_module_arrays(module: nn.Module, arrays: dict[str, np.ndarray], prefix: str = "") -> None:
+    state = {k[len(prefix) :]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith(prefix)}
+    module.load_state_dict(state)
+
+
+def weighted_average(updates: list[ClientUpdate], keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Sample-weighted mean of the named arrays over the updates that carry them."""
+    keys = set(keys) if keys is not None else set().union(*(u.arrays for u in updates))
+    out: dict[str, np.ndarray] = {}
+    for k in sorted(keys):
+        holders = [u for u in updates if k in u.arrays and u.num_samples > 0]
+        if not holders:
+            continue
+        w = np.array([u.num_samples for u in holders], dtype=np.float64)
+        stacked = np.stack([u.arrays[k].astype(np.float64) for u in holders])
+        out[k] = np.tensordot(w / w.sum(), stacked, axes=1).astype(holders[0].arrays[k].dtype)
+    return out
+
+
+def masked_logits(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Logits with every class not yet seen pushed to -inf (class-incremental prediction)."""
+    mask = torch.full((logits.shape[-1],), float("-inf"), device=logits.device)
+    mask[seen] = 0.0
+    return logits + mask
