@@ -129,9 +129,11 @@ def run(
             bar.update(run_job, advance=1, description=f"{spec.method} a={spec.alpha:g} s={spec.seed} t{row['task']}{acc}")
 
         def end(spec, summary, status):
+            nonlocal run_job
             bar.advance(sweep_job)
             if run_job is not None:
                 bar.remove_task(run_job)
+                run_job = None
             if status != "completed":
                 bar.console.print(f"{spec.run_id}: {status}")
 

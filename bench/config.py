@@ -186,6 +186,29 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolve_extends(raw: dict[str, Any], path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """`extends: NAME` loads another config (a name in configs/ or a path) beneath this one."""
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    candidate = path.parent / parent if str(parent).endswith((".yaml", ".yml")) else None
+    ppath = candidate if candidate and candidate.exists() else resolve_config_path(str(parent))
+    if ppath.resolve() in seen:
+        raise ConfigError(f"config {path}: 'extends' forms a cycle through {ppath}")
+    try:
+        base = yaml.safe_load(ppath.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"malformed config file {ppath}: {str(e).splitlines()[0]}") from None
+    return _deep_merge(_resolve_extends(base, ppath, (*seen, ppath.resolve())), raw)
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML config (or defaults), apply --set overrides, validate everything."""
     raw: dict[str, Any] = {}
@@ -197,6 +220,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"malformed config file {p}: {str(e).splitlines()[0]}; fix the YAML syntax") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"malformed config file {p}: the top level must be a mapping of sections")
+        raw = _resolve_extends(raw, p, seen=(p.resolve(),))
     raw = apply_overrides(raw, overrides or [])
     try:
         cfg = ExperimentConfig.model_validate(raw)

@@ -93,7 +93,13 @@ def load_backbone(cfg: BackboneConfig) -> tuple[nn.Module, str]:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
         state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatch: usually the stem of the other variant
+            raise BackboneError(
+                f"backbone.weights {path} does not fit resnet18 variant={cfg.variant!r} "
+                f"({str(e).splitlines()[1].strip()}); check backbone.variant (torchvision | cifar)"
+            ) from None
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
             raise BackboneError(

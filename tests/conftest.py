@@ -1,0 +1,83 @@
+"""Shared fixtures. Everything here is offline: generated CIFAR-format fixtures, the
+synthetic dataset, random backbones; the real CIFAR-100 only in tests marked slow."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_DATA = SHARED / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets the session's own cache dir, never the user's."""
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("FEDAME_CACHE_DIR", str(cache))
+    monkeypatch.delenv("FEDAME_DATA_DIR", raising=False)
+    monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
+
+
+def write_cifar_fixture(root: Path, name: str, per_class_train: int = 6, per_class_test: int = 3, seed: int = 0) -> Path:
+    """A tiny dataset in torchvision's on-disk CIFAR format (same keys, same layout)."""
+    rng = np.random.default_rng(seed)
+    k = 10 if name == "cifar10" else 100
+
+    def batch(n_per: int) -> tuple[np.ndarray, list[int]]:
+        y = np.repeat(np.arange(k), n_per)
+        x = rng.integers(0, 256, size=(len(y), 3 * 32 * 32), dtype=np.uint8)
+        return x, y.tolist()
+
+    if name == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        with open(folder / "batches.meta", "wb") as f:
+            pickle.dump({"label_names": names}, f)
+        for i in range(1, 6):
+            x, y = batch(per_class_train)
+            with open(folder / f"data_batch_{i}", "wb") as f:
+                pickle.dump({"data": x, "labels": y}, f)
+        x, y = batch(per_class_test)
+        with open(folder / "test_batch", "wb") as f:
+            pickle.dump({"data": x, "labels": y}, f)
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True)
+        fine = [f"fine{i}" for i in range(100)]
+        coarse = [f"coarse{i}" for i in range(20)]
+        with open(folder / "meta", "wb") as f:
+            pickle.dump({"fine_label_names": fine, "coarse_label_names": coarse}, f)
+        for split, n in (("train", per_class_train), ("test", per_class_test)):
+            x, y = batch(n)
+            with open(folder / split, "wb") as f:
+                pickle.dump({"data": x, "fine_labels": y, "coarse_labels": [c // 5 for c in y]}, f)
+    return root
+
+
+@pytest.fixture
+def cifar_root(tmp_path):
+    def make(name: str, **kw) -> Path:
+        return write_cifar_fixture(tmp_path / f"data-{name}", name, **kw)
+
+    return make
+
+
+@pytest.fixture
+def smoke_overrides():
+    """Overrides that keep a smoke run to about a second."""
+    return ["training.rounds=2", "eval.every=1"]
+
+
+def requires_shared_data():
+    return pytest.mark.skipif(not (SHARED_DATA / "cifar-100-python" / "train").exists(), reason="../shared/data absent")

@@ -1,0 +1,63 @@
+"""Each bad input: one clear error line, exit code 2, nothing written."""
+
+import pytest
+from typer.testing import CliRunner
+
+from bench import data as data_mod
+from bench.cli import app
+
+runner = CliRunner()
+
+
+def fails(tmp_path, *args, match: str):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", "--out", str(out), *args])
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output
+    assert match in res.output.replace("\n", " "), res.output
+    assert not list(out.rglob("*.parquet")) if out.exists() else True
+    return res.output
+
+
+def test_unknown_method_lists_known(tmp_path):
+    fails(tmp_path, "--config", "smoke", "--methods", "fedavg,nope", match="known methods: ")
+
+
+def test_alpha_not_positive(tmp_path):
+    fails(tmp_path, "--config", "smoke", "--alpha", "0,0.5", match="must be > 0")
+    fails(tmp_path, "--config", "smoke", "--set", "scenario.alpha=-1", match="alpha must be > 0")
+
+
+def test_task_split_not_covering_classes(tmp_path):
+    fails(tmp_path, "--config", "smoke", "--set", "scenario.tasks=[2,2]", match="covers 4 classes")
+
+
+def test_more_clients_than_samples(tmp_path):
+    fails(tmp_path, "--config", "smoke", "--set", "scenario.num_clients=500", match="fewer than needed")
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = runner.invoke(app, ["run", "--config", "smoke", "--out", str(blocker / "sub")])
+    assert res.exit_code == 2 and "not writable" in res.output
+
+
+def test_missing_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "_DOWNLOAD_HOST", ("127.0.0.1", 9))
+    fails(tmp_path, "--config", "cifar100", "--methods", "fedavg", "--data-dir", str(tmp_path / "empty"), match="cifar-100-python")
+
+
+def test_malformed_config_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    fails(tmp_path, "--config", str(bad), match="malformed config file")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("training.roundz=3", "training.roundz"), ("training.rounds=abc", "training.rounds"), ("methods.fedprox.muu=1", "methods.fedprox.muu")],
+)
+def test_unknown_key_or_wrong_type_names_the_key(tmp_path, override, key):
+    fails(tmp_path, "--config", "smoke", "--set", override, match=key)
