@@ -22,10 +22,10 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], s: TrainSettings, lr: f
     lr = s.lr if lr is None else lr
     params = [p for p in params if p.requires_grad]
     if s.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay, foreach=True)
     if s.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=s.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=s.weight_decay, foreach=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay, foreach=True)
 
 
 def torch_generator(seed: int) -> torch.Generator:
@@ -71,17 +71,21 @@ def load_module_arrays(module: nn.Module, arrays: dict[str, np.ndarray], prefix:
     module.load_state_dict(state)
 
 
-def weighted_average(updates: list[ClientUpdate], keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """Sample-weighted mean of the named arrays over the updates that carry them."""
+def weighted_average(
+    updates: list[ClientUpdate], keys: Iterable[str] | None = None, weights: list[float] | None = None
+) -> dict[str, np.ndarray]:
+    """Weighted mean of the named arrays over the updates that carry them; the weights are
+    the updates' sample counts unless given (e.g. samples that trained one expert)."""
     keys = set(keys) if keys is not None else set().union(*(u.arrays for u in updates))
+    weights = [float(u.num_samples) for u in updates] if weights is None else [float(w) for w in weights]
     out: dict[str, np.ndarray] = {}
     for k in sorted(keys):
-        holders = [u for u in updates if k in u.arrays and u.num_samples > 0]
+        holders = [(u, w) for u, w in zip(updates, weights) if k in u.arrays and w > 0]
         if not holders:
             continue
-        w = np.array([u.num_samples for u in holders], dtype=np.float64)
-        stacked = np.stack([u.arrays[k].astype(np.float64) for u in holders])
-        out[k] = np.tensordot(w / w.sum(), stacked, axes=1).astype(holders[0].arrays[k].dtype)
+        w = np.array([w for _, w in holders], dtype=np.float64)
+        stacked = np.stack([u.arrays[k].astype(np.float64) for u, _ in holders])
+        out[k] = np.tensordot(w / w.sum(), stacked, axes=1).astype(holders[0][0].arrays[k].dtype)
     return out
 
 

@@ -1,0 +1,186 @@
+"""The Ray executor: client actors on (fractional) GPUs, data put once, faults retried.
+
+* The training features and labels are `ray.put` once per run; actors read them zero-copy
+  from the object store and keep their own clients' slices between rounds (a sticky
+  client -> actor assignment: client k lives on actor k mod n).
+* A round's payload arrays are deduplicated by identity and put once each, so a shared
+  payload (FedAvg's head, FedAME's projector and prompts) is stored once and passed by
+  reference to every client, not copied per client.
+* Each actor asks for `gpus_per_client` of a GPU and `cpus_per_client` CPUs (with
+  `--gpus-per-client 0.25` four actors share a GPU) and sets torch's thread count to match.
+* A dead actor is restarted by Ray (max_restarts); its in-flight client job is resubmitted
+  after the actor's data is restored, up to `max_retries` times, and each retry is counted
+  in the rounds table. Results are identical because local_train is a pure function of
+  (payload, data, context).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from bench.api import ClientData, ClientUpdate, Message
+from bench.config import RuntimeConfig
+from bench.errors import UserError
+from bench.runtime.base import ClientJob, ClientResult, Executor, timed_local_train
+
+log = logging.getLogger(__name__)
+
+
+class RayUnavailable(UserError):
+    pass
+
+
+def ensure_ray(cfg: RuntimeConfig):
+    """Connect to `--address`, or start a local cluster sized to this machine (once)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    try:
+        ctx = ray.init(address=cfg.address, ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        raise RayUnavailable(f"cannot join the Ray cluster at {cfg.address} ({e}); check --address or drop it") from None
+    url = getattr(ctx, "dashboard_url", None)
+    from bench.progress import console
+
+    console.print(f"[bold]ray[/] cluster resources {ray.cluster_resources()}; dashboard: {'http://' + url if url else 'not running'}")
+    return ray
+
+
+class ClientActor:
+    """Hosts the virtual clients assigned to it; built once per run."""
+
+    def __init__(self, client_cls, config, env, train_x: np.ndarray, train_y: np.ndarray, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.client = client_cls(config, env)
+        self.train_x, self.train_y = train_x, train_y  # zero-copy views into the object store
+        self.data: dict[int, ClientData] = {}
+        self.task = -1
+
+    def set_task(self, task: int, indices: dict[int, np.ndarray]) -> int:
+        self.task = task
+        self.data = {k: ClientData(k, np.asarray(self.train_x[ix]), self.train_y[ix]) for k, ix in indices.items()}
+        return os.getpid()
+
+    def has_task(self, task: int) -> bool:
+        return self.task == task
+
+    def train(self, job: ClientJob, array_refs: dict[str, Any]) -> ClientResult:
+        import ray
+
+        names = list(array_refs)
+        values = ray.get([array_refs[n] for n in names]) if names else []
+        # private copies: the object store's arrays are read-only and training reads them as tensors
+        payload = Message({n: np.array(v) for n, v in zip(names, values)}, job.payload.meta)
+        return timed_local_train(self.client, payload, self.data[job.client_id], job.ctx)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayExecutor(Executor):
+    name = "ray"
+
+    def __init__(self, cfg: RuntimeConfig) -> None:
+        self.cfg = cfg
+        self.ray = ensure_ray(cfg)
+        self.actors: list[Any] = []
+        self.indices: dict[int, np.ndarray] = {}
+        self.task = -1
+
+    def start(self, client_cls, config, env, train_x, train_y) -> None:
+        ray = self.ray
+        n = self.cfg.num_actors or env.num_clients
+        self.n = min(n, env.num_clients)
+        x_ref, y_ref = ray.put(np.asarray(train_x)), ray.put(np.asarray(train_y))
+        threads = max(1, math.floor(self.cfg.cpus_per_client)) if self.cfg.cpus_per_client else 1
+        remote_cls = ray.remote(ClientActor)
+        self.actors = [
+            remote_cls.options(
+                num_cpus=self.cfg.cpus_per_client,
+                num_gpus=self.cfg.gpus_per_client,
+                max_restarts=self.cfg.max_retries,
+                name=None,
+            ).remote(client_cls, config, env, x_ref, y_ref, threads)
+            for _ in range(self.n)
+        ]
+        self._refs = (x_ref, y_ref)
+
+    def actor_of(self, client_id: int) -> int:
+        return client_id % self.n
+
+    def _clients_of(self, a: int) -> dict[int, np.ndarray]:
+        return {k: ix for k, ix in self.indices.items() if self.actor_of(k) == a}
+
+    def set_task(self, task: int, indices: tuple[np.ndarray, ...]) -> None:
+        self.task = task
+        self.indices = dict(enumerate(indices))
+        self.ray.get([actor.set_task.remote(task, self._clients_of(a)) for a, actor in enumerate(self.actors)])
+
+    def _put_arrays(self, jobs: list[ClientJob]) -> list[dict[str, Any]]:
+        """One object per distinct array this round; each job gets name -> reference."""
+        by_id: dict[int, Any] = {}
+        out = []
+        for job in jobs:
+            refs = {}
+            for name, arr in job.payload.arrays.items():
+                if id(arr) not in by_id:
+                    by_id[id(arr)] = self.ray.put(arr)
+                refs[name] = by_id[id(arr)]
+            out.append(refs)
+        return out
+
+    def _submit(self, job: ClientJob, refs: dict[str, Any]):
+        return self.actors[self.actor_of(job.client_id)].train.remote(job, refs)
+
+    def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
+        from ray.exceptions import RayActorError, RayTaskError
+
+        refs = self._put_arrays(jobs)
+        futures = [self._submit(j, r) for j, r in zip(jobs, refs)]
+        results: list[ClientResult] = []
+        for job, ref_map, fut in zip(jobs, refs, futures):
+            retries = 0
+            while True:
+                try:
+                    res = self.ray.get(fut)
+                    break
+                except (RayActorError, RayTaskError) as e:
+                    if isinstance(e, RayTaskError) and not isinstance(e.cause, (RayActorError, KeyError)):
+                        raise
+                    retries += 1
+                    if retries > self.cfg.max_retries:
+                        raise RuntimeError(f"client {job.client_id} failed {retries} times: {e}") from e
+                    log.warning("client %d: actor failed (%s); restoring and retrying (%d/%d)", job.client_id, type(e).__name__, retries, self.cfg.max_retries)
+                    a = self.actor_of(job.client_id)
+                    self._restore(a)
+                    fut = self._submit(job, ref_map)
+            res.retries = retries
+            results.append(res)
+        return results
+
+    def _restore(self, a: int) -> None:
+        """Wait for Ray to restart actor a, then give it back its clients' data."""
+        deadline = time.time() + 120
+        while True:
+            try:
+                self.ray.get(self.actors[a].set_task.remote(self.task, self._clients_of(a)))
+                return
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []

@@ -1,0 +1,392 @@
+"""FedAME: Federated Anchor-guided Mixture-of-Experts, as a server/client pair.
+
+Server: class anchors (text embeddings), the expert pool with its ownership map, the
+decision maker that places each new class, the projector and logit scale, the
+distribution prompts, and a snapshot of the previous task's model (the KL teacher).
+Client: receives the projector, the router's expert anchors and only the experts its
+classes route to; trains them with
+    CE + l1·routing + l2·contrastive + l3·KL(previous model) + l4·distribution
+on its features plus samples replayed from the prompts of old classes; returns the trained
+parameters and its per-class feature statistics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from baselines.head import batched_argmax
+from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed, register
+from bench.config import Section
+from bench.training import load_module_arrays, module_arrays, torch_generator, train_epochs, weighted_average
+from baselines.fedlwf import distillation
+
+from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, class_anchors, config_clusters, kmeans_clusters
+from fedame.experts import Expert, anchor_logits, contrastive_loss, mix
+from fedame.llm import Decision, DecisionMaker, LLMConfig, RuleConfig, ask_clusters
+from fedame.pool import ExpertPool
+from fedame.prompts import PromptBank, class_statistics, distribution_loss, sample
+from fedame.router import Projector, RouterHead, route, routing_loss
+
+
+class LossWeights(Section):
+    route: float = Field(0.5, ge=0)  # l1
+    contrast: float = Field(0.5, ge=0)  # l2
+    forget: float = Field(1.0, ge=0)  # l3 (KL to the previous task's model)
+    dist: float = Field(0.05, ge=0)  # l4 (distribution regulariser)
+
+
+class FedAMEConfig(MethodConfig):
+    anchors: AnchorConfig = AnchorConfig()
+    clusters: ClusterConfig = ClusterConfig()
+    decisions: Literal["llm", "heuristic"] = "llm"  # llm: used when its key is set, else the rule
+    llm: LLMConfig = LLMConfig()
+    rule: RuleConfig = RuleConfig()
+    projector_hidden: int = Field(0, ge=0)
+    expert_hidden: int = Field(128, ge=1)
+    top_k: int = Field(2, ge=1)
+    route_temperature: float = Field(0.1, gt=0)
+    contrast_temperature: float = Field(0.1, gt=0)
+    kd_temperature: float = Field(2.0, gt=0)
+    init_scale: float = Field(16.0, gt=0)
+    lambdas: LossWeights = LossWeights()
+    replay: bool = True
+    replay_ratio: float = Field(0.5, ge=0)  # replayed samples per real sample in a batch
+    prompt_radius: float = Field(0.5, gt=0)
+    single_expert: bool = False  # ablation: one shared expert owns every class
+    download_all_experts: bool = False  # ablation: clients receive the whole pool
+    lr: float | None = Field(None, gt=0)  # default: training.lr
+    freeze_projector_after: int | None = Field(0, ge=0)  # freeze after this task (None: never) so prompts stay valid
+
+
+# ------------------------------------------------------------------------------ shared model pieces
+
+
+def build_projector(cfg: FedAMEConfig, env: MethodEnv, anchor_dim: int) -> Projector:
+    with torch.random.fork_rng():
+        torch.manual_seed(derive_seed(env.run_seed, "fedame", "projector"))
+        return Projector(env.feature_dim, anchor_dim, cfg.projector_hidden)
+
+
+def load_experts(arrays: dict[str, np.ndarray], ids: np.ndarray, prefix: str, dim: int, hidden: int) -> list[Expert]:
+    experts = []
+    for e in ids:
+        ex = Expert(dim, hidden)
+        load_module_arrays(ex, arrays, f"{prefix}expert.{int(e)}.")
+        experts.append(ex)
+    return experts
+
+
+def t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a))
+
+
+class AnchorMoE:
+    """Router + experts + anchor classifier over anchor-space features.
+
+    The router scores every expert of the pool (their anchors are cheap to send); only the
+    `experts` held here (at score columns `positions`) are mixed."""
+
+    def __init__(self, cfg: FedAMEConfig, router: RouterHead, experts: list[Expert], positions: list[int],
+                 expert_anchors: torch.Tensor, class_anchors: torch.Tensor, log_scale: torch.Tensor) -> None:
+        self.cfg, self.router, self.experts, self.positions = cfg, router, experts, positions
+        self.expert_anchors, self.class_anchors, self.log_scale = expert_anchors, class_anchors, log_scale
+        self.usable = torch.zeros(expert_anchors.shape[0], dtype=torch.bool)
+        self.usable[positions] = True
+
+    def __call__(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits, router scores over all experts)."""
+        scores, top, gates = route(self.router(u), self.expert_anchors, self.cfg.route_temperature, self.cfg.top_k, self.usable)
+        z = mix(self.experts, self.positions, u, top, gates)
+        return anchor_logits(z, self.class_anchors, self.log_scale), scores
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.router.parameters(), *(p for e in self.experts for p in e.parameters()), self.log_scale]
+
+
+def build_moe(cfg: FedAMEConfig, a: dict[str, np.ndarray], prefix: str, class_anchors: torch.Tensor) -> AnchorMoE | None:
+    """The model part of a payload (prefix "" for the current model, "teacher." for the teacher)."""
+    held = a[f"{prefix}held"]
+    if len(held) == 0:
+        return None
+    d = class_anchors.shape[1]
+    router = RouterHead(d)
+    load_module_arrays(router, a, f"{prefix}router.")
+    experts = load_experts(a, held, prefix, d, cfg.expert_hidden)
+    log_scale = torch.nn.Parameter(t(a[f"{prefix}log_scale"]).clone())
+    return AnchorMoE(cfg, router, experts, a[f"{prefix}held_pos"].tolist(), t(a[f"{prefix}expert_anchors"]), class_anchors, log_scale)
+
+
+# ------------------------------------------------------------------------------ client
+
+
+class FedAMEClient(Client):
+    config: FedAMEConfig
+
+    def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
+        cfg, a, lam = self.config, payload.arrays, self.config.lambdas
+        A = t(a["class_anchors"])  # seen classes x d, in `seen` order
+        pos = {int(c): i for i, c in enumerate(a["seen"])}
+        y = torch.tensor([pos[int(c)] for c in data.y], dtype=torch.long)
+        x = torch.from_numpy(np.asarray(data.x, dtype=np.float32))
+        owner_pos = t(a["owner_pos"])  # per seen class: its owner's column among all experts
+
+        proj = build_projector(cfg, self.env, A.shape[1])
+        load_module_arrays(proj, a, "proj.")
+        frozen = bool(a["proj_frozen"])
+        proj.requires_grad_(not frozen)
+        moe = build_moe(cfg, a, "", A)
+        params = [*([] if frozen else proj.parameters()), *moe.parameters()]
+
+        old_pos = t(a["old_pos"])
+        teacher = build_moe(cfg, a, "teacher.", A[old_pos]) if "teacher.held" in a and len(old_pos) else None
+        teacher_proj = None
+        if teacher is not None:
+            teacher_proj = build_projector(cfg, self.env, A.shape[1])
+            load_module_arrays(teacher_proj, a, "teacher.proj.")
+        prompt_pos = t(np.array([pos[int(c)] for c in a["prompt_classes"]], dtype=np.int64))
+        mu, var = t(a["prompt_mu"]), t(a["prompt_var"])
+        prompt_of = torch.full((len(pos),), -1, dtype=torch.long)
+        prompt_of[prompt_pos] = torch.arange(len(prompt_pos))
+        is_old = torch.zeros(len(pos), dtype=torch.bool)
+        is_old[old_pos] = True
+        replayable = torch.nonzero(is_old[prompt_pos]).flatten() if cfg.replay else torch.zeros(0, dtype=torch.long)
+        gen = torch_generator(ctx.seed)
+
+        def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            u = proj(xb)
+            logits, scores = moe(u)
+            ce = F.cross_entropy(logits, yb, reduction="sum")
+            route_l = routing_loss(scores, owner_pos[yb], "sum")
+            n = len(yb)
+            if len(replayable) and cfg.replay_ratio > 0:
+                m = max(1, int(round(cfg.replay_ratio * n)))
+                pick = replayable[torch.randint(len(replayable), (m,), generator=gen)]
+                y_r = prompt_pos[pick]
+                logits_r, scores_r = moe(sample(mu, var, pick, gen))
+                ce = ce + F.cross_entropy(logits_r, y_r, reduction="sum")
+                route_l = route_l + routing_loss(scores_r, owner_pos[y_r], "sum")
+                n += m
+            loss = ce / n + lam.route * route_l / n
+            if lam.contrast > 0 and not frozen:
+                loss = loss + lam.contrast * contrastive_loss(u, A, yb, cfg.contrast_temperature)
+            if teacher is not None and lam.forget > 0:
+                with torch.no_grad():
+                    t_logits = teacher(teacher_proj(xb))[0]
+                loss = loss + lam.forget * distillation(logits[:, old_pos], t_logits, cfg.kd_temperature)
+            if lam.dist > 0 and len(prompt_pos) and not frozen:
+                has = prompt_of[yb] >= 0
+                if has.any():
+                    k = prompt_of[yb[has]]
+                    loss = loss + lam.dist * distribution_loss(u[has], mu[k], var[k])
+            return loss
+
+        loss = train_epochs(params, x, y, ctx, loss_fn, gen, lr=cfg.lr)
+
+        with torch.no_grad():
+            counts, sums, sumsq = class_statistics(proj(x), y, len(pos))
+        arrays = {} if frozen else module_arrays(proj, "proj.")
+        arrays.update(module_arrays(moe.router, "router."))
+        arrays["log_scale"] = moe.log_scale.detach().numpy().copy()
+        for e, ex in zip(a["held"], moe.experts):
+            arrays.update(module_arrays(ex, f"expert.{int(e)}."))
+        arrays.update({"stat_count": counts, "stat_sum": sums, "stat_sumsq": sumsq})
+        samples_per_expert = {int(e): 0 for e in a["held"]}
+        all_ids = a["all_experts"]
+        for c_pos, n_c in enumerate(counts):
+            owner = int(all_ids[int(owner_pos[c_pos])])
+            if n_c > 0 and owner in samples_per_expert:
+                samples_per_expert[owner] += int(n_c)
+        return ClientUpdate(arrays=arrays, meta={"expert_samples": samples_per_expert}, num_samples=len(y), loss=loss)
+
+
+# ------------------------------------------------------------------------------ server
+
+
+@register
+class FedAME(Server):
+    name = "fedame"
+    summary = "FedAME: anchor-guided mixture of experts, LLM expert decisions, distribution-prompt replay"
+    Config = FedAMEConfig
+    ClientClass = FedAMEClient
+    config: FedAMEConfig
+
+    @classmethod
+    def preflight(cls, config: FedAMEConfig, dataset: Any, cache_dir: Any) -> None:
+        names = list(dataset.class_names)
+        anchors = class_anchors(config.anchors, names, Path(cache_dir))  # computed once, then cached
+        if config.clusters.source == "config" or (config.clusters.source == "auto" and config.clusters.groups):
+            config_clusters(config.clusters.groups or {}, names)
+        if config.clusters.source == "superclasses" and dataset.superclasses is None:
+            raise AnchorError(f"clusters.source=superclasses: {dataset.name} has no superclasses; use kmeans or config")
+        del anchors
+
+    # -------------------------------------------------------------- setup and decisions
+    def setup(self) -> None:
+        cfg, env = self.config, self.env
+        names = list(env.class_names)
+        cache = Path(env.cache_dir) if env.cache_dir else None
+        self.anchors = class_anchors(cfg.anchors, names, cache)
+        self.dm = DecisionMaker(cfg.llm, cfg.rule, env.class_names, self.anchors, cache, use_llm=cfg.decisions == "llm")
+        self.cluster_of = self._clusters(names)
+        self.dm.cluster_of = self.cluster_of
+        self.pool = ExpertPool(self.anchors, cfg.expert_hidden, env.run_seed)
+        self.proj = build_projector(cfg, env, self.anchors.shape[1])
+        self.router = RouterHead(self.anchors.shape[1])
+        self.log_scale = np.array(np.log(cfg.init_scale), dtype=np.float32)
+        self.prompts = PromptBank(self.anchors, cfg.prompt_radius)
+        self.seen: list[int] = []
+        self.old: list[int] = []
+        self.teacher: dict[str, np.ndarray] = {}
+        self._teacher_experts: dict[str, np.ndarray] = {}
+        self.client_classes: dict[int, tuple[int, ...]] = {}
+        self.decision_rows: list[dict[str, Any]] = []
+        self.task = -1
+        self._shared: dict[str, np.ndarray] | None = None
+
+    def _clusters(self, names: list[str]) -> list[int] | None:
+        c = self.config.clusters
+        k = c.k or int(np.ceil(np.sqrt(len(names))))
+        if c.source == "config" or (c.source == "auto" and c.groups):
+            return config_clusters(c.groups or {}, names)
+        if c.source in ("superclasses", "auto") and self.env.superclasses is not None:
+            return list(self.env.superclasses)
+        if c.source == "llm":
+            asked = ask_clusters(self.dm, names, k)
+            if asked is not None:
+                return asked
+        return kmeans_clusters(self.anchors, k, seed=self.env.run_seed)
+
+    def begin_task(self, task: TaskInfo) -> None:
+        self.task = task.index
+        self.old = list(self.seen)
+        for c in task.classes:
+            self._place(c)
+        self.seen = list(task.seen_classes)
+        self.client_classes = task.client_classes
+        self._shared = None
+
+    def _place(self, c: int) -> None:
+        if self.config.single_expert:
+            e = self.pool.alive[0] if self.pool.alive else self.pool.new_expert(parent=None)
+            d = Decision("assign", e, "fixed", 0.0, None, "single shared expert (ablation)")
+        else:
+            d = self.dm.decide(c, self.pool.views())
+        owner = self.pool.apply(d, c)
+        self.decision_rows.append(
+            {
+                "task": self.task,
+                "class_id": c,
+                "class_name": self.env.class_names[c],
+                "action": d.action,
+                "expert": owner,
+                "source": d.source,
+                "latency_s": d.latency_s,
+                "response_digest": d.response_digest,
+                "reason": d.reason,
+            }
+        )
+
+    # -------------------------------------------------------------- rounds
+    @property
+    def projector_frozen(self) -> bool:
+        after = self.config.freeze_projector_after
+        return after is not None and self.task > after
+
+    def _shared_arrays(self) -> dict[str, np.ndarray]:
+        """What every client receives this round (built once per round, shared by reference)."""
+        if self._shared is None:
+            seen = np.asarray(self.seen, dtype=np.int64)
+            pos = {c: i for i, c in enumerate(self.seen)}
+            alive = self.pool.alive
+            where = {e: i for i, e in enumerate(alive)}
+            self._shared = {
+                **module_arrays(self.proj, "proj."),
+                "proj_frozen": np.array(self.projector_frozen),
+                **module_arrays(self.router, "router."),
+                "log_scale": self.log_scale,
+                "seen": seen,
+                "class_anchors": self.anchors[seen],
+                "old_pos": np.asarray([pos[c] for c in self.old], dtype=np.int64),
+                "all_experts": np.asarray(alive, dtype=np.int64),
+                "expert_anchors": self.pool.expert_anchors(alive),
+                "owner_pos": np.asarray([where[self.pool.owner[c]] for c in self.seen], dtype=np.int64),
+                **self.prompts.arrays(self.seen),
+                **self.teacher,
+            }
+        return self._shared
+
+    def held_experts(self, client_id: int) -> list[int]:
+        if self.config.download_all_experts:
+            return self.pool.alive
+        return sorted({self.pool.owner[c] for c in self.client_classes.get(client_id, ())})
+
+    def payload_for(self, client_id: int) -> Message:
+        held = self.held_experts(client_id)
+        arrays = dict(self._shared_arrays())
+        where = {e: i for i, e in enumerate(self.pool.alive)}
+        arrays["held"] = np.asarray(held, dtype=np.int64)
+        arrays["held_pos"] = np.asarray([where[e] for e in held], dtype=np.int64)
+        for e in held:
+            arrays.update({f"expert.{e}.{k}": v for k, v in self.pool.params[e].items()})
+        if self.teacher:
+            t_alive = [int(e) for e in self.teacher["teacher.all_experts"]]
+            t_where = {e: i for i, e in enumerate(t_alive)}
+            t_held = [e for e in held if e in t_where]
+            arrays["teacher.held"] = np.asarray(t_held, dtype=np.int64)
+            arrays["teacher.held_pos"] = np.asarray([t_where[e] for e in t_held], dtype=np.int64)
+            arrays.update({k: v for k, v in self._teacher_experts.items() if int(k.split(".")[2]) in t_held})
+        return Message(arrays)
+
+    def aggregate(self, updates: list[ClientUpdate]) -> None:
+        keys = [k for k in updates[0].arrays if k.startswith(("proj.", "router."))] + ["log_scale"]
+        shared = weighted_average(updates, keys)
+        if not self.projector_frozen:
+            load_module_arrays(self.proj, shared, "proj.")
+        load_module_arrays(self.router, shared, "router.")
+        self.log_scale = shared["log_scale"]
+        for e in self.pool.alive:  # per expert, weighted by the samples that trained it
+            carriers = [u for u in updates if f"expert.{e}.fc1.weight" in u.arrays]
+            weights = [max(u.meta["expert_samples"].get(e, 0), 0) for u in carriers]
+            if not carriers or sum(weights) == 0:
+                continue
+            keys = [k for k in carriers[0].arrays if k.startswith(f"expert.{e}.")]
+            avg = weighted_average(carriers, keys, weights=weights)
+            self.pool.params[e] = {k.removeprefix(f"expert.{e}."): v for k, v in avg.items()}
+        stats = [sum(u.arrays[k] for u in updates) for k in ("stat_count", "stat_sum", "stat_sumsq")]
+        self.prompts.update(np.asarray(self.seen), *stats)
+        self._shared = None
+
+    def end_task(self) -> None:
+        alive = self.pool.alive
+        self.teacher = {
+            **{f"teacher.{k}": v for k, v in module_arrays(self.proj, "proj.").items()},
+            **{f"teacher.{k}": v for k, v in module_arrays(self.router, "router.").items()},
+            "teacher.log_scale": np.array(self.log_scale, copy=True),
+            "teacher.all_experts": np.asarray(alive, dtype=np.int64),
+            "teacher.expert_anchors": self.pool.expert_anchors(alive),
+        }
+        self._teacher_experts = {f"teacher.expert.{e}.{k}": v.copy() for e in alive for k, v in self.pool.params[e].items()}
+
+    # -------------------------------------------------------------- evaluation
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        alive = self.pool.alive
+        arrays = {f"expert.{e}.{k}": v for e in alive for k, v in self.pool.params[e].items()}
+        d = self.anchors.shape[1]
+        moe = AnchorMoE(
+            self.config, self.router, load_experts(arrays, np.asarray(alive), "", d, self.config.expert_hidden),
+            list(range(len(alive))), t(self.pool.expert_anchors(alive)), t(self.anchors[self.seen]), t(self.log_scale),
+        )
+        idx = batched_argmax(lambda xb: moe(self.proj(xb))[0], x)
+        return np.asarray(self.seen)[idx]
+
+    def stats(self) -> dict[str, float]:
+        return {"experts_alive": len(self.pool.alive)}
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return list(self.decision_rows)

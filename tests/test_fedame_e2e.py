@@ -1,0 +1,45 @@
+"""FedAME through the whole harness: decisions table, experts over time, the LLM path."""
+
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.results import read_table
+
+from .llm_server import FakeLLM
+
+runner = CliRunner()
+
+
+def test_tiny_fedame_run_with_rule_decisions(tmp_path):
+    out = tmp_path / "r"
+    res = runner.invoke(app, ["run", "--config", "smoke", "--methods", "fedame", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    s = read_table(out, "summary").to_pylist()[0]
+    assert 0 <= s["final_acc"] <= 1 and s["forgetting"] is not None
+    decisions = read_table(out, "decisions").to_pylist()
+    assert sorted(d["class_id"] for d in decisions) == list(range(6))  # one decision per class
+    assert {d["source"] for d in decisions} == {"heuristic"}
+    rounds = read_table(out, "rounds").to_pylist()
+    assert all(r["experts_alive"] >= 1 for r in rounds)
+    # synthetic superclasses are even/odd labels: the rule keeps one expert per cluster
+    assert max(r["experts_alive"] for r in rounds) == 2
+
+
+def test_llm_decisions_flow_into_the_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDAME_TEST_KEY", "sk-local")
+    with FakeLLM() as server:
+        server.answer = {"action": "new_expert", "expert": None, "reason": "each class alone"}
+        out = tmp_path / "r"
+        args = [
+            "run", "--config", "smoke", "--methods", "fedame", "--out", str(out),
+            "--set", f"methods.fedame.llm.base_url={server.base_url}",
+            "--set", "methods.fedame.llm.api_key_env=FEDAME_TEST_KEY",
+            "--set", "methods.fedame.llm.max_retries=0",
+        ]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert len(server.requests) == 6
+    decisions = read_table(out, "decisions").to_pylist()
+    assert {d["source"] for d in decisions} == {"llm"} and {d["action"] for d in decisions} == {"new_expert"}
+    assert all(d["response_digest"] for d in decisions)
+    assert max(r["experts_alive"] for r in read_table(out, "rounds").to_pylist()) == 6
