@@ -18,8 +18,8 @@ from bench.api import ClientUpdate, TrainContext, TrainSettings
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], s: TrainSettings, lr: float | None = None) -> torch.optim.Optimizer:
-    lr = s.lr if lr is None else lr
+def make_optimizer(params: Iterable[torch.nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
+    lr = s.lr
     params = [p for p in params if p.requires_grad]
     if s.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay, foreach=True)
@@ -45,10 +45,9 @@ def train_epochs(
     ctx: TrainContext,
     loss_fn: LossFn,
     gen: torch.Generator,
-    lr: float | None = None,
 ) -> float:
     """The one local-training loop: `local_epochs` passes of seeded minibatches; mean loss."""
-    opt = make_optimizer(params, ctx.train, lr)
+    opt = make_optimizer(params, ctx.train)
     total, count = 0.0, 0
     for _ in range(ctx.train.local_epochs):
         for idx in minibatches(len(x), ctx.train.batch_size, gen):

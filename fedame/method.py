@@ -12,6 +12,7 @@ parameters and its per-class feature statistics.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,11 +58,17 @@ class FedAMEConfig(MethodConfig):
     lambdas: LossWeights = LossWeights()
     replay: bool = True
     replay_ratio: float = Field(0.5, ge=0)  # replayed samples per real sample in a batch
+    balanced_replay: bool = True  # weigh replay so old and new classes count alike
     prompt_radius: float = Field(0.5, gt=0)
     single_expert: bool = False  # ablation: one shared expert owns every class
     download_all_experts: bool = False  # ablation: clients receive the whole pool
-    lr: float | None = Field(None, gt=0)  # default: training.lr
-    freeze_projector_after: int | None = Field(0, ge=0)  # freeze after this task (None: never) so prompts stay valid
+    # FedAME's own optimiser (its cosine-anchor heads train far better with Adam than with
+    # the SGD the linear-head baselines use); null falls back to the training section
+    optimizer: Literal["sgd", "adam", "adamw"] | None = "adam"
+    lr: float | None = Field(1e-3, gt=0)
+    # freeze the projector after this task so prompts stay valid (-1: from the start; None: never)
+    freeze_projector_after: int | None = Field(0, ge=-1)
+    projector_init: Literal["default", "orthogonal"] = "default"
 
 
 # ------------------------------------------------------------------------------ shared model pieces
@@ -70,7 +77,13 @@ class FedAMEConfig(MethodConfig):
 def build_projector(cfg: FedAMEConfig, env: MethodEnv, anchor_dim: int) -> Projector:
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(env.run_seed, "fedame", "projector"))
-        return Projector(env.feature_dim, anchor_dim, cfg.projector_hidden)
+        proj = Projector(env.feature_dim, anchor_dim, cfg.projector_hidden)
+        if cfg.projector_init == "orthogonal":  # information-preserving start
+            for m in proj.modules():
+                if isinstance(m, torch.nn.Linear):
+                    torch.nn.init.orthogonal_(m.weight)
+                    torch.nn.init.zeros_(m.bias)
+        return proj
 
 
 def load_experts(arrays: dict[str, np.ndarray], ids: np.ndarray, prefix: str, dim: int, hidden: int) -> list[Expert]:
@@ -157,21 +170,25 @@ class FedAMEClient(Client):
         is_old[old_pos] = True
         replayable = torch.nonzero(is_old[prompt_pos]).flatten() if cfg.replay else torch.zeros(0, dtype=torch.long)
         gen = torch_generator(ctx.seed)
+        client_classes = max(1, int((torch.bincount(y, minlength=len(pos)) > 0).sum()))
+        replay_weight = len(replayable) / client_classes if cfg.balanced_replay else cfg.replay_ratio
 
         def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             u = proj(xb)
             logits, scores = moe(u)
             ce = F.cross_entropy(logits, yb, reduction="sum")
             route_l = routing_loss(scores, owner_pos[yb], "sum")
-            n = len(yb)
+            n = float(len(yb))
             if len(replayable) and cfg.replay_ratio > 0:
-                m = max(1, int(round(cfg.replay_ratio * n)))
+                m = max(1, int(round(cfg.replay_ratio * len(yb))))
                 pick = replayable[torch.randint(len(replayable), (m,), generator=gen)]
                 y_r = prompt_pos[pick]
                 logits_r, scores_r = moe(sample(mu, var, pick, gen))
-                ce = ce + F.cross_entropy(logits_r, y_r, reduction="sum")
-                route_l = route_l + routing_loss(scores_r, owner_pos[y_r], "sum")
-                n += m
+                # class-balanced: a replayed sample weighs what a real one of an average class does
+                w = replay_weight * len(yb) / m
+                ce = ce + w * F.cross_entropy(logits_r, y_r, reduction="sum")
+                route_l = route_l + w * routing_loss(scores_r, owner_pos[y_r], "sum")
+                n += w * m
             loss = ce / n + lam.route * route_l / n
             if lam.contrast > 0 and not frozen:
                 loss = loss + lam.contrast * contrastive_loss(u, A, yb, cfg.contrast_temperature)
@@ -186,7 +203,8 @@ class FedAMEClient(Client):
                     loss = loss + lam.dist * distribution_loss(u[has], mu[k], var[k])
             return loss
 
-        loss = train_epochs(params, x, y, ctx, loss_fn, gen, lr=cfg.lr)
+        own = replace(ctx.train, optimizer=cfg.optimizer or ctx.train.optimizer, lr=cfg.lr or ctx.train.lr)
+        loss = train_epochs(params, x, y, replace(ctx, train=own), loss_fn, gen)
 
         with torch.no_grad():
             counts, sums, sumsq = class_statistics(proj(x), y, len(pos))
