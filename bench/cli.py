@@ -156,5 +156,34 @@ def run(
     console.print(f"{len(summaries)} runs completed now, {len(specs) - len(summaries)} skipped or failed; tables in {out}/")
 
 
+@app.command()
+@user_errors
+def report(
+    results: Annotated[list[Path], typer.Argument(help="One or more results directories")],
+    format: Annotated[str, typer.Option("--format", "-f", help="markdown | latex | csv")] = "markdown",
+    metrics: Annotated[str, typer.Option("--metrics", help="Comma list: final_acc, avg_acc, forgetting, bwt, wall_seconds, bytes_up")] = "final_acc,avg_acc,forgetting",
+    by: Annotated[str, typer.Option("--by", help="Settings that make the columns, e.g. alpha,dataset")] = "alpha",
+) -> None:
+    """Print the paper table: methods x settings, mean ± std over seeds, best in bold."""
+    from bench.report import report as make_report
+
+    ms = [m.strip() for m in metrics.split(",") if m.strip()]
+    cols = [b.strip() for b in by.split(",") if b.strip()]
+    print(make_report(results, format, ms, cols))
+
+
+@app.command()
+@user_errors
+def plot(
+    results: Annotated[list[Path], typer.Argument(help="One or more results directories")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the figures")] = Path("figures"),
+) -> None:
+    """Write the paper figures (PNG and PDF)."""
+    from bench.plot import plot as make_plots
+
+    for p in make_plots(results, out):
+        console.print(f"wrote {p}")
+
+
 def main() -> None:  # pragma: no cover
     app()

@@ -49,7 +49,7 @@ def test_fractional_gpus_place_four_clients_at_once(cluster, tmp_path):
 
     ex.start(FedAvg.ClientClass, spec.config.method_config("fedavg"), env, store.features("train"), ds.train_y)
     try:
-        pids = ray.get([a.pid.remote() for a in ex.actors], timeout=60)
+        pids = ray.get([a.pid.remote() for a in ex.actors], timeout=300)
         assert len(set(pids)) == 4  # four live actor processes ...
         assert ray.available_resources().get("GPU", 0) == 0  # ... holding 4 x 0.5 of the 2 logical GPUs
     finally:

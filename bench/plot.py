@@ -1,0 +1,118 @@
+"""Paper figures from Parquet results alone (matplotlib, PNG + PDF, readable in greyscale:
+every method has its own marker and line style, bars have hatches)."""
+
+from __future__ import annotations
+
+from itertools import cycle
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from bench.report import load  # noqa: E402
+from bench.results import read_table  # noqa: E402
+
+STYLES = list(zip("osD^vP*X", ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1)), "-"]))
+HATCHES = ["", "//", "\\\\", "xx", "..", "oo", "--", "++"]
+GREYS = ["0.0", "0.35", "0.55", "0.2", "0.45", "0.65", "0.1", "0.75"]
+
+
+def _style(methods: list[str]) -> dict[str, dict]:
+    return {m: {"marker": mk, "linestyle": ls, "color": g} for m, (mk, ls), g in zip(methods, cycle(STYLES), cycle(GREYS))}
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.tight_layout()
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def _panels(n: int, width: float = 4.2, height: float = 3.4):
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, axes[0]
+
+
+def plot(dirs: list[Path], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    summary, runs = load(dirs)
+    rounds = pd.concat([read_table(d, "rounds").to_pandas() for d in dirs], ignore_index=True)
+    decisions = pd.concat([read_table(d, "decisions").to_pandas() for d in dirs], ignore_index=True)
+    rounds = rounds.merge(runs[["run_id", "alpha", "seed"]], on="run_id")
+    methods = sorted(runs.method.unique())
+    alphas = sorted(runs.alpha.unique())
+    style = _style(methods)
+    written: list[Path] = []
+
+    # 1. accuracy on all seen classes after each task, one panel per alpha
+    ends = rounds.dropna(subset=["acc_seen"]).sort_values("round").groupby(["run_id", "task"]).tail(1)
+    fig, axes = _panels(len(alphas))
+    for ax, a in zip(axes, alphas):
+        for m in methods:
+            sel = ends[(ends.method == m) & (ends.alpha == a)].groupby("task").acc_seen.agg(["mean", "std"])
+            if sel.empty:
+                continue
+            ax.errorbar(sel.index + 1, sel["mean"] * 100, yerr=sel["std"].fillna(0) * 100, label=m, capsize=3, **style[m])
+        ax.set(title=f"alpha = {a:g}", xlabel="tasks learned", ylabel="accuracy on seen classes (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    written += _save(fig, out, "accuracy_per_task")
+
+    # 2. accuracy per round (global round index), one panel per alpha
+    fig, axes = _panels(len(alphas))
+    ev = rounds.dropna(subset=["acc_seen"]).copy()
+    per_task = ev.groupby("run_id")["round"].transform("max") + 1
+    ev["global_round"] = ev.task * per_task + ev["round"] + 1
+    for ax, a in zip(axes, alphas):
+        for m in methods:
+            sel = ev[(ev.method == m) & (ev.alpha == a)].groupby("global_round").acc_seen.mean()
+            if not sel.empty:
+                ax.plot(sel.index, sel.values * 100, label=m, markevery=max(1, len(sel) // 10), **style[m])
+        ax.set(title=f"alpha = {a:g}", xlabel="communication round", ylabel="accuracy on seen classes (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    written += _save(fig, out, "accuracy_per_round")
+
+    # 3. forgetting per method as bars, grouped by alpha
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(methods) * len(alphas), 3.4))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        vals = [summary[(summary.method == m) & (summary.alpha == a)].forgetting for a in alphas]
+        means = [v.mean() * 100 for v in vals]
+        stds = [(v.std() if len(v) > 1 else 0) * 100 for v in vals]
+        ax.bar(np.arange(len(alphas)) + i * width, means, width, yerr=stds, label=m, color="white", edgecolor="black",
+               hatch=HATCHES[i % len(HATCHES)], capsize=3)
+    ax.set_xticks(np.arange(len(alphas)) + width * (len(methods) - 1) / 2, [f"alpha = {a:g}" for a in alphas])
+    ax.set(ylabel="forgetting (%, lower is better)")
+    ax.legend(fontsize="small")
+    written += _save(fig, out, "forgetting")
+
+    # 4. FedAME: experts alive over rounds and the sources of its decisions
+    fed = rounds[rounds.experts_alive.notna()]
+    if not fed.empty:
+        fig, axes = _panels(2)
+        fed = fed.copy()
+        fed["global_round"] = fed.task * (fed.groupby("run_id")["round"].transform("max") + 1) + fed["round"] + 1
+        for i, a in enumerate(alphas):
+            sel = fed[fed.alpha == a].groupby("global_round").experts_alive.mean()
+            mk, ls = STYLES[i % len(STYLES)]
+            axes[0].plot(sel.index, sel.values, marker=mk, linestyle=ls, color="black", markevery=max(1, len(sel) // 10), label=f"alpha = {a:g}")
+        axes[0].set(xlabel="communication round", ylabel="experts alive (count)", title="FedAME expert pool")
+        axes[0].legend()
+        if not decisions.empty:
+            counts = decisions.groupby(["source", "action"]).size().unstack(fill_value=0)
+            bottom = np.zeros(len(counts))
+            for j, action in enumerate(counts.columns):
+                axes[1].bar(counts.index, counts[action], bottom=bottom, color="white", edgecolor="black",
+                            hatch=HATCHES[j % len(HATCHES)], label=action)
+                bottom += counts[action].to_numpy()
+            axes[1].set(xlabel="decision source", ylabel="decisions (count)", title="FedAME decisions")
+            axes[1].legend(fontsize="small")
+        written += _save(fig, out, "fedame_experts")
+    return written

@@ -1,0 +1,168 @@
+"""Paper tables from Parquet results alone: methods x settings, mean ± std over seeds.
+
+The numbers in the table are exactly the numbers that were run: everything is read from
+the `summary` and `runs` tables of one or more results directories. A cell whose runs are
+not all complete (a sweep still running, or a failed run) is marked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.errors import UserError
+from bench.results import read_table
+
+METRICS = {
+    # name: (label, higher is better, shown as percent)
+    "final_acc": ("Final acc.", True, True),
+    "avg_acc": ("Avg. inc. acc.", True, True),
+    "forgetting": ("Forgetting", False, True),
+    "bwt": ("BWT", True, True),
+    "wall_seconds": ("Wall s", False, False),
+    "bytes_up": ("Bytes up", False, False),
+}
+SETTING_COLUMNS = ("alpha", "dataset", "num_tasks", "num_clients", "partition", "rounds", "local_epochs", "backbone")
+NOTE = (
+    "Mean ± std over seeds (n = seeds). R[i,j] = accuracy on task j after task i. Final acc.: accuracy on all seen "
+    "test samples after the last task; Avg. inc. acc.: mean over tasks of that accuracy after each task; "
+    "Forgetting (Chaudhry): mean_{j<T} max_{l<T} R[l,j] - R[T,j]; BWT (GEM): mean_{j<T} R[T,j] - R[j,j]."
+)
+
+
+class ReportError(UserError):
+    pass
+
+
+def load(dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Completed summaries joined with their run settings, and every run row (for status)."""
+    summaries, runs = [], []
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise ReportError(f"no results directory {d}; pass the --out folder of a `fedame-bench run`")
+        summaries.append(read_table(d, "summary").to_pandas())
+        runs.append(read_table(d, "runs").to_pandas())
+    summary, run_rows = pd.concat(summaries, ignore_index=True), pd.concat(runs, ignore_index=True)
+    if run_rows.empty:
+        raise ReportError(f"no runs found in {', '.join(map(str, dirs))}; is this a results directory?")
+    settings = run_rows[["run_id", *[c for c in SETTING_COLUMNS if c not in ("alpha", "dataset", "num_tasks")]]]
+    summary = summary.merge(settings, on="run_id", how="left").drop_duplicates("run_id")
+    return summary, run_rows.drop_duplicates("run_id", keep="last")
+
+
+@dataclass
+class Cell:
+    mean: float
+    std: float
+    n: int
+    complete: bool
+
+
+def aggregate(summary: pd.DataFrame, runs: pd.DataFrame, metrics: list[str], by: list[str]) -> dict:
+    """{(metric, setting tuple): {method: Cell}}, plus the ordered settings and methods."""
+    for m in metrics:
+        if m not in METRICS:
+            raise ReportError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
+    for b in by:
+        if b not in runs.columns:
+            raise ReportError(f"cannot group by {b!r}; choose from {', '.join(c for c in SETTING_COLUMNS)}")
+    settings = sorted({tuple(r) for r in runs[by].itertuples(index=False)}) if by else [()]
+    methods = sorted(runs["method"].unique())
+    cells: dict = {}
+    for metric in metrics:
+        for s in settings:
+            col = {}
+            for method in methods:
+                sel_runs = runs[(runs.method == method) & _match(runs, by, s)]
+                sel = summary[(summary.method == method) & _match(summary, by, s)]
+                vals = sel[metric].dropna().to_numpy(dtype=float)
+                if len(sel_runs) == 0:
+                    continue
+                complete = bool((sel_runs.status == "completed").all()) and len(vals) == len(sel_runs)
+                std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+                col[method] = Cell(float(np.mean(vals)) if len(vals) else float("nan"), std, len(vals), complete)
+            cells[(metric, s)] = col
+    return {"cells": cells, "settings": settings, "methods": methods}
+
+
+def _match(df: pd.DataFrame, by: list[str], values: tuple) -> pd.Series:
+    mask = pd.Series(True, index=df.index)
+    for b, v in zip(by, values):
+        mask &= df[b] == v
+    return mask
+
+
+def best_methods(col: dict[str, Cell], metric: str) -> set[str]:
+    higher = METRICS[metric][1]
+    vals = {m: c.mean for m, c in col.items() if not np.isnan(c.mean)}
+    if not vals:
+        return set()
+    target = max(vals.values()) if higher else min(vals.values())
+    return {m for m, v in vals.items() if np.isclose(v, target)}
+
+
+def _fmt(c: Cell, metric: str) -> str:
+    if np.isnan(c.mean):
+        return "–"
+    scale = 100 if METRICS[metric][2] else 1
+    digits = 1 if METRICS[metric][2] else 0
+    return f"{c.mean * scale:.{digits}f} ± {c.std * scale:.{digits}f} ({c.n})"
+
+
+def _header(metric: str, by: list[str], s: tuple) -> str:
+    label = METRICS[metric][0] + (" (%)" if METRICS[metric][2] else "")
+    return " ".join([label, *(f"{b}={v:g}" if isinstance(v, float) else f"{b}={v}" for b, v in zip(by, s))]).strip()
+
+
+def render(agg: dict, by: list[str], fmt: str) -> str:
+    cols = list(agg["cells"])
+    headers = [_header(m, by, s) for m, s in cols]
+    rows = []
+    any_incomplete = False
+    for method in agg["methods"]:
+        row = []
+        for key in cols:
+            col = agg["cells"][key]
+            c = col.get(method)
+            if c is None:
+                row.append(("–", False, False))
+                continue
+            any_incomplete |= not c.complete
+            row.append((_fmt(c, key[0]), method in best_methods(col, key[0]), not c.complete))
+        rows.append((method, row))
+    if fmt == "markdown":
+        out = ["| method | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
+        for method, row in rows:
+            cells = [(f"**{t}**" if b else t) + (" †" if inc else "") for t, b, inc in row]
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out += ["", NOTE + (" † incomplete: not every run of this cell has finished." if any_incomplete else "")]
+        return "\n".join(out)
+    if fmt == "latex":
+        esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$")
+        out = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{l" + "c" * len(headers) + "}", r"\toprule"]
+        out.append("Method & " + " & ".join(esc(h) for h in headers) + r" \\")
+        out.append(r"\midrule")
+        for method, row in rows:
+            cells = [(r"\textbf{" + esc(t) + "}" if b else esc(t)) + (r"$^\dagger$" if inc else "") for t, b, inc in row]
+            out.append(esc(method) + " & " + " & ".join(cells) + r" \\")
+        out += [r"\bottomrule", r"\end{tabular}"]
+        out.append(r"\caption{" + esc(NOTE) + (r" $^\dagger$ incomplete." if any_incomplete else "") + "}")
+        out.append(r"\end{table}")
+        return "\n".join(out)
+    if fmt == "csv":
+        lines = ["method," + ",".join(by) + ",metric,mean,std,n,complete"]
+        for (metric, s), col in agg["cells"].items():
+            for method, c in col.items():
+                lines.append(",".join([method, *map(str, s), metric, f"{c.mean:.6g}", f"{c.std:.6g}", str(c.n), str(c.complete)]))
+        return "\n".join(lines)
+    raise ReportError(f"unknown format {fmt!r}; use markdown, latex or csv")
+
+
+def report(dirs: list[Path], fmt: str = "markdown", metrics: list[str] | None = None, by: list[str] | None = None) -> str:
+    summary, runs = load(dirs)
+    metrics = metrics or ["final_acc", "avg_acc", "forgetting"]
+    by = ["alpha"] if by is None else by
+    return render(aggregate(summary, runs, metrics, by), by, fmt)
