@@ -185,5 +185,60 @@ def plot(
         console.print(f"wrote {p}")
 
 
+@app.command("pretrain-backbone")
+@user_errors
+def pretrain_backbone(
+    config: ConfigOpt = "cifar100",
+    classes: Annotated[str, typer.Option("--classes", help="Classes to train on, e.g. 0-49")] = "0-49",
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
+    out: Annotated[Path, typer.Option("--out", "-o", help="State dict to write (a JSON goes beside it)")] = Path("weights/backbone.pt"),
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
+    max_lr: Annotated[float, typer.Option("--max-lr")] = 0.2,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Train the configured backbone centrally on base classes (the B50 protocol) and save it."""
+    from bench.backbone import parse_classes, pretrain
+    from bench.config import load_config
+    from bench.data import load_dataset, resolve_data_dir
+
+    cfg = load_config(config, list(set_ or []))
+    ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
+    info = pretrain(ds, cfg.backbone, parse_classes(classes, ds.num_classes), epochs, out, batch_size, max_lr, seed=cfg.seed)
+    console.print(f"wrote {out} (test accuracy {info['test_accuracy']:.4f} on {len(info['classes'])} classes) and {out.with_suffix('.json')}")
+
+
+@app.command("probe-backbone")
+@user_errors
+def probe_backbone(
+    config: ConfigOpt = "cifar100",
+    classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Class sets to probe, e.g. 0-49 (repeatable); default all")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file for the probe table")] = Path("results/probe.parquet"),
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Nearest-class-mean and linear-probe accuracy of the frozen features on chosen classes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.backbone import parse_classes, probe
+    from bench.config import load_config
+    from bench.data import load_dataset, resolve_data_dir
+    from bench.features import FeatureStore
+    from bench.sweep import default_cache_dir
+
+    cfg = load_config(config, list(set_ or []))
+    ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
+    sets = {spec: parse_classes(spec, ds.num_classes) for spec in (classes or [f"0-{ds.num_classes - 1}"])}
+    rows = probe(FeatureStore(ds, cfg.backbone, default_cache_dir(cfg)), sets)
+    table = Table("classes", "n classes", "NCM", "linear probe", "train", "test", title=f"frozen {rows[0]['backbone']} on {ds.name}")
+    for r in rows:
+        table.add_row(r["classes"], str(r["num_classes"]), f"{r['ncm']:.4f}", f"{r['linear_probe']:.4f}", str(r["n_train"]), str(r["n_test"]))
+    console.print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    console.print(f"wrote {out}")
+
+
 def main() -> None:  # pragma: no cover
     app()
