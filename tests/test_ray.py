@@ -24,7 +24,7 @@ def cluster():
 
 
 def smoke(method, tmp_path, *overrides):
-    cfg = load_config("smoke", ["runtime.cpus_per_client=0", "runtime.gpus_per_client=0.5", *overrides])
+    cfg = load_config("smoke", ["runtime.cpus_per_client=0", "runtime.gpus_per_client=0.5", "runtime.num_actors=2", *overrides])
     ds = load_dataset(cfg.data, None)
     store = FeatureStore(ds, cfg.backbone, tmp_path)
     return RunSpec(method, cfg), ds, store
@@ -39,7 +39,7 @@ def matrix(out):
 
 
 def test_fractional_gpus_place_four_clients_at_once(cluster, tmp_path):
-    spec, ds, store = smoke("fedavg", tmp_path, "scenario.num_clients=4")
+    spec, ds, store = smoke("fedavg", tmp_path, "scenario.num_clients=4", "runtime.num_actors=4")
     ex = RayExecutor(spec.config.runtime)
     from bench.api import MethodEnv
     from bench.runner import method_env

@@ -1,0 +1,100 @@
+"""Baselines: FedProx(mu=0) == FedAvg, FedNCM == centralised means, MoE-Adapter trains only adapters."""
+
+import numpy as np
+import torch
+
+from bench.api import ClientData, MethodEnv, TaskInfo, TrainContext, TrainSettings
+from bench.config import load_config
+from bench.data import load_dataset
+from bench.features import FeatureStore
+from bench.runner import RunSpec, execute_run
+from bench.runtime.base import LocalExecutor
+
+
+def run(method, tmp_path, *overrides):
+    cfg = load_config("smoke", list(overrides))
+    ds = load_dataset(cfg.data, None)
+    return execute_run(RunSpec(method, cfg), ds, FeatureStore(ds, cfg.backbone, tmp_path), LocalExecutor(), str(tmp_path))
+
+
+def test_fedprox_with_mu_zero_equals_fedavg_exactly(tmp_path):
+    avg = run("fedavg", tmp_path)
+    prox = run("fedprox", tmp_path, "methods.fedprox.mu=0")
+    assert [r["accuracy"] for r in avg.tables["accuracy"]] == [r["accuracy"] for r in prox.tables["accuracy"]]
+    assert [r["loss"] for r in avg.tables["rounds"]] == [r["loss"] for r in prox.tables["rounds"]]
+    prox_mu = run("fedprox", tmp_path, "methods.fedprox.mu=1.0")
+    assert [r["loss"] for r in prox_mu.tables["rounds"]] != [r["loss"] for r in avg.tables["rounds"]]
+
+
+def test_fedlwf_runs_and_distils_after_the_first_task(tmp_path):
+    out = run("fedlwf", tmp_path, "methods.fedlwf.weight=5")
+    assert len(out.tables["accuracy"]) == 6
+    bytes_down = {r["task"]: r["bytes_down"] for r in out.tables["rounds"]}
+    assert bytes_down[1] > bytes_down[0]  # the teacher travels from task 1 on
+
+
+def _env(dim=4, k=3):
+    return MethodEnv(feature_dim=dim, num_classes=k, class_names=("a", "b", "c"), dataset="x", run_seed=0,
+                     num_clients=2, train=TrainSettings(1, 8, "sgd", 0.1, 0.0, 0.0))
+
+
+def test_fedncm_means_equal_centralised_means():
+    from baselines.fedncm import FedNCM, FedNCMConfig
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 30)
+    server = FedNCM(FedNCMConfig(normalize=False), _env())
+    server.setup()
+    server.begin_task(TaskInfo(0, (0, 1, 2), (0, 1, 2), {0: (0, 1, 2), 1: (0, 1, 2)}))
+    client = FedNCM.ClientClass(FedNCMConfig(normalize=False), _env())
+    ctx = TrainContext(0, 0, 0, 0, _env().train)
+    ups = [client.local_train(server.payload_for(k), ClientData(k, x[s], y[s]), ctx) for k, s in enumerate((slice(0, 11), slice(11, 30)))]
+    server.aggregate(ups)
+    for c in range(3):
+        np.testing.assert_allclose(server.means[c], x[y == c].mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(server.predict(server.means[:3].astype(np.float32)), [0, 1, 2])
+
+
+def _moe(text_adapters=False):
+    from baselines.moe_adapter import MoEAdapterConfig, MoEAdapterFL
+
+    env = MethodEnv(feature_dim=0, num_classes=3, class_names=("cat", "dog", "car"), dataset="x", run_seed=0,
+                    num_clients=1, train=TrainSettings(1, 4, "sgd", 0.1, 0.0, 0.0))
+    cfg = MoEAdapterConfig(model="tiny-random", text_adapters=text_adapters)
+    return MoEAdapterFL, cfg, env
+
+
+def test_moe_adapter_zero_init_equals_plain_clip():
+    from baselines.moe_adapter import load_clip, CLIPClassifier
+
+    cls, cfg, env = _moe()
+    plain, _ = load_clip(cfg, env.run_seed)
+    adapted = CLIPClassifier(cfg, env, env.class_names)
+    adapted.adapters.eval()
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        a = adapted.model.get_image_features(pixel_values=adapted.pixels(images))
+        p = plain.get_image_features(pixel_values=adapted.pixels(images))
+    a = a if isinstance(a, torch.Tensor) else a.pooler_output
+    p = p if isinstance(p, torch.Tensor) else p.pooler_output
+    torch.testing.assert_close(a, p)
+
+
+def test_moe_adapter_trains_only_adapters_and_routers():
+    cls, cfg, env = _moe()
+    server = cls(cfg, env)
+    server.setup()
+    server.begin_task(TaskInfo(0, (0, 1, 2), (0, 1, 2), {0: (0, 1, 2)}))
+    client = cls.ClientClass(cfg, env)
+    rng = np.random.default_rng(0)
+    data = ClientData(0, rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8), rng.integers(0, 3, 8))
+    client.local_train(server.payload_for(0), data, TrainContext(0, 0, 0, 0, env.train))  # builds the client's model
+    frozen_before = {k: v.clone() for k, v in client.clf.model.state_dict().items() if "adapter" not in k}
+    upd = client.local_train(server.payload_for(0), data, TrainContext(0, 0, 1, 0, env.train))
+    after = client.clf.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen_before.items())
+    assert all(k.startswith("adapter.") for k in upd.arrays)
+    moved = [k for k, v in upd.arrays.items() if not np.array_equal(v, server.payload_for(0).arrays[k])]
+    assert any(".up." in k for k in moved) and any(".gate." in k for k in moved)
+    assert server.trainable_params == sum(v.size for v in upd.arrays.values())
