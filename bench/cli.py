@@ -240,5 +240,27 @@ def probe_backbone(
     console.print(f"wrote {out}")
 
 
+@app.command("bench-runtime")
+@user_errors
+def bench_runtime(
+    actors: Annotated[str, typer.Option("--actors", help="Ray actor counts to compare with local")] = "1,2,4",
+    clients: Annotated[int, typer.Option("--clients")] = 8,
+    rounds: Annotated[int, typer.Option("--rounds")] = 4,
+    hidden: Annotated[int, typer.Option("--hidden", help="MLP head width (client compute)")] = 2048,
+    per_class: Annotated[int, typer.Option("--per-class", help="synthetic training images per class")] = 800,
+    gpus_per_client: Annotated[float, typer.Option("--gpus-per-client")] = 0.0,
+) -> None:
+    """Benchmark the executors on a client-compute-bound workload and print the figures."""
+    from bench.bench_runtime import run_benchmark
+
+    rows = run_benchmark([int(a) for a in actors.split(",") if a], clients, rounds, hidden, per_class, gpus_per_client)
+    table = Table("executor", "s/round", "updates/s", "client compute s", "overhead ms/round", "overhead %", "MB/round",
+                  title=f"{clients} clients, FedAvg MLP({hidden}) head, {rounds} rounds")
+    for r in rows:
+        table.add_row(r["executor"], f"{r['s_per_round']:.3f}", f"{r['updates_per_s']:.2f}", f"{r['client_compute_s']:.3f}",
+                      f"{r['overhead_ms']:.0f}", f"{r['overhead_pct']:.1f}", f"{r['bytes_per_round'] / 1e6:.2f}")
+    console.print(table)
+
+
 def main() -> None:  # pragma: no cover
     app()

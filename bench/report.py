@@ -85,6 +85,11 @@ def aggregate(summary: pd.DataFrame, runs: pd.DataFrame, metrics: list[str], by:
                 std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
                 col[method] = Cell(float(np.mean(vals)) if len(vals) else float("nan"), std, len(vals), complete)
             cells[(metric, s)] = col
+    # a cell with fewer seeds than the fullest cell is still running (or lost a run)
+    most = max((c.n for col in cells.values() for c in col.values()), default=0)
+    for col in cells.values():
+        for c in col.values():
+            c.complete = c.complete and c.n == most
     return {"cells": cells, "settings": settings, "methods": methods}
 
 

@@ -173,6 +173,7 @@ def execute_run(
                     "retries": sum(res.retries for res in results),
                 }
                 rounds_rows.append(row)
+                executor.round_done(spec.method, row)
                 if on_round is not None:
                     on_round(row)
             server.end_task()

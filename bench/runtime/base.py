@@ -47,6 +47,9 @@ class Executor(ABC):
     def stop(self) -> None:
         """Release what `start` acquired."""
 
+    def round_done(self, method: str, row: dict) -> None:
+        """Called by the runner after each round (the Ray executor exports metrics here)."""
+
 
 def timed_local_train(client: Client, payload: Message, data: ClientData, ctx: TrainContext) -> ClientResult:
     t0 = time.perf_counter()

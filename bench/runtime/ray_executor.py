@@ -54,6 +54,24 @@ def ensure_ray(cfg: RuntimeConfig):
     return ray
 
 
+_METRICS: dict[str, Any] = {}
+
+
+def _metrics() -> dict[str, Any]:
+    if not _METRICS:
+        from ray.util.metrics import Counter, Gauge
+
+        keys = ("method",)
+        _METRICS.update(
+            rounds=Counter("fedame_rounds_completed", "federated rounds completed", tag_keys=keys),
+            updates=Counter("fedame_client_updates", "client updates aggregated", tag_keys=keys),
+            bytes=Counter("fedame_bytes_moved", "payload + update bytes moved", tag_keys=keys),
+            retries=Counter("fedame_client_retries", "client jobs retried after an actor failure", tag_keys=keys),
+            accuracy=Gauge("fedame_acc_seen", "latest accuracy on all seen classes", tag_keys=keys),
+        )
+    return _METRICS
+
+
 class ClientActor:
     """Hosts the virtual clients assigned to it; built once per run."""
 
@@ -179,6 +197,17 @@ class RayExecutor(Executor):
                 if time.time() > deadline:
                     raise
                 time.sleep(0.5)
+
+    def round_done(self, method: str, row: dict) -> None:
+        """Export progress to the Ray dashboard's metrics (ray.util.metrics)."""
+        m = _metrics()
+        tags = {"method": method}
+        m["rounds"].inc(1, tags=tags)
+        m["updates"].inc(row["clients_used"], tags=tags)
+        m["bytes"].inc(row["bytes_up"] + row["bytes_down"], tags=tags)
+        m["retries"].inc(row["retries"], tags=tags) if row["retries"] else None
+        if row["acc_seen"] is not None:
+            m["accuracy"].set(row["acc_seen"], tags=tags)
 
     def stop(self) -> None:
         for actor in self.actors:
