@@ -80,6 +80,7 @@ def run(
     executor: Annotated[Optional[str], typer.Option("--executor", help="local | ray | auto")] = None,
     address: Annotated[Optional[str], typer.Option("--address", help="Join an existing Ray cluster")] = None,
     gpus_per_client: Annotated[Optional[float], typer.Option("--gpus-per-client", help="GPU fraction per client actor")] = None,
+    concurrent_runs: Annotated[Optional[int], typer.Option("--concurrent-runs", help="Runs sharing the Ray cluster at once")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-client, per-task sample counts and exit")] = False,
 ) -> None:
     """Run a sweep (methods x alphas x seeds) and write Parquet results; resumes where it stopped."""
@@ -90,7 +91,8 @@ def run(
     from bench.sweep import expand, parse_floats, parse_ints, parse_methods, prepare, run_sweep
 
     overrides = list(set_ or [])
-    for key, val in (("runtime.executor", executor), ("runtime.address", address), ("runtime.gpus_per_client", gpus_per_client)):
+    for key, val in (("runtime.executor", executor), ("runtime.address", address), ("runtime.gpus_per_client", gpus_per_client),
+                     ("runtime.max_concurrent_runs", concurrent_runs)):
         if val is not None:
             overrides.append(f"{key}={val}")
     cfg = load_config(config, overrides)
@@ -117,23 +119,27 @@ def run(
 
     with progress_bar() as bar:
         sweep_job = bar.add_task("runs", total=len(specs))
-        run_job = None
+        run_jobs: dict[str, int] = {}
+        plain = not console.is_terminal  # logs and CI: a line per finished task instead of live bars
+
+        def label(spec) -> str:
+            return f"{spec.method} a={spec.alpha:g} s={spec.seed}"
 
         def start(spec):
-            nonlocal run_job
             total = spec.config.training.rounds * (len(spec.config.scenario.tasks or []) or spec.config.scenario.n_tasks or 1)
-            run_job = bar.add_task(f"{spec.method} a={spec.alpha:g} s={spec.seed}", total=total)
+            run_jobs[spec.run_id] = bar.add_task(label(spec), total=total)
 
         def round_done(spec, row):
             acc = "" if row["acc_seen"] is None else f" acc={row['acc_seen']:.3f}"
-            bar.update(run_job, advance=1, description=f"{spec.method} a={spec.alpha:g} s={spec.seed} t{row['task']}{acc}")
+            bar.update(run_jobs[spec.run_id], advance=1, description=f"{label(spec)} t{row['task']}{acc}")
+            if plain and row["round"] == spec.config.training.rounds - 1:
+                bar.console.print(f"{label(spec)}: task {row['task']} done{acc}")
 
         def end(spec, summary, status):
-            nonlocal run_job
             bar.advance(sweep_job)
-            if run_job is not None:
-                bar.remove_task(run_job)
-                run_job = None
+            job = run_jobs.pop(spec.run_id, None)
+            if job is not None:
+                bar.remove_task(job)
             if status != "completed":
                 bar.console.print(f"{spec.run_id}: {status}")
 

@@ -106,13 +106,19 @@ def run_sweep(
     on_round: Callable[[RunSpec, dict], Any] | None = None,
     on_run_end: Callable[[RunSpec, dict | None, str], Any] | None = None,
 ) -> list[dict]:
-    """Run every spec not yet complete in `writer`; a failing run is recorded and the rest go on."""
-    summaries = []
+    """Run every spec not yet complete in `writer`; a failing run is recorded and the rest go on.
+
+    With the Ray executor and `runtime.max_concurrent_runs` > 1, that many runs share the
+    cluster at once (each with its own client actors; Ray queues actors beyond its resources)."""
+    todo = []
     for spec in specs:
         if writer.is_complete(spec.run_id):
             if on_run_end:
                 on_run_end(spec, None, "skipped")
-            continue
+        else:
+            todo.append(spec)
+
+    def one(spec: RunSpec) -> dict | None:
         if on_run_start:
             on_run_start(spec)
         started = datetime.now(timezone.utc)
@@ -134,9 +140,18 @@ def run_sweep(
             writer.write_run(spec.run_id, {"runs": [row]})
             if on_run_end:
                 on_run_end(spec, None, f"failed: {err}")
-            continue
+            return None
         writer.write_run(spec.run_id, out.tables)
-        summaries.append(out.summary)
         if on_run_end:
             on_run_end(spec, out.summary, "completed")
-    return summaries
+        return out.summary
+
+    rt = todo[0].config.runtime if todo else None
+    if rt is not None and rt.executor == "ray" and (rt.max_concurrent_runs or 1) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=rt.max_concurrent_runs) as pool:
+            results = list(pool.map(one, todo))
+    else:
+        results = [one(spec) for spec in todo]
+    return [r for r in results if r is not None]

@@ -8,9 +8,9 @@
   reference to every client, not copied per client.
 * Each actor asks for `gpus_per_client` of a GPU and `cpus_per_client` CPUs (with
   `--gpus-per-client 0.25` four actors share a GPU) and sets torch's thread count to match.
-* A dead actor is restarted by Ray (max_restarts); its in-flight client job is resubmitted
-  after the actor's data is restored, up to `max_retries` times, and each retry is counted
-  in the rounds table. Results are identical because local_train is a pure function of
+* A dead actor is replaced by a fresh one with the same constructor arguments and its
+  clients' data; its in-flight client job is resubmitted, up to `max_retries` times, and
+  each retry is counted in the rounds table. Results are identical because local_train is a pure function of
   (payload, data, context).
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import numpy as np
@@ -119,19 +118,16 @@ class RayExecutor(Executor):
         ray = self.ray
         n = self.cfg.num_actors or env.num_clients
         self.n = min(n, env.num_clients)
-        x_ref, y_ref = ray.put(np.asarray(train_x)), ray.put(np.asarray(train_y))
+        # features and labels go into the object store once; every actor reads them zero-copy
+        self._ctor = (client_cls, config, env, ray.put(np.asarray(train_x)), ray.put(np.asarray(train_y)))
+        self.actors = [self._new_actor() for _ in range(self.n)]
+
+    def _new_actor(self):
         threads = max(1, math.floor(self.cfg.cpus_per_client)) if self.cfg.cpus_per_client else 1
-        remote_cls = ray.remote(ClientActor)
-        self.actors = [
-            remote_cls.options(
-                num_cpus=self.cfg.cpus_per_client,
-                num_gpus=self.cfg.gpus_per_client,
-                max_restarts=self.cfg.max_retries,
-                name=None,
-            ).remote(client_cls, config, env, x_ref, y_ref, threads)
-            for _ in range(self.n)
-        ]
-        self._refs = (x_ref, y_ref)
+        remote_cls = self.ray.remote(ClientActor)
+        return remote_cls.options(num_cpus=self.cfg.cpus_per_client, num_gpus=self.cfg.gpus_per_client, max_restarts=0).remote(
+            *self._ctor, threads
+        )
 
     def actor_of(self, client_id: int) -> int:
         return client_id % self.n
@@ -161,7 +157,7 @@ class RayExecutor(Executor):
         return self.actors[self.actor_of(job.client_id)].train.remote(job, refs)
 
     def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import RayActorError
 
         refs = self._put_arrays(jobs)
         futures = [self._submit(j, r) for j, r in zip(jobs, refs)]
@@ -172,9 +168,7 @@ class RayExecutor(Executor):
                 try:
                     res = self.ray.get(fut)
                     break
-                except (RayActorError, RayTaskError) as e:
-                    if isinstance(e, RayTaskError) and not isinstance(e.cause, (RayActorError, KeyError)):
-                        raise
+                except RayActorError as e:
                     retries += 1
                     if retries > self.cfg.max_retries:
                         raise RuntimeError(f"client {job.client_id} failed {retries} times: {e}") from e
@@ -187,16 +181,14 @@ class RayExecutor(Executor):
         return results
 
     def _restore(self, a: int) -> None:
-        """Wait for Ray to restart actor a, then give it back its clients' data."""
-        deadline = time.time() + 120
-        while True:
-            try:
-                self.ray.get(self.actors[a].set_task.remote(self.task, self._clients_of(a)))
-                return
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
+        """Replace a dead actor by a fresh one (same constructor arguments) holding the same
+        clients' data; the driver keeps everything needed to rebuild it."""
+        try:
+            self.ray.kill(self.actors[a], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.actors[a] = self._new_actor()
+        self.ray.get(self.actors[a].set_task.remote(self.task, self._clients_of(a)), timeout=600)
 
     def round_done(self, method: str, row: dict) -> None:
         """Export progress to the Ray dashboard's metrics (ray.util.metrics)."""
