@@ -123,7 +123,7 @@ def execute_run(
         train_x, test_x = store.images("train"), store.images("test")
         feature_dim = 0
     env = method_env(cfg, ds, feature_dim, cache_dir)
-    server = method_cls(mcfg, env)
+    server = executor.make_server(method_cls, mcfg, env)
     server.setup()
     evaluate = Evaluator(scenario, test_x, ds.test_y, ds.num_classes)
     executor.start(method_cls.ClientClass, mcfg, env, train_x, ds.train_y)
@@ -177,6 +177,7 @@ def execute_run(
                 if on_round is not None:
                     on_round(row)
             server.end_task()
+        decided = server.decisions()  # before stop(): on Ray the server lives in an actor
     finally:
         executor.stop()
 
@@ -203,7 +204,7 @@ def execute_run(
         "bytes_down": int(sum(r["bytes_down"] for r in rounds_rows)),
     }
     runs_row = run_row(spec, ds.name, executor.name, "completed", None, started)
-    decisions = [{"run_id": spec.run_id, **d} for d in server.decisions()]
+    decisions = [{"run_id": spec.run_id, **d} for d in decided]
     tables = {
         "runs": [runs_row],
         "rounds": rounds_rows,

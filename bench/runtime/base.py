@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, TrainContext
+from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TrainContext
 from bench.config import RuntimeConfig
 
 
@@ -40,6 +40,10 @@ class Executor(ABC):
 
     @abstractmethod
     def set_task(self, task: int, indices: tuple[np.ndarray, ...]) -> None: ...
+
+    def make_server(self, server_cls: type[Server], config: MethodConfig, env: MethodEnv) -> Server:
+        """Where the method's global state lives: in-process here, in a central actor on Ray."""
+        return server_cls(config, env)
 
     @abstractmethod
     def train(self, jobs: list[ClientJob]) -> list[ClientResult]: ...

@@ -19,11 +19,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from bench.api import ClientData, ClientUpdate, Message
+from bench.api import ClientData, Message, Server
 from bench.config import RuntimeConfig
 from bench.errors import UserError
 from bench.runtime.base import ClientJob, ClientResult, Executor, timed_local_train
@@ -98,10 +99,94 @@ class ClientActor:
         values = ray.get([array_refs[n] for n in names]) if names else []
         # private copies: the object store's arrays are read-only and training reads them as tensors
         payload = Message({n: np.array(v) for n, v in zip(names, values)}, job.payload.meta)
-        return timed_local_train(self.client, payload, self.data[job.client_id], job.ctx)
+        job = ClientJob(job.client_id, payload, job.ctx)
+        return timed_local_train(self.client, job.payload, self.data[job.client_id], job.ctx)
 
     def pid(self) -> int:
         return os.getpid()
+
+
+@dataclass
+class RemotePayload:
+    """A payload that already lives in the object store: array name -> reference."""
+
+    refs: dict[str, Any]
+    meta: dict[str, Any]
+    nbytes: int
+
+
+class ServerHost:
+    """The central actor: holds a method's server (for FedAME the expert pool: router,
+    experts, prompts; for FedAvg-like methods one parameter group), serves each client only
+    what it needs straight from the object store, and aggregates what comes back."""
+
+    def __init__(self, server_cls, config, env) -> None:
+        self.server = server_cls(config, env)
+
+    def call(self, hook: str, *args):
+        return getattr(self.server, hook)(*args)
+
+    def payloads(self, client_ids: list[int]) -> list[RemotePayload]:
+        import ray
+
+        by_id: dict[int, Any] = {}
+        out = []
+        for k in client_ids:
+            msg = self.server.payload_for(k)
+            refs = {}
+            for name, arr in msg.arrays.items():  # an array shared by several clients is put once
+                if id(arr) not in by_id:
+                    by_id[id(arr)] = ray.put(arr)
+                refs[name] = by_id[id(arr)]
+            out.append(RemotePayload(refs, msg.meta, msg.nbytes))
+        return out
+
+
+class RemoteServer(Server):
+    """The runner's handle on the central actor; the same hooks as a local server."""
+
+    name = "remote"
+    summary = ""
+
+    def __init__(self, ray, server_cls, config, env) -> None:
+        self.ray = ray
+        self.actor = ray.remote(ServerHost).options(num_cpus=0).remote(server_cls, config, env)
+        self._round: dict[int, RemotePayload] = {}
+
+    def _call(self, hook: str, *args):
+        return self.ray.get(self.actor.call.remote(hook, *args))
+
+    def setup(self) -> None:
+        self._call("setup")
+
+    def begin_task(self, task) -> None:
+        self._call("begin_task", task)
+        self._round = {}
+
+    def payload_for(self, client_id: int):
+        if client_id not in self._round:  # one actor call serves the whole round's clients
+            ids = list(range(self.n_clients))
+            self._round = dict(zip(ids, self.ray.get(self.actor.payloads.remote(ids))))
+        return self._round[client_id]
+
+    def aggregate(self, updates) -> None:
+        self._call("aggregate", updates)
+        self._round = {}
+
+    def predict(self, x):
+        return self._call("predict", np.asarray(x))
+
+    def end_task(self) -> None:
+        self._call("end_task")
+
+    def stats(self):
+        return self._call("stats")
+
+    def decisions(self):
+        return self._call("decisions")
+
+    def stop(self) -> None:
+        self.ray.kill(self.actor)
 
 
 class RayExecutor(Executor):
@@ -113,6 +198,11 @@ class RayExecutor(Executor):
         self.actors: list[Any] = []
         self.indices: dict[int, np.ndarray] = {}
         self.task = -1
+
+    def make_server(self, server_cls, config, env) -> Server:
+        self.server = RemoteServer(self.ray, server_cls, config, env)
+        self.server.n_clients = env.num_clients
+        return self.server
 
     def start(self, client_cls, config, env, train_x, train_y) -> None:
         ray = self.ray
@@ -145,6 +235,9 @@ class RayExecutor(Executor):
         by_id: dict[int, Any] = {}
         out = []
         for job in jobs:
+            if isinstance(job.payload, RemotePayload):  # served by the central actor: already stored
+                out.append(job.payload.refs)
+                continue
             refs = {}
             for name, arr in job.payload.arrays.items():
                 if id(arr) not in by_id:
@@ -154,7 +247,8 @@ class RayExecutor(Executor):
         return out
 
     def _submit(self, job: ClientJob, refs: dict[str, Any]):
-        return self.actors[self.actor_of(job.client_id)].train.remote(job, refs)
+        light = ClientJob(job.client_id, Message({}, job.payload.meta), job.ctx)  # arrays travel as refs only
+        return self.actors[self.actor_of(job.client_id)].train.remote(light, refs)
 
     def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
         from ray.exceptions import RayActorError
@@ -205,3 +299,6 @@ class RayExecutor(Executor):
         for actor in self.actors:
             self.ray.kill(actor)
         self.actors = []
+        if getattr(self, "server", None) is not None:
+            self.server.stop()
+            self.server = None
