@@ -109,3 +109,25 @@ def test_failing_run_does_not_stop_the_sweep(cluster, tmp_path):
     assert runs["fedavg"]["status"] == runs["fedncm"]["status"] == "completed"
     assert runs["exploding"]["status"] == "failed" and "simulated crash" in runs["exploding"]["error"]
     assert not writer.is_complete(specs[1].run_id)  # a rerun will try it again
+
+
+def test_central_actor_serves_each_client_its_own_arrays(cluster, tmp_path):
+    """Per-client payload arrays (FedAME's held experts) must map to the right objects."""
+    from bench.api import TaskInfo
+    from bench.runner import method_env
+    from bench.runtime.ray_executor import ServerHost
+    from fedame.method import FedAME
+
+    spec, ds, store = smoke("fedame", tmp_path)
+    env = method_env(spec.config, ds, 512, str(tmp_path))
+    host = ServerHost(FedAME, spec.config.method_config("fedame"), env)
+    host.call("setup")
+    host.call("begin_task", TaskInfo(0, (0, 1, 2, 3), (0, 1, 2, 3), {0: (0,), 1: (1, 3), 2: (0, 1, 2, 3)}))
+    served = host.payloads([0, 1, 2])
+    for k, remote in enumerate(served):
+        local = host.server.payload_for(k)
+        assert set(remote.refs) == set(local.arrays)
+        for name, ref in remote.refs.items():
+            np.testing.assert_array_equal(ray.get(ref), local.arrays[name])
+        assert remote.nbytes == local.nbytes
+    assert served[0].nbytes < served[2].nbytes  # client 0 holds fewer experts

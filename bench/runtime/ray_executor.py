@@ -131,8 +131,8 @@ class ServerHost:
 
         by_id: dict[int, Any] = {}
         out = []
-        for k in client_ids:
-            msg = self.server.payload_for(k)
+        msgs = [self.server.payload_for(k) for k in client_ids]  # all alive: no id() can be reused
+        for msg in msgs:
             refs = {}
             for name, arr in msg.arrays.items():  # an array shared by several clients is put once
                 if id(arr) not in by_id:
@@ -206,11 +206,26 @@ class RayExecutor(Executor):
 
     def start(self, client_cls, config, env, train_x, train_y) -> None:
         ray = self.ray
-        n = self.cfg.num_actors or env.num_clients
-        self.n = min(n, env.num_clients)
+        self.n = self._fitting_actors(self.cfg.num_actors or env.num_clients, env.num_clients)
         # features and labels go into the object store once; every actor reads them zero-copy
         self._ctor = (client_cls, config, env, ray.put(np.asarray(train_x)), ray.put(np.asarray(train_y)))
         self.actors = [self._new_actor() for _ in range(self.n)]
+
+    def _fitting_actors(self, wanted: int, clients: int) -> int:
+        """As many actors as asked for, but no more than the cluster can hold at once (more
+        would wait forever for resources while their clients' jobs wait on them)."""
+        total = self.ray.cluster_resources()
+        n = min(wanted, clients)
+        for key, per in (("CPU", self.cfg.cpus_per_client), ("GPU", self.cfg.gpus_per_client)):
+            if per > 0:
+                fit = int(total.get(key, 0) // per)
+                if fit < 1:
+                    raise RayUnavailable(
+                        f"the Ray cluster has {total.get(key, 0):g} {key}s, less than one client actor's "
+                        f"{per:g}; lower --gpus-per-client / runtime.cpus_per_client or join a bigger cluster"
+                    )
+                n = min(n, fit)
+        return n
 
     def _new_actor(self):
         threads = max(1, math.floor(self.cfg.cpus_per_client)) if self.cfg.cpus_per_client else 1
@@ -231,7 +246,8 @@ class RayExecutor(Executor):
         self.ray.get([actor.set_task.remote(task, self._clients_of(a)) for a, actor in enumerate(self.actors)])
 
     def _put_arrays(self, jobs: list[ClientJob]) -> list[dict[str, Any]]:
-        """One object per distinct array this round; each job gets name -> reference."""
+        """One object per distinct array this round; each job gets name -> reference.
+        (The jobs keep every payload alive meanwhile, so an id() is never reused.)"""
         by_id: dict[int, Any] = {}
         out = []
         for job in jobs:
