@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from baselines.head import HEAD, HeadClient, HeadConfig, HeadServer, LossTerm, build_head
 from bench.api import Message, register
-from bench.training import load_module_arrays, module_arrays
+from bench.training import distillation, load_module_arrays, module_arrays
 
 TEACHER = "teacher."
 
@@ -18,12 +17,6 @@ TEACHER = "teacher."
 class FedLwFConfig(HeadConfig):
     temperature: float = Field(2.0, gt=0)
     weight: float = Field(1.0, ge=0)
-
-
-def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's KD: KL(teacher_T || student_T) · T²."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
 
 
 class FedLwFClient(HeadClient):

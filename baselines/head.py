@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed
-from bench.training import load_module_arrays, masked_logits, module_arrays, torch_generator, train_epochs, weighted_average
+from bench.training import batched_argmax, load_module_arrays, masked_logits, module_arrays, torch_generator, train_epochs, weighted_average
 
 LossTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y, logits) -> loss
 HEAD = "head."
@@ -39,12 +39,6 @@ def build_head(cfg: HeadConfig, env: MethodEnv) -> nn.Module:
 
 def as_tensors(data: ClientData) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.asarray(data.x, dtype=np.float32)), torch.from_numpy(np.asarray(data.y, dtype=np.int64))
-
-
-@torch.no_grad()
-def batched_argmax(model: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    out = [model(torch.from_numpy(np.asarray(x[a : a + chunk], dtype=np.float32))).argmax(1) for a in range(0, len(x), chunk)]
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
 class HeadClient(Client):

@@ -117,14 +117,14 @@ def load_clip(cfg: MoEAdapterConfig, seed: int):
     """(model, tokenizer): real weights from the HF cache, or a tiny random CLIP."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    from fedame.anchors import _load_hf
+    from bench.hf import load_hf
 
     if cfg.model == TINY:
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(seed, "tiny-clip"))
             model = CLIPModel(tiny_clip_config())
         return model, SimpleTokenizer()
-    return _load_hf(CLIPModel.from_pretrained, cfg.model), _load_hf(CLIPTokenizer.from_pretrained, cfg.model)
+    return load_hf(CLIPModel.from_pretrained, cfg.model), load_hf(CLIPTokenizer.from_pretrained, cfg.model)
 
 
 class SimpleTokenizer:
@@ -246,9 +246,9 @@ class MoEAdapterFL(Server):
         if config.model != TINY:
             from transformers import CLIPModel
 
-            from fedame.anchors import _load_hf
+            from bench.hf import load_hf
 
-            _load_hf(CLIPModel.from_pretrained, config.model)  # fails fast, with the alternatives, when absent
+            load_hf(CLIPModel.from_pretrained, config.model)  # fails fast, with the alternatives, when absent
 
     def setup(self) -> None:
         self.clf = CLIPClassifier(self.config, self.env, self.env.class_names)

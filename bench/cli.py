@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -48,10 +47,8 @@ def methods() -> None:
     """List the registered methods, one line each."""
     from bench.api import available_methods
 
-    table = Table("method", "input", "description", box=None)
-    for name, cls in available_methods().items():
-        table.add_row(name, cls.input, cls.summary)
-    console.print(table) if sys.stdout.isatty() else [print(f"{n}\t{c.input}\t{c.summary}") for n, c in available_methods().items()]
+    for name, cls in available_methods().items():  # plain lines: readable and greppable
+        print(f"{name:<12} {cls.input:<9} {cls.summary}")
 
 
 def _counts_table(scenario, ds) -> Table:

@@ -6,6 +6,7 @@ The runner knows the method only through the contract in bench.api; it never nam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -43,8 +44,6 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         """Stable across executors and machines: a digest of what determines the numbers."""
-        import hashlib
-
         ident = self.config.model_dump(mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods"})
         ident["data"].pop("root", None)
         ident["method"] = self.method

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bench.api import ClientUpdate, TrainContext, TrainSettings
@@ -93,3 +94,15 @@ def masked_logits(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     mask = torch.full((logits.shape[-1],), float("-inf"), device=logits.device)
     mask[seen] = 0.0
     return logits + mask
+
+
+@torch.no_grad()
+def batched_argmax(model: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    out = [model(torch.from_numpy(np.asarray(x[a : a + chunk], dtype=np.float32))).argmax(1) for a in range(0, len(x), chunk)]
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's KD: KL(teacher_T || student_T) · T²."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +21,7 @@ from pydantic import Field
 
 from bench.config import Section
 from bench.errors import UserError
+from bench.hf import load_hf
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -60,34 +60,12 @@ def display_name(name: str) -> str:
     return name.replace("_", " ")
 
 
-def _hub_reachable() -> bool:
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
-def _load_hf(loader, name: str):
-    """from_pretrained from the local cache first; the hub only when it is reachable."""
-    try:
-        return loader(name, local_files_only=True)
-    except OSError:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
-        raise AnchorError(
-            f"{name} is not in the Hugging Face cache and the hub cannot be reached; use anchors.source=file "
-            "(a precomputed npz), anchors.source=sentence (offline MiniLM), or populate HF_HOME"
-        )
-    return loader(name)
-
-
 def clip_text_anchors(names: list[str], model_name: str, templates: list[str]) -> np.ndarray:
     import torch
     from transformers import CLIPModel, CLIPTokenizer
 
-    tok = _load_hf(CLIPTokenizer.from_pretrained, model_name)
-    model = _load_hf(CLIPModel.from_pretrained, model_name).eval()
+    tok = load_hf(CLIPTokenizer.from_pretrained, model_name)
+    model = load_hf(CLIPModel.from_pretrained, model_name).eval()
     out = []
     with torch.no_grad():
         for n in names:

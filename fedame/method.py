@@ -21,11 +21,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from baselines.head import batched_argmax
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed, register
 from bench.config import Section
-from bench.training import load_module_arrays, module_arrays, torch_generator, train_epochs, weighted_average
-from baselines.fedlwf import distillation
+from bench.training import batched_argmax, distillation, load_module_arrays, module_arrays, torch_generator, train_epochs, weighted_average
 
 from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, class_anchors, config_clusters, kmeans_clusters
 from fedame.experts import Expert, anchor_logits, contrastive_loss, mix
@@ -237,12 +235,11 @@ class FedAME(Server):
     @classmethod
     def preflight(cls, config: FedAMEConfig, dataset: Any, cache_dir: Any) -> None:
         names = list(dataset.class_names)
-        anchors = class_anchors(config.anchors, names, Path(cache_dir))  # computed once, then cached
+        class_anchors(config.anchors, names, Path(cache_dir))  # fails fast when unavailable; cached for the runs
         if config.clusters.source == "config" or (config.clusters.source == "auto" and config.clusters.groups):
             config_clusters(config.clusters.groups or {}, names)
         if config.clusters.source == "superclasses" and dataset.superclasses is None:
             raise AnchorError(f"clusters.source=superclasses: {dataset.name} has no superclasses; use kmeans or config")
-        del anchors
 
     # -------------------------------------------------------------- setup and decisions
     def setup(self) -> None:

@@ -73,11 +73,5 @@ def cifar_root(tmp_path):
     return make
 
 
-@pytest.fixture
-def smoke_overrides():
-    """Overrides that keep a smoke run to about a second."""
-    return ["training.rounds=2", "eval.every=1"]
-
-
 def requires_shared_data():
     return pytest.mark.skipif(not (SHARED_DATA / "cifar-100-python" / "train").exists(), reason="../shared/data absent")

@@ -101,9 +101,9 @@ def test_sentence_anchors_offline_are_semantic():
 
 
 def test_clip_source_offline_fails_fast_with_alternatives(tmp_path):
-    from fedame.anchors import AnchorError
+    from bench.hf import ModelUnavailable
 
-    with pytest.raises(AnchorError, match="source=file"):
+    with pytest.raises(ModelUnavailable, match="source=file"):
         class_anchors(AnchorConfig(source="clip", model="openai/clip-vit-base-patch32"), ["apple"], tmp_path)
 
 
