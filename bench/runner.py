@@ -6,6 +6,7 @@ The runner knows the method only through the contract in bench.api; it never nam
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -41,7 +42,7 @@ class RunSpec:
     def seed(self) -> int:
         return self.config.seed
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
         """Stable across executors and machines: a digest of what determines the numbers."""
         ident = self.config.model_dump(mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods"})
