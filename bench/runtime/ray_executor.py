@@ -195,6 +195,11 @@ class RayExecutor(Executor):
     def __init__(self, cfg: RuntimeConfig) -> None:
         self.cfg = cfg
         self.ray = ensure_ray(cfg)
+        if cfg.gpus_per_client > 0:
+            log.warning(
+                "gpus_per_client=%g reserves GPU fractions for packing, but client training in this version "
+                "still computes on the CPU inside each actor", cfg.gpus_per_client,
+            )
         self.actors: list[Any] = []
         self.indices: dict[int, np.ndarray] = {}
         self.task = -1
