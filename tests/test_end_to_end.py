@@ -88,3 +88,25 @@ def test_methods_lists_registry():
     assert res.exit_code == 0
     for name in ("fedavg", "fedprox", "fedlwf", "fedncm"):
         assert name in res.output
+
+
+def test_ctrl_c_keeps_completed_runs_and_resumes(tmp_path):
+    from bench.config import load_config
+    from bench.results import ResultWriter
+    from bench.sweep import expand, prepare, run_sweep
+
+    cfg = load_config("smoke")
+    specs = expand(cfg, ["fedncm", "fedavg"], [0.5], [0])
+    prepared = prepare(cfg, specs, None)
+    writer = ResultWriter(tmp_path / "out")
+
+    def interrupt(spec, row):
+        if spec.method == "fedavg" and row["task"] == 1:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-run
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(specs, prepared, writer, on_round=interrupt)
+    assert writer.is_complete(specs[0].run_id) and not writer.is_complete(specs[1].run_id)
+    done = run_sweep(specs, prepared, writer)  # the rerun does only what is missing
+    assert [s["method"] for s in done] == ["fedavg"]
+    assert read_table(tmp_path / "out", "summary").num_rows == 2
