@@ -74,22 +74,30 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     return weights.get_state_dict(progress=True)
 
 
+def weights_digest(cfg: BackboneConfig) -> str:
+    """What identifies the backbone's weights in the cache key (a file's content for a path)."""
+    if cfg.weights == "none":
+        return "random-init-seed0"
+    if cfg.weights == "imagenet":
+        return "imagenet1k-v1"
+    path = Path(cfg.weights).expanduser()
+    if not path.exists():
+        raise BackboneError(f"backbone.weights: no file {path}; give imagenet, none, or an existing state dict path")
+    return file_sha256(path)[:16]
+
+
 def load_backbone(cfg: BackboneConfig) -> tuple[nn.Module, str]:
     """The frozen feature extractor (fc removed) and a digest of its weights."""
     with torch.random.fork_rng():  # a seeded init, so weights=none is the same network everywhere
         torch.manual_seed(0)
         model = resnet18(cfg.variant)
-    if cfg.weights == "none":
-        digest = "random-init-seed0"
-    elif cfg.weights == "imagenet":
+    digest = weights_digest(cfg)
+    if cfg.weights == "imagenet":
         if cfg.variant != "torchvision":
             raise BackboneError("ImageNet weights exist only for backbone.variant=torchvision")
         model.load_state_dict(_imagenet_state_dict())
-        digest = "imagenet1k-v1"
-    else:
+    elif cfg.weights != "none":
         path = Path(cfg.weights).expanduser()
-        if not path.exists():
-            raise BackboneError(f"backbone.weights: no file {path}; give imagenet, none, or an existing state dict path")
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
         state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
@@ -106,7 +114,6 @@ def load_backbone(cfg: BackboneConfig) -> tuple[nn.Module, str]:
                 f"backbone.weights {path} does not fit resnet18 variant={cfg.variant!r} "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}); check backbone.variant"
             )
-        digest = file_sha256(path)[:16]
     model.fc = nn.Identity()
     model.eval()
     for p in model.parameters():
@@ -145,25 +152,23 @@ class FeatureStore:
         self.dir = cache_dir / "features"
         self._model: nn.Module | None = None
         self._weights_digest: str | None = None
+        self._keys: dict[str, str] = {}
+        self._loaded: dict[str, np.ndarray] = {}  # splits already validated in this process
 
-    def _backbone(self) -> tuple[nn.Module, str]:
+    def _backbone(self) -> nn.Module:
         if self._model is None:
             self._model, self._weights_digest = load_backbone(self.cfg)
-        assert self._weights_digest is not None
-        return self._model, self._weights_digest
+        return self._model
 
     def weights_digest(self) -> str:
         if self._weights_digest is None:
-            if self.cfg.weights in ("none", "imagenet"):
-                self._weights_digest = "random-init-seed0" if self.cfg.weights == "none" else "imagenet1k-v1"
-            else:
-                path = Path(self.cfg.weights).expanduser()
-                if not path.exists():
-                    raise BackboneError(f"backbone.weights: no file {path}; give imagenet, none, or an existing path")
-                self._weights_digest = file_sha256(path)[:16]
+            self._weights_digest = weights_digest(self.cfg)
         return self._weights_digest
 
     def key(self, split: str) -> str:
+        """Digest of (data content, split, backbone, weights, transform); hashed once per split."""
+        if split in self._keys:
+            return self._keys[split]
         ident = {
             "dataset": self.dataset.name,
             "split": split,
@@ -175,7 +180,8 @@ class FeatureStore:
             "mean": list(self.cfg.mean),
             "std": list(self.cfg.std),
         }
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+        self._keys[split] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+        return self._keys[split]
 
     def paths(self, split: str) -> tuple[Path, Path]:
         k = self.key(split)
@@ -191,19 +197,22 @@ class FeatureStore:
             return False
 
     def features(self, split: str) -> np.ndarray:
-        """Features of a split (memory-mapped, read-only), extracting them on a cache miss."""
-        npy, meta = self.paths(split)
-        if not self._valid(npy, meta):
-            if npy.exists():
-                log.warning("feature cache %s is incomplete or corrupt; rebuilding", npy.name)
-            self._build(split, npy, meta)
-        return np.load(npy, mmap_mode="r")
+        """Features of a split (memory-mapped, read-only), extracting them on a cache miss.
+        The checksum is verified once per process; every run of a sweep reuses the mapping."""
+        if split not in self._loaded:
+            npy, meta = self.paths(split)
+            if not self._valid(npy, meta):
+                if npy.exists():
+                    log.warning("feature cache %s is incomplete or corrupt; rebuilding", npy.name)
+                self._build(split, npy, meta)
+            self._loaded[split] = np.load(npy, mmap_mode="r")
+        return self._loaded[split]
 
     def images(self, split: str) -> np.ndarray:
         return self.dataset.train_x if split == "train" else self.dataset.test_x
 
     def _build(self, split: str, npy: Path, meta: Path) -> None:
-        model, _ = self._backbone()
+        model = self._backbone()
         images = self.images(split)
         with torch.no_grad():
             dim = model(preprocess(images[:1], self.cfg, torch.device("cpu"))).shape[1]
