@@ -54,6 +54,23 @@ def ensure_ray(cfg: RuntimeConfig):
     return ray
 
 
+def put_once(messages: list[Message]) -> list[dict[str, Any]]:
+    """Object-store references for each message's arrays; an array shared by several
+    messages is put once. The caller keeps `messages` alive, so no id() can be reused."""
+    import ray
+
+    by_id: dict[int, Any] = {}
+    out = []
+    for msg in messages:
+        refs = {}
+        for name, arr in msg.arrays.items():
+            if id(arr) not in by_id:
+                by_id[id(arr)] = ray.put(arr)
+            refs[name] = by_id[id(arr)]
+        out.append(refs)
+    return out
+
+
 _METRICS: dict[str, Any] = {}
 
 
@@ -88,9 +105,6 @@ class ClientActor:
         self.task = task
         self.data = {k: ClientData(k, np.asarray(self.train_x[ix]), self.train_y[ix]) for k, ix in indices.items()}
         return os.getpid()
-
-    def has_task(self, task: int) -> bool:
-        return self.task == task
 
     def train(self, job: ClientJob, array_refs: dict[str, Any]) -> ClientResult:
         import ray
@@ -127,19 +141,8 @@ class ServerHost:
         return getattr(self.server, hook)(*args)
 
     def payloads(self, client_ids: list[int]) -> list[RemotePayload]:
-        import ray
-
-        by_id: dict[int, Any] = {}
-        out = []
-        msgs = [self.server.payload_for(k) for k in client_ids]  # all alive: no id() can be reused
-        for msg in msgs:
-            refs = {}
-            for name, arr in msg.arrays.items():  # an array shared by several clients is put once
-                if id(arr) not in by_id:
-                    by_id[id(arr)] = ray.put(arr)
-                refs[name] = by_id[id(arr)]
-            out.append(RemotePayload(refs, msg.meta, msg.nbytes))
-        return out
+        msgs = [self.server.payload_for(k) for k in client_ids]
+        return [RemotePayload(refs, m.meta, m.nbytes) for m, refs in zip(msgs, put_once(msgs))]
 
 
 class RemoteServer(Server):
@@ -251,21 +254,10 @@ class RayExecutor(Executor):
         self.ray.get([actor.set_task.remote(task, self._clients_of(a)) for a, actor in enumerate(self.actors)])
 
     def _put_arrays(self, jobs: list[ClientJob]) -> list[dict[str, Any]]:
-        """One object per distinct array this round; each job gets name -> reference.
-        (The jobs keep every payload alive meanwhile, so an id() is never reused.)"""
-        by_id: dict[int, Any] = {}
-        out = []
-        for job in jobs:
-            if isinstance(job.payload, RemotePayload):  # served by the central actor: already stored
-                out.append(job.payload.refs)
-                continue
-            refs = {}
-            for name, arr in job.payload.arrays.items():
-                if id(arr) not in by_id:
-                    by_id[id(arr)] = self.ray.put(arr)
-                refs[name] = by_id[id(arr)]
-            out.append(refs)
-        return out
+        """Each job's name -> reference; payloads served by the central actor are stored already."""
+        local = [j.payload for j in jobs if not isinstance(j.payload, RemotePayload)]
+        refs = iter(put_once(local))
+        return [j.payload.refs if isinstance(j.payload, RemotePayload) else next(refs) for j in jobs]
 
     def _submit(self, job: ClientJob, refs: dict[str, Any]):
         light = ClientJob(job.client_id, Message({}, job.payload.meta), job.ctx)  # arrays travel as refs only
@@ -312,7 +304,8 @@ class RayExecutor(Executor):
         m["rounds"].inc(1, tags=tags)
         m["updates"].inc(row["clients_used"], tags=tags)
         m["bytes"].inc(row["bytes_up"] + row["bytes_down"], tags=tags)
-        m["retries"].inc(row["retries"], tags=tags) if row["retries"] else None
+        if row["retries"]:
+            m["retries"].inc(row["retries"], tags=tags)
         if row["acc_seen"] is not None:
             m["accuracy"].set(row["acc_seen"], tags=tags)
 
