@@ -9,7 +9,7 @@ from pydantic import Field
 
 from baselines.head import HEAD, HeadClient, HeadConfig, HeadServer, LossTerm, build_head
 from bench.api import Message, register
-from bench.training import distillation, load_module_arrays, module_arrays
+from bench.training import as_tensor, distillation, load_module_arrays, module_arrays
 
 TEACHER = "teacher."
 
@@ -28,7 +28,9 @@ class FedLwFClient(HeadClient):
             return []
         teacher = build_head(self.config, self.env)
         load_module_arrays(teacher, payload.arrays, TEACHER)
-        old_t = torch.from_numpy(old)
+        device = next(model.parameters()).device
+        teacher.to(device)
+        old_t = as_tensor(old, device)
         cfg = self.config
 
         def lwf(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from baselines.head import HEAD, HeadClient, HeadConfig, HeadServer, LossTerm
 from bench.api import Message, register
+from bench.training import as_tensor
 
 
 class FedProxConfig(HeadConfig):
@@ -19,7 +20,7 @@ class FedProxClient(HeadClient):
     def loss_terms(self, payload: Message, model: torch.nn.Module) -> list[LossTerm]:
         if self.config.mu == 0:
             return []
-        anchors = [(p, torch.from_numpy(payload.arrays[HEAD + n])) for n, p in model.named_parameters()]
+        anchors = [(p, as_tensor(payload.arrays[HEAD + n], p.device)) for n, p in model.named_parameters()]
         mu = self.config.mu
 
         def proximal(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed
-from bench.training import batched_argmax, load_module_arrays, masked_logits, module_arrays, torch_generator, train_epochs, weighted_average
+from bench.training import as_tensor, batched_argmax, load_module_arrays, masked_logits, module_arrays, torch_generator, train_epochs, weighted_average
 
 LossTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y, logits) -> loss
 HEAD = "head."
@@ -37,8 +37,8 @@ def build_head(cfg: HeadConfig, env: MethodEnv) -> nn.Module:
         return nn.Sequential(nn.Linear(env.feature_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, env.num_classes))
 
 
-def as_tensors(data: ClientData) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(np.asarray(data.x, dtype=np.float32)), torch.from_numpy(np.asarray(data.y, dtype=np.int64))
+def as_tensors(data: ClientData, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return as_tensor(data.x, device, torch.float32), as_tensor(data.y, device, torch.int64)
 
 
 class HeadClient(Client):
@@ -51,7 +51,8 @@ class HeadClient(Client):
     def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
         model = build_head(self.config, self.env)
         load_module_arrays(model, payload.arrays, HEAD)
-        seen = torch.from_numpy(payload.arrays["seen"])
+        model.to(ctx.device)  # before loss_terms: their tensors follow the model's device
+        seen = as_tensor(payload.arrays["seen"], ctx.device)
         terms = self.loss_terms(payload, model)
 
         def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ class HeadClient(Client):
                 loss = loss + term(xb, yb, logits)
             return loss
 
-        x, y = as_tensors(data)
+        x, y = as_tensors(data, ctx.device)
         loss = train_epochs(model.parameters(), x, y, ctx, loss_fn, torch_generator(ctx.seed))
         return ClientUpdate(arrays=module_arrays(model, HEAD), num_samples=len(y), loss=loss)
 

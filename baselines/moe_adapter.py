@@ -29,7 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, Server, TaskInfo, TrainContext, derive_seed, register
-from bench.training import load_module_arrays, module_arrays, torch_generator, weighted_average
+from bench.training import as_tensor, load_module_arrays, module_arrays, torch_generator, weighted_average
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -165,18 +165,29 @@ class CLIPClassifier:
         self.size = self.model.config.vision_config.image_size
         self.names = class_names
         self._text: dict[tuple[int, ...], torch.Tensor] = {}
+        self.device = "cpu"
 
-    def pixels(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)
+    def to(self, device: str) -> CLIPClassifier:
+        """Move CLIP and its adapters (once; an actor keeps them on its GPU between rounds)."""
+        if device != self.device:
+            self.model.to(device)
+            self._text.clear()
+            self.device = device
+        return self
+
+    def pixels(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = as_tensor(images, self.device).permute(0, 3, 1, 2).float().div(255)
         if x.shape[-1] != self.size:
             x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False)
-        mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
     def text_embeddings(self, classes: tuple[int, ...]) -> torch.Tensor:
         def encode() -> torch.Tensor:
             prompts = [self.cfg.prompt.format(self.names[c].replace("_", " ")) for c in classes]
-            out = self.model.get_text_features(**self.tok(prompts, padding=True, return_tensors="pt"))
+            tokens = self.tok(prompts, padding=True, return_tensors="pt")
+            out = self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()})
             out = out if isinstance(out, torch.Tensor) else out.pooler_output
             return F.normalize(out, dim=-1)
 
@@ -187,7 +198,7 @@ class CLIPClassifier:
                 self._text[classes] = encode()
         return self._text[classes]
 
-    def logits(self, images: np.ndarray, classes: tuple[int, ...]) -> torch.Tensor:
+    def logits(self, images: np.ndarray | torch.Tensor, classes: tuple[int, ...]) -> torch.Tensor:
         out = self.model.get_image_features(pixel_values=self.pixels(images))
         img = F.normalize(out if isinstance(out, torch.Tensor) else out.pooler_output, dim=-1)
         return self.model.logit_scale.exp() * img @ self.text_embeddings(classes).T
@@ -202,11 +213,12 @@ class MoEAdapterClient(Client):
     def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
         if not hasattr(self, "clf"):  # built once per worker, then reused
             self.clf = CLIPClassifier(self.config, self.env, self.env.class_names)
-        clf = self.clf
+        clf = self.clf.to(ctx.device)
         load_module_arrays(clf.adapters, payload.arrays, "adapter.")
         seen = tuple(int(c) for c in payload.arrays["seen"])
         pos = {c: i for i, c in enumerate(seen)}
-        y = torch.tensor([pos[int(c)] for c in data.y])
+        y = torch.tensor([pos[int(c)] for c in np.asarray(data.y)], device=ctx.device)
+        images = as_tensor(data.x, ctx.device)
         gen = torch_generator(ctx.seed)
         for ad in clf.adapters.values():
             ad.generator = gen
@@ -222,7 +234,8 @@ class MoEAdapterClient(Client):
             torch.manual_seed(ctx.seed)  # dropout draws
             for _ in range(ctx.train.local_epochs):
                 for idx in torch.randperm(len(y), generator=gen).split(ctx.train.batch_size):
-                    loss = F.cross_entropy(clf.logits(data.x[idx.numpy()], seen), y[idx])
+                    idx = idx.to(ctx.device)
+                    loss = F.cross_entropy(clf.logits(images[idx], seen), y[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -58,7 +58,9 @@ class ClientData:
     """One client's training data for the current task.
 
     `x` holds backbone features (float32, N x D) for feature methods, or images
-    (uint8, N x H x W x 3) for methods whose `input` is "images"; `y` holds global labels.
+    (uint8, N x H x W x 3) for methods whose `input` is "images"; `y` holds global labels
+    (numpy). When clients train on a GPU, `x` is a torch tensor already on `ctx.device`
+    (the worker keeps it there for the whole task); `bench.training.as_tensor` takes either.
     """
 
     client_id: int

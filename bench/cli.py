@@ -257,11 +257,13 @@ def bench_runtime(
     from bench.bench_runtime import run_benchmark
 
     rows = run_benchmark([int(a) for a in actors.split(",") if a], clients, rounds, hidden, per_class, gpus_per_client)
-    table = Table("executor", "s/round", "updates/s", "client compute s", "overhead ms/round", "overhead %", "MB/round",
-                  title=f"{clients} clients, FedAvg MLP({hidden}) head, {rounds} rounds")
+    table = Table("executor", "s/round", "updates/s", "client compute s (sum)", "critical path s", "overhead ms",
+                  "of which server ms", "overhead %", "MB/round",
+                  title=f"{clients} clients, FedAvg MLP({hidden}) head, median of rounds 2-{rounds}")
     for r in rows:
         table.add_row(r["executor"], f"{r['s_per_round']:.3f}", f"{r['updates_per_s']:.2f}", f"{r['client_compute_s']:.3f}",
-                      f"{r['overhead_ms']:.0f}", f"{r['overhead_pct']:.1f}", f"{r['bytes_per_round'] / 1e6:.2f}")
+                      f"{r['critical_s']:.3f}", f"{r['overhead_ms']:.0f}", f"{r['server_ms']:.0f}",
+                      f"{r['overhead_pct']:.1f}", f"{r['bytes_per_round'] / 1e6:.2f}")
     console.print(table)
 
 

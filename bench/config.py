@@ -94,6 +94,9 @@ class EvalConfig(Section):
 
 class RuntimeConfig(Section):
     executor: Literal["local", "ray", "auto"] = "local"
+    # where clients train: auto = a CUDA GPU when the worker has one (a Ray actor: when it
+    # was granted a GPU fraction), else the CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     address: str | None = None
     gpus_per_client: float = Field(0.0, ge=0)
     cpus_per_client: float = Field(1.0, ge=0)

@@ -4,8 +4,10 @@ run one after another (or concurrently on Ray), skipping runs already complete."
 from __future__ import annotations
 
 import os
+import threading
 import traceback
 from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +21,7 @@ from bench.features import FeatureStore
 from bench.results import ResultWriter
 from bench.runner import RunSpec, execute_run, run_row
 from bench.runtime import make_executor
+from bench.runtime.base import preflight_device
 from bench.scenario import build_scenario
 
 
@@ -85,6 +88,7 @@ class Prepared:
 def prepare(cfg: ExperimentConfig, specs: list[RunSpec], data_dir: str | None) -> Prepared:
     """Everything that can fail because of user input, done before the first run starts:
     data present, every scenario buildable, backbone weights loadable (features cached)."""
+    preflight_device(cfg.runtime)
     ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
     for spec in specs:
         build_scenario(spec.config.scenario, ds.train_y, ds.class_names, spec.seed)
@@ -118,7 +122,17 @@ def run_sweep(
         else:
             todo.append(spec)
 
+    stop = threading.Event()  # set on Ctrl-C or a UserError: runs in other threads stop too
+
+    def round_done(spec: RunSpec, row: dict) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        if on_round:
+            on_round(spec, row)
+
     def one(spec: RunSpec) -> dict | None:
+        if stop.is_set():
+            return None
         if on_run_start:
             on_run_start(spec)
         started = datetime.now(timezone.utc)
@@ -130,7 +144,7 @@ def run_sweep(
                 prepared.store,
                 executor,
                 str(prepared.cache_dir),
-                on_round=(lambda row, s=spec: on_round(s, row)) if on_round else None,
+                on_round=lambda row, s=spec: round_done(s, row),
             )
         except (KeyboardInterrupt, UserError):
             raise
@@ -148,10 +162,27 @@ def run_sweep(
 
     rt = todo[0].config.runtime if todo else None
     if rt is not None and rt.executor == "ray" and (rt.max_concurrent_runs or 1) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=rt.max_concurrent_runs) as pool:
-            results = list(pool.map(one, todo))
+        results = _concurrently(one, todo, rt.max_concurrent_runs, stop)
     else:
         results = [one(spec) for spec in todo]
     return [r for r in results if r is not None]
+
+
+def _concurrently(one: Callable[[RunSpec], dict | None], todo: list[RunSpec], workers: int, stop: threading.Event) -> list:
+    """Runs in threads (each drives its own actors on the shared cluster). On Ctrl-C, queued
+    runs are cancelled and running ones stop at the end of their current round; runs that
+    completed are already written."""
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(one, spec) for spec in todo]
+    try:
+        while not all(f.done() for f in futures):
+            wait(futures, timeout=0.5, return_when=FIRST_EXCEPTION)  # short waits keep Ctrl-C responsive
+            for f in futures:
+                if f.done() and f.exception() is not None:
+                    raise f.exception()
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return [f.result() for f in futures]

@@ -29,6 +29,14 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], s: TrainSettings) -> to
     return torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay, foreach=True)
 
 
+def as_tensor(a: np.ndarray | torch.Tensor, device: str | torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`a` as a tensor on `device`; no copy when it already is one there (client data an
+    actor keeps on its GPU between rounds) or, on the CPU, when it is a numpy array."""
+    if isinstance(a, torch.Tensor):
+        return a.to(device=device, dtype=dtype)
+    return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
+
+
 def torch_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -47,18 +55,23 @@ def train_epochs(
     loss_fn: LossFn,
     gen: torch.Generator,
 ) -> float:
-    """The one local-training loop: `local_epochs` passes of seeded minibatches; mean loss."""
+    """The one local-training loop: `local_epochs` passes of seeded minibatches; mean loss.
+
+    The minibatch order comes from a CPU generator, so it is the same on every device; the
+    loss is summed on the device (no host sync per step) and read once at the end."""
     opt = make_optimizer(params, ctx.train)
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    count = 0
     for _ in range(ctx.train.local_epochs):
         for idx in minibatches(len(x), ctx.train.batch_size, gen):
+            idx = idx.to(x.device, non_blocking=True)
             loss = loss_fn(x[idx], y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            total += loss.detach().double() * len(idx)
             count += len(idx)
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 def module_arrays(module: nn.Module, prefix: str = "") -> dict[str, np.ndarray]:

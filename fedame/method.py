@@ -23,7 +23,7 @@ from pydantic import Field
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed, register
 from bench.config import Section
-from bench.training import batched_argmax, distillation, load_module_arrays, module_arrays, torch_generator, train_epochs, weighted_average
+from bench.training import as_tensor, batched_argmax, distillation, load_module_arrays, module_arrays, torch_generator, train_epochs, weighted_average
 
 from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, class_anchors, config_clusters, kmeans_clusters
 from fedame.experts import Expert, anchor_logits, contrastive_loss, mix
@@ -84,17 +84,19 @@ def build_projector(cfg: FedAMEConfig, env: MethodEnv, anchor_dim: int) -> Proje
         return proj
 
 
-def load_experts(arrays: dict[str, np.ndarray], ids: np.ndarray, prefix: str, dim: int, hidden: int) -> list[Expert]:
+def load_experts(
+    arrays: dict[str, np.ndarray], ids: np.ndarray, prefix: str, dim: int, hidden: int, device: str = "cpu"
+) -> list[Expert]:
     experts = []
     for e in ids:
         ex = Expert(dim, hidden)
         load_module_arrays(ex, arrays, f"{prefix}expert.{int(e)}.")
-        experts.append(ex)
+        experts.append(ex.to(device))
     return experts
 
 
-def t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(a))
+def t(a: np.ndarray, device: str = "cpu") -> torch.Tensor:
+    return as_tensor(a, device)
 
 
 class AnchorMoE:
@@ -107,7 +109,7 @@ class AnchorMoE:
                  expert_anchors: torch.Tensor, class_anchors: torch.Tensor, log_scale: torch.Tensor) -> None:
         self.cfg, self.router, self.experts, self.positions = cfg, router, experts, positions
         self.expert_anchors, self.class_anchors, self.log_scale = expert_anchors, class_anchors, log_scale
-        self.usable = torch.zeros(expert_anchors.shape[0], dtype=torch.bool)
+        self.usable = torch.zeros(expert_anchors.shape[0], dtype=torch.bool, device=expert_anchors.device)
         self.usable[positions] = True
 
     def __call__(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,16 +123,18 @@ class AnchorMoE:
 
 
 def build_moe(cfg: FedAMEConfig, a: dict[str, np.ndarray], prefix: str, class_anchors: torch.Tensor) -> AnchorMoE | None:
-    """The model part of a payload (prefix "" for the current model, "teacher." for the teacher)."""
+    """The model part of a payload (prefix "" for the current model, "teacher." for the
+    teacher), on the device of `class_anchors`."""
     held = a[f"{prefix}held"]
     if len(held) == 0:
         return None
-    d = class_anchors.shape[1]
+    d, dev = class_anchors.shape[1], class_anchors.device
     router = RouterHead(d)
     load_module_arrays(router, a, f"{prefix}router.")
-    experts = load_experts(a, held, prefix, d, cfg.expert_hidden)
-    log_scale = torch.nn.Parameter(t(a[f"{prefix}log_scale"]).clone())
-    return AnchorMoE(cfg, router, experts, a[f"{prefix}held_pos"].tolist(), t(a[f"{prefix}expert_anchors"]), class_anchors, log_scale)
+    experts = load_experts(a, held, prefix, d, cfg.expert_hidden, dev)
+    log_scale = torch.nn.Parameter(t(a[f"{prefix}log_scale"], dev).clone())
+    expert_anchors = t(a[f"{prefix}expert_anchors"], dev)
+    return AnchorMoE(cfg, router.to(dev), experts, a[f"{prefix}held_pos"].tolist(), expert_anchors, class_anchors, log_scale)
 
 
 # ------------------------------------------------------------------------------ client
@@ -140,33 +144,35 @@ class FedAMEClient(Client):
     config: FedAMEConfig
 
     def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
-        cfg, a, lam = self.config, payload.arrays, self.config.lambdas
-        A = t(a["class_anchors"])  # seen classes x d, in `seen` order
+        cfg, a, lam, dev = self.config, payload.arrays, self.config.lambdas, ctx.device
+        A = t(a["class_anchors"], dev)  # seen classes x d, in `seen` order
         pos = {int(c): i for i, c in enumerate(a["seen"])}
-        y = torch.tensor([pos[int(c)] for c in data.y], dtype=torch.long)
-        x = torch.from_numpy(np.asarray(data.x, dtype=np.float32))
-        owner_pos = t(a["owner_pos"])  # per seen class: its owner's column among all experts
+        y = torch.tensor([pos[int(c)] for c in np.asarray(data.y)], dtype=torch.long, device=dev)
+        x = as_tensor(data.x, dev, torch.float32)
+        owner_pos = t(a["owner_pos"], dev)  # per seen class: its owner's column among all experts
 
         proj = build_projector(cfg, self.env, A.shape[1])
         load_module_arrays(proj, a, "proj.")
+        proj.to(dev)
         frozen = bool(a["proj_frozen"])
         proj.requires_grad_(not frozen)
         moe = build_moe(cfg, a, "", A)
         params = [*([] if frozen else proj.parameters()), *moe.parameters()]
 
-        old_pos = t(a["old_pos"])
+        old_pos = t(a["old_pos"], dev)
         teacher = build_moe(cfg, a, "teacher.", A[old_pos]) if "teacher.held" in a and len(old_pos) else None
         teacher_proj = None
         if teacher is not None:
             teacher_proj = build_projector(cfg, self.env, A.shape[1])
             load_module_arrays(teacher_proj, a, "teacher.proj.")
-        prompt_pos = t(np.array([pos[int(c)] for c in a["prompt_classes"]], dtype=np.int64))
-        mu, var = t(a["prompt_mu"]), t(a["prompt_var"])
-        prompt_of = torch.full((len(pos),), -1, dtype=torch.long)
-        prompt_of[prompt_pos] = torch.arange(len(prompt_pos))
-        is_old = torch.zeros(len(pos), dtype=torch.bool)
+            teacher_proj.to(dev)
+        prompt_pos = t(np.array([pos[int(c)] for c in a["prompt_classes"]], dtype=np.int64), dev)
+        mu, var = t(a["prompt_mu"], dev), t(a["prompt_var"], dev)
+        prompt_of = torch.full((len(pos),), -1, dtype=torch.long, device=dev)
+        prompt_of[prompt_pos] = torch.arange(len(prompt_pos), device=dev)
+        is_old = torch.zeros(len(pos), dtype=torch.bool, device=dev)
         is_old[old_pos] = True
-        replayable = torch.nonzero(is_old[prompt_pos]).flatten() if cfg.replay else torch.zeros(0, dtype=torch.long)
+        replayable = torch.nonzero(is_old[prompt_pos]).flatten() if cfg.replay else torch.zeros(0, dtype=torch.long, device=dev)
         gen = torch_generator(ctx.seed)
         client_classes = max(1, int((torch.bincount(y, minlength=len(pos)) > 0).sum()))
         replay_weight = len(replayable) / client_classes if cfg.balanced_replay else cfg.replay_ratio
@@ -179,7 +185,7 @@ class FedAMEClient(Client):
             n = float(len(yb))
             if len(replayable) and cfg.replay_ratio > 0:
                 m = max(1, int(round(cfg.replay_ratio * len(yb))))
-                pick = replayable[torch.randint(len(replayable), (m,), generator=gen)]
+                pick = replayable[torch.randint(len(replayable), (m,), generator=gen).to(dev)]
                 y_r = prompt_pos[pick]
                 logits_r, scores_r = moe(sample(mu, var, pick, gen))
                 # class-balanced: a replayed sample weighs what a real one of an average class does
@@ -208,14 +214,14 @@ class FedAMEClient(Client):
             counts, sums, sumsq = class_statistics(proj(x), y, len(pos))
         arrays = {} if frozen else module_arrays(proj, "proj.")
         arrays.update(module_arrays(moe.router, "router."))
-        arrays["log_scale"] = moe.log_scale.detach().numpy().copy()
+        arrays["log_scale"] = moe.log_scale.detach().cpu().numpy().copy()
         for e, ex in zip(a["held"], moe.experts):
             arrays.update(module_arrays(ex, f"expert.{int(e)}."))
         arrays.update({"stat_count": counts, "stat_sum": sums, "stat_sumsq": sumsq})
         samples_per_expert = {int(e): 0 for e in a["held"]}
         all_ids = a["all_experts"]
         for c_pos, n_c in enumerate(counts):
-            owner = int(all_ids[int(owner_pos[c_pos])])
+            owner = int(all_ids[int(a["owner_pos"][c_pos])])
             if n_c > 0 and owner in samples_per_expert:
                 samples_per_expert[owner] += int(n_c)
         return ClientUpdate(arrays=arrays, meta={"expert_samples": samples_per_expert}, num_samples=len(y), loss=loss)

@@ -63,14 +63,14 @@ def class_statistics(u: torch.Tensor, y_pos: torch.Tensor, n_classes: int) -> tu
     """Per-class count, sum and sum of squares of projected features (client side)."""
     u = u.detach().double()
     counts = torch.bincount(y_pos, minlength=n_classes).double()
-    sums = torch.zeros(n_classes, u.shape[1], dtype=torch.float64).index_add_(0, y_pos, u)
+    sums = torch.zeros(n_classes, u.shape[1], dtype=torch.float64, device=u.device).index_add_(0, y_pos, u)
     sumsq = torch.zeros_like(sums).index_add_(0, y_pos, u * u)
-    return counts.numpy(), sums.numpy(), sumsq.numpy()
+    return counts.cpu().numpy(), sums.cpu().numpy(), sumsq.cpu().numpy()
 
 
 def sample(mu: torch.Tensor, var: torch.Tensor, which: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Draws from the prompts `which` (indices into mu/var), projected back onto the sphere."""
-    eps = torch.randn(len(which), mu.shape[1], generator=gen)
+    eps = torch.randn(len(which), mu.shape[1], generator=gen).to(mu.device)  # CPU draws: same on every device
     return F.normalize(mu[which] + var[which].sqrt() * eps, dim=-1)
 
 

@@ -61,3 +61,12 @@ def test_malformed_config_file(tmp_path):
 )
 def test_unknown_key_or_wrong_type_names_the_key(tmp_path, override, key):
     fails(tmp_path, "--config", "smoke", "--set", override, match=key)
+
+
+def test_cuda_requested_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    fails(tmp_path, "--config", "smoke", "--set", "runtime.device=cuda", match="runtime.device=auto or cpu")
+    fails(tmp_path, "--config", "smoke", "--executor", "ray", "--set", "runtime.device=cuda", match="--gpus-per-client")

@@ -49,8 +49,8 @@ def test_fractional_gpus_place_four_clients_at_once(cluster, tmp_path):
 
     ex.start(FedAvg.ClientClass, spec.config.method_config("fedavg"), env, store.features("train"), ds.train_y)
     try:
-        pids = ray.get([a.pid.remote() for a in ex.actors], timeout=300)
-        assert len(set(pids)) == 4  # four live actor processes ...
+        assert len({d["pid"] for d in ex.devices}) == 4  # four live actor processes ...
+        assert all(len(d["gpu_ids"]) == 1 and d["device"] == "cpu" for d in ex.devices)  # logical GPUs: no CUDA here
         assert ray.available_resources().get("GPU", 0) == 0  # ... holding 4 x 0.5 of the 2 logical GPUs
     finally:
         ex.stop()
@@ -136,3 +136,58 @@ def test_central_actor_serves_each_client_its_own_arrays(cluster, tmp_path):
             np.testing.assert_array_equal(ray.get(ref), local.arrays[name])
         assert remote.nbytes == local.nbytes
     assert served[0].nbytes < served[2].nbytes  # client 0 holds fewer experts
+
+
+def test_cuda_requested_on_logical_gpus_fails_clearly(cluster, tmp_path):
+    """Actors granted a (logical) GPU that CUDA cannot see refuse runtime.device=cuda with
+    one clear error, and give their GPU fractions back."""
+    import time
+
+    from bench.runtime.base import DeviceUnavailable
+
+    spec, ds, store = smoke("fedavg", tmp_path, "runtime.device=cuda")
+    with pytest.raises(DeviceUnavailable, match="runtime.device=auto or cpu"):
+        run(spec, ds, store, RayExecutor(spec.config.runtime), tmp_path)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("GPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("GPU", 0) == 2
+
+
+def test_ctrl_c_under_ray_keeps_completed_runs_and_resumes(cluster, tmp_path):
+    """The CLI joins this test's cluster with --address and runs two runs at a time; a real
+    SIGINT after the first run is written stops it cleanly (exit 130, its actors gone), and
+    the same command then does only the runs that were missing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bench.results import read_table
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bench", "run", "--config", "smoke", "--methods", "fedncm,fedavg,fedprox,fedlwf",
+           "--executor", "ray", "--address", ray.get_runtime_context().gcs_address, "--concurrent-runs", "2",
+           "--set", "training.rounds=15", "--set", "runtime.cpus_per_client=0", "--set", "runtime.gpus_per_client=0.5",
+           "--set", "runtime.num_actors=1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list((out / "runs").glob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert "interrupted" in output
+    first = {r["method"] for r in read_table(out, "runs").to_pylist()}
+    assert 1 <= len(first) < 4, output
+    deadline = time.monotonic() + 30  # the interrupted driver's actors are gone: all GPU fractions free
+    while ray.available_resources().get("GPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("GPU", 0) == 2
+
+    rerun = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout
+    assert f"{4 - len(first)} runs completed now" in " ".join(rerun.stdout.split()), rerun.stdout
+    runs = read_table(out, "runs").to_pylist()
+    assert sorted(r["method"] for r in runs) == ["fedavg", "fedlwf", "fedncm", "fedprox"]
+    assert all(r["status"] == "completed" for r in runs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import numpy as np
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TrainContext
 from bench.config import RuntimeConfig
+from bench.errors import UserError
 
 
 @dataclass
@@ -55,9 +57,57 @@ class Executor(ABC):
         """Called by the runner after each round (the Ray executor exports metrics here)."""
 
 
-def timed_local_train(client: Client, payload: Message, data: ClientData, ctx: TrainContext) -> ClientResult:
+class DeviceUnavailable(UserError):
+    pass
+
+
+def pick_device(requested: str, has_gpu: bool) -> str:
+    """The device a worker's clients train on: `runtime.device`, resolved against whether
+    this worker has a CUDA GPU (a Ray actor has one only when it was granted a fraction)."""
+    if requested == "cpu" or (requested == "auto" and not has_gpu):
+        return "cpu"
+    if not has_gpu:
+        raise DeviceUnavailable(
+            "runtime.device=cuda but a client worker sees no CUDA GPU (torch.cuda.is_available() is False, "
+            "or the Ray actor holds no GPU); set runtime.device=auto or cpu"
+        )
+    return "cuda"
+
+
+def preflight_device(cfg: RuntimeConfig) -> None:
+    """Before any run: `runtime.device=cuda` needs CUDA here (local executor) or GPU
+    fractions for the client actors (Ray; the actors check CUDA when they start)."""
+    if cfg.device != "cuda":
+        return
+    if cfg.executor == "ray":
+        if cfg.gpus_per_client == 0:
+            raise DeviceUnavailable("runtime.device=cuda with the Ray executor: give client actors a GPU with --gpus-per-client (e.g. 0.25)")
+        return
+    import torch
+
+    if cfg.executor == "local" or torch.cuda.device_count() <= 1:  # what `auto` picks
+        pick_device("cuda", torch.cuda.is_available())
+
+
+def client_data(client_id: int, x: np.ndarray, y: np.ndarray, device: str) -> ClientData:
+    """One client's data for a task. On a GPU its inputs are copied there once, when the task
+    starts, and stay for all its rounds; on the CPU they stay numpy (no copy)."""
+    x = np.asarray(x)
+    if device != "cpu":
+        import torch
+
+        x = torch.as_tensor(x).to(device)
+    return ClientData(client_id, x, np.asarray(y))
+
+
+def timed_local_train(client: Client, payload: Message, data: ClientData, ctx: TrainContext, device: str) -> ClientResult:
+    """local_train on `device`, timed (a GPU's queued work is waited for, so the time is real)."""
     t0 = time.perf_counter()
-    update = client.local_train(payload, data, ctx)
+    update = client.local_train(payload, data, dataclasses.replace(ctx, device=device))
+    if device != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
     return ClientResult(update, time.perf_counter() - t0)
 
 
@@ -66,16 +116,22 @@ class LocalExecutor(Executor):
 
     name = "local"
 
+    def __init__(self, cfg: RuntimeConfig | None = None) -> None:
+        import torch
+
+        self.device = pick_device(cfg.device if cfg else "auto", torch.cuda.is_available())
+
     def start(self, client_cls, config, env, train_x, train_y) -> None:
         self.client = client_cls(config, env)
         self.train_x, self.train_y = train_x, train_y
         self.data: dict[int, ClientData] = {}
 
     def set_task(self, task: int, indices: tuple[np.ndarray, ...]) -> None:
-        self.data = {k: ClientData(k, np.asarray(self.train_x[ix]), self.train_y[ix]) for k, ix in enumerate(indices)}
+        self.data = {}  # the last task's data leaves the device first
+        self.data = {k: client_data(k, self.train_x[ix], self.train_y[ix], self.device) for k, ix in enumerate(indices)}
 
     def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
-        return [timed_local_train(self.client, j.payload, self.data[j.client_id], j.ctx) for j in jobs]
+        return [timed_local_train(self.client, j.payload, self.data[j.client_id], j.ctx, self.device) for j in jobs]
 
 
 def make_executor(cfg: RuntimeConfig) -> Executor:
@@ -86,7 +142,7 @@ def make_executor(cfg: RuntimeConfig) -> Executor:
 
         kind = "ray" if torch.cuda.device_count() > 1 else "local"
     if kind == "local":
-        return LocalExecutor()
+        return LocalExecutor(cfg)
     from bench.runtime.ray_executor import RayExecutor
 
     return RayExecutor(cfg)

@@ -8,6 +8,11 @@
   reference to every client, not copied per client.
 * Each actor asks for `gpus_per_client` of a GPU and `cpus_per_client` CPUs (with
   `--gpus-per-client 0.25` four actors share a GPU) and sets torch's thread count to match.
+  An actor granted a GPU fraction trains its clients on that GPU (`runtime.device=auto`)
+  and keeps their data there for the whole task.
+* Client updates go from the client actor to the central actor through the object store;
+  the driver sees only a small header (sample count, loss, bytes) and the reference, so
+  an update is never pulled into the driver and sent out again.
 * A dead actor is replaced by a fresh one with the same constructor arguments and its
   clients' data; its in-flight client job is resubmitted, up to `max_retries` times, and
   each retry is counted in the rounds table. Results are identical because local_train is a pure function of
@@ -19,15 +24,16 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from bench.api import ClientData, Message, Server
+from bench.api import ClientData, ClientUpdate, Message, Server
 from bench.config import RuntimeConfig
 from bench.errors import UserError
-from bench.runtime.base import ClientJob, ClientResult, Executor, timed_local_train
+from bench.runtime.base import ClientJob, ClientResult, DeviceUnavailable, Executor, client_data, pick_device, timed_local_train
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +42,22 @@ class RayUnavailable(UserError):
     pass
 
 
+_INIT_LOCK = threading.Lock()
+
+
 def ensure_ray(cfg: RuntimeConfig):
-    """Connect to `--address`, or start a local cluster sized to this machine (once)."""
+    """Connect to `--address`, or start a local cluster sized to this machine (once per
+    process, also when a sweep's concurrent runs all ask at the same moment)."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    if ray.is_initialized():
-        return ray
+    with _INIT_LOCK:
+        if ray.is_initialized():
+            return ray
+        return _init_ray(ray, cfg)
+
+
+def _init_ray(ray, cfg: RuntimeConfig):
     try:
         ctx = ray.init(address=cfg.address, ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
     except ConnectionError as e:
@@ -92,10 +107,13 @@ def _metrics() -> dict[str, Any]:
 class ClientActor:
     """Hosts the virtual clients assigned to it; built once per run."""
 
-    def __init__(self, client_cls, config, env, train_x: np.ndarray, train_y: np.ndarray, threads: int) -> None:
+    def __init__(self, client_cls, config, env, train_x: np.ndarray, train_y: np.ndarray, threads: int, device: str) -> None:
+        import ray
         import torch
 
         torch.set_num_threads(max(1, threads))
+        # Ray sets CUDA_VISIBLE_DEVICES to the granted GPU, so "cuda" is that one
+        self.device = pick_device(device, bool(ray.get_gpu_ids()) and torch.cuda.is_available())
         self.client = client_cls(config, env)
         self.train_x, self.train_y = train_x, train_y  # zero-copy views into the object store
         self.data: dict[int, ClientData] = {}
@@ -103,21 +121,26 @@ class ClientActor:
 
     def set_task(self, task: int, indices: dict[int, np.ndarray]) -> int:
         self.task = task
-        self.data = {k: ClientData(k, np.asarray(self.train_x[ix]), self.train_y[ix]) for k, ix in indices.items()}
+        self.data = {}  # the last task's data leaves the device first
+        self.data = {k: client_data(k, self.train_x[ix], self.train_y[ix], self.device) for k, ix in indices.items()}
         return os.getpid()
 
-    def train(self, job: ClientJob, array_refs: dict[str, Any]) -> ClientResult:
+    def describe(self) -> dict[str, Any]:
+        import ray
+
+        return {"pid": os.getpid(), "device": self.device, "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def train(self, job: ClientJob, array_refs: dict[str, Any]) -> tuple[ClientResult, ClientUpdate]:
+        """Called with num_returns=2: a header for the driver and the update for the central actor."""
         import ray
 
         names = list(array_refs)
         values = ray.get([array_refs[n] for n in names]) if names else []
         # private copies: the object store's arrays are read-only and training reads them as tensors
         payload = Message({n: np.array(v) for n, v in zip(names, values)}, job.payload.meta)
-        job = ClientJob(job.client_id, payload, job.ctx)
-        return timed_local_train(self.client, job.payload, self.data[job.client_id], job.ctx)
-
-    def pid(self) -> int:
-        return os.getpid()
+        res = timed_local_train(self.client, payload, self.data[job.client_id], job.ctx, self.device)
+        u = res.update
+        return ClientResult(RemoteUpdate(None, u.nbytes, u.num_samples, u.loss), res.seconds), u
 
 
 @dataclass
@@ -127,6 +150,17 @@ class RemotePayload:
     refs: dict[str, Any]
     meta: dict[str, Any]
     nbytes: int
+
+
+@dataclass
+class RemoteUpdate:
+    """What the driver holds of a client update: its reference and the numbers the rounds
+    table needs. The arrays stay in the object store until the central actor reads them."""
+
+    ref: Any
+    nbytes: int
+    num_samples: int
+    loss: float
 
 
 class ServerHost:
@@ -143,6 +177,11 @@ class ServerHost:
     def payloads(self, client_ids: list[int]) -> list[RemotePayload]:
         msgs = [self.server.payload_for(k) for k in client_ids]
         return [RemotePayload(refs, m.meta, m.nbytes) for m, refs in zip(msgs, put_once(msgs))]
+
+    def aggregate(self, update_refs: list[Any]) -> None:
+        import ray
+
+        self.server.aggregate(ray.get(update_refs))  # straight from the client actors' outputs
 
 
 class RemoteServer(Server):
@@ -172,8 +211,8 @@ class RemoteServer(Server):
             self._round = dict(zip(ids, self.ray.get(self.actor.payloads.remote(ids))))
         return self._round[client_id]
 
-    def aggregate(self, updates) -> None:
-        self._call("aggregate", updates)
+    def aggregate(self, updates: list[RemoteUpdate]) -> None:
+        self.ray.get(self.actor.aggregate.remote([u.ref for u in updates]))
         self._round = {}
 
     def predict(self, x):
@@ -198,11 +237,6 @@ class RayExecutor(Executor):
     def __init__(self, cfg: RuntimeConfig) -> None:
         self.cfg = cfg
         self.ray = ensure_ray(cfg)
-        if cfg.gpus_per_client > 0:
-            log.warning(
-                "gpus_per_client=%g reserves GPU fractions for packing, but client training in this version "
-                "still computes on the CPU inside each actor", cfg.gpus_per_client,
-            )
         self.actors: list[Any] = []
         self.indices: dict[int, np.ndarray] = {}
         self.task = -1
@@ -218,6 +252,26 @@ class RayExecutor(Executor):
         # features and labels go into the object store once; every actor reads them zero-copy
         self._ctor = (client_cls, config, env, ray.put(np.asarray(train_x)), ray.put(np.asarray(train_y)))
         self.actors = [self._new_actor() for _ in range(self.n)]
+        self.devices = self._check_devices()
+
+    def _check_devices(self) -> list[dict[str, Any]]:
+        """Wait for the actors to come up; say where their clients train."""
+        from ray.exceptions import RayActorError
+
+        try:
+            info = self.ray.get([a.describe.remote() for a in self.actors])
+        except RayActorError as e:
+            if isinstance(e.__cause__, DeviceUnavailable) or "DeviceUnavailable" in str(e):
+                self.stop()
+                raise DeviceUnavailable(str(e.__cause__ or e).strip().splitlines()[-1]) from None
+            raise
+        devices = sorted({d["device"] for d in info})
+        if self.cfg.gpus_per_client > 0 and devices == ["cpu"]:
+            log.warning(
+                "client actors hold %g of a GPU each but see no CUDA device (logical GPUs only?); they train on the CPU",
+                self.cfg.gpus_per_client,
+            )
+        return info
 
     def _fitting_actors(self, wanted: int, clients: int) -> int:
         """As many actors as asked for, but no more than the cluster can hold at once (more
@@ -239,7 +293,7 @@ class RayExecutor(Executor):
         threads = max(1, math.floor(self.cfg.cpus_per_client)) if self.cfg.cpus_per_client else 1
         remote_cls = self.ray.remote(ClientActor)
         return remote_cls.options(num_cpus=self.cfg.cpus_per_client, num_gpus=self.cfg.gpus_per_client, max_restarts=0).remote(
-            *self._ctor, threads
+            *self._ctor, threads, self.cfg.device
         )
 
     def actor_of(self, client_id: int) -> int:
@@ -261,7 +315,7 @@ class RayExecutor(Executor):
 
     def _submit(self, job: ClientJob, refs: dict[str, Any]):
         light = ClientJob(job.client_id, Message({}, job.payload.meta), job.ctx)  # arrays travel as refs only
-        return self.actors[self.actor_of(job.client_id)].train.remote(light, refs)
+        return self.actors[self.actor_of(job.client_id)].train.options(num_returns=2).remote(light, refs)
 
     def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
         from ray.exceptions import RayActorError
@@ -272,8 +326,9 @@ class RayExecutor(Executor):
         for job, ref_map, fut in zip(jobs, refs, futures):
             retries = 0
             while True:
+                header_ref, update_ref = fut
                 try:
-                    res = self.ray.get(fut)
+                    res = self.ray.get(header_ref)
                     break
                 except RayActorError as e:
                     retries += 1
@@ -284,6 +339,7 @@ class RayExecutor(Executor):
                     self._restore(a)
                     fut = self._submit(job, ref_map)
             res.retries = retries
+            res.update.ref = update_ref
             results.append(res)
         return results
 

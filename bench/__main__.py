@@ -1,0 +1,5 @@
+"""`python -m bench` is the `fedame-bench` command."""
+
+from bench.cli import main
+
+main()
