@@ -4,7 +4,8 @@ where client compute dominates (FedAvg with a wide MLP head on synthetic feature
 Printed per executor: seconds per round, client updates per second, and the orchestration
 overhead per round as the issue defines it: wall time minus the client compute on the
 critical path (for each worker, the sum of its clients' compute this round; the slowest
-worker's sum). Each figure is the median over rounds 2..R. The overhead is split into the server's own work (payloads, aggregation,
+worker's sum). Each figure is computed per round, then its median over rounds 2..R is
+printed. The overhead is split into the server's own work (payloads, aggregation,
 stats, timed from the driver) and the rest (dispatch, transfers, waiting). Bytes moved are
 what the rounds table counts. Numbers are measured, never assumed; record them in
 docs/results.md.
@@ -13,6 +14,9 @@ docs/results.md.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -87,6 +91,39 @@ class Instrumented(Executor):
         self.inner.stop()
 
 
+class GpuSampler:
+    """Mean GPU utilisation (percent, all visible GPUs) while a measurement runs, sampled
+    with nvidia-smi every `period` seconds; None where there is no NVIDIA GPU."""
+
+    def __init__(self, period: float = 0.5) -> None:
+        self.period, self.samples = period, []
+        self.cmd = shutil.which("nvidia-smi")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            out = subprocess.run([self.cmd, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, check=False).stdout
+            values = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
+            if values:
+                self.samples.append(sum(values) / len(values))
+
+    def __enter__(self) -> GpuSampler:
+        if self.cmd:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self.cmd:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
 def workload(clients: int, rounds: int, hidden: int, per_class: int, extra: list[str]):
     return load_config(
         "smoke",
@@ -104,32 +141,37 @@ def measure(cfg, cache_dir) -> dict:
     store = FeatureStore(ds, cfg.backbone, cache_dir)
     ex = Instrumented(make_executor(cfg.runtime))
     t0 = time.perf_counter()
-    out = execute_run(RunSpec("fedavg", cfg), ds, store, ex, str(cache_dir))
+    with GpuSampler() as gpu:
+        out = execute_run(RunSpec("fedavg", cfg), ds, store, ex, str(cache_dir))
     total = time.perf_counter() - t0
     skip = 1  # the first round pays for warm-up (actor start, first touches)
     rows, timing = out.tables["rounds"][skip:], ex.rounds[skip:]
-    # medians over rounds: one round slowed by something else on the machine does not decide the figure
-    wall = np.median([r["wall_seconds"] for r in rows])
-    critical = np.median([t["critical"] for t in timing])
-    server = np.median([t["server"] for t in timing])
-    overhead = max(wall - critical, 0.0)
+    # per-round figures, then medians over rounds: one round slowed by something else on the
+    # machine does not decide the figure
+    wall = np.array([r["wall_seconds"] for r in rows])
+    critical = np.array([t["critical"] for t in timing])
+    server = np.array([t["server"] for t in timing])
+    overhead = np.maximum(wall - critical, 0.0)
     n_actors = cfg.runtime.num_actors or cfg.scenario.num_clients
     return {
         "executor": ex.name if ex.name == "local" else f"ray x{n_actors}",
-        "s_per_round": wall,
-        "updates_per_s": cfg.scenario.num_clients / wall,
-        "client_compute_s": np.median([r["client_seconds"] for r in rows]),
-        "critical_s": critical,
-        "overhead_ms": 1000 * overhead,
-        "server_ms": 1000 * server,
-        "dispatch_ms": 1000 * max(overhead - server, 0.0),
-        "overhead_pct": 100 * overhead / critical if critical else float("nan"),
+        "s_per_round": float(np.median(wall)),
+        "updates_per_s": float(np.median(cfg.scenario.num_clients / wall)),
+        "client_compute_s": float(np.median([r["client_seconds"] for r in rows])),
+        "critical_s": float(np.median(critical)),
+        "overhead_ms": float(1000 * np.median(overhead)),
+        "server_ms": float(1000 * np.median(server)),
+        "overhead_pct": float(100 * np.median(overhead / critical)),
         "bytes_per_round": np.median([r["bytes_up"] + r["bytes_down"] for r in rows]),
         "run_s": total,
+        "gpu_util_pct": gpu.mean,
     }
 
 
-def run_benchmark(actors: list[int], clients: int, rounds: int, hidden: int, per_class: int, gpus_per_client: float) -> list[dict]:
+def run_benchmark(actors: list[int], clients: int, rounds: int, hidden: int, per_class: int, gpus: float = 0.0) -> list[dict]:
+    """Local, then Ray with each actor count. With `gpus` > 0, n actors share that many GPUs
+    (each asks for gpus / n: 1, 2, 4, 8 actors on one GPU) and train on them; the local
+    executor then trains on the GPU too."""
     from bench.sweep import default_cache_dir
 
     base = workload(clients, rounds, hidden, per_class, [])
@@ -137,10 +179,10 @@ def run_benchmark(actors: list[int], clients: int, rounds: int, hidden: int, per
     results = [measure(base, cache)]
     cpus = os.cpu_count() or 1
     for n in actors:
-        cpus_per = 0 if gpus_per_client else max(cpus / n, 0.25)
+        cpus_per = 0 if gpus else max(cpus / n, 0.25)
         cfg = workload(clients, rounds, hidden, per_class, [
             "runtime.executor=ray", f"runtime.num_actors={n}", f"runtime.cpus_per_client={cpus_per}",
-            f"runtime.gpus_per_client={gpus_per_client}",
+            f"runtime.gpus_per_client={gpus / n}",
         ])
         results.append(measure(cfg, Path(cache)))
     return results

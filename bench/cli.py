@@ -251,19 +251,20 @@ def bench_runtime(
     rounds: Annotated[int, typer.Option("--rounds")] = 4,
     hidden: Annotated[int, typer.Option("--hidden", help="MLP head width (client compute)")] = 2048,
     per_class: Annotated[int, typer.Option("--per-class", help="synthetic training images per class")] = 800,
-    gpus_per_client: Annotated[float, typer.Option("--gpus-per-client")] = 0.0,
+    gpus: Annotated[float, typer.Option("--gpus", help="GPUs the actors share (each of n actors asks for gpus/n)")] = 0.0,
 ) -> None:
     """Benchmark the executors on a client-compute-bound workload and print the figures."""
     from bench.bench_runtime import run_benchmark
 
-    rows = run_benchmark([int(a) for a in actors.split(",") if a], clients, rounds, hidden, per_class, gpus_per_client)
+    rows = run_benchmark([int(a) for a in actors.split(",") if a], clients, rounds, hidden, per_class, gpus)
     table = Table("executor", "s/round", "updates/s", "client compute s (sum)", "critical path s", "overhead ms",
-                  "of which server ms", "overhead %", "MB/round",
+                  "of which server ms", "overhead %", "MB/round", "GPU util %",
                   title=f"{clients} clients, FedAvg MLP({hidden}) head, median of rounds 2-{rounds}")
     for r in rows:
         table.add_row(r["executor"], f"{r['s_per_round']:.3f}", f"{r['updates_per_s']:.2f}", f"{r['client_compute_s']:.3f}",
                       f"{r['critical_s']:.3f}", f"{r['overhead_ms']:.0f}", f"{r['server_ms']:.0f}",
-                      f"{r['overhead_pct']:.1f}", f"{r['bytes_per_round'] / 1e6:.2f}")
+                      f"{r['overhead_pct']:.1f}", f"{r['bytes_per_round'] / 1e6:.2f}",
+                      "n/a" if r["gpu_util_pct"] is None else f"{r['gpu_util_pct']:.0f}")
     console.print(table)
 
 

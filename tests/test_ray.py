@@ -191,3 +191,18 @@ def test_ctrl_c_under_ray_keeps_completed_runs_and_resumes(cluster, tmp_path):
     runs = read_table(out, "runs").to_pylist()
     assert sorted(r["method"] for r in runs) == ["fedavg", "fedlwf", "fedncm", "fedprox"]
     assert all(r["status"] == "completed" for r in runs)
+
+
+def test_runtime_benchmark_measures_both_executors(cluster):
+    """bench-runtime on a tiny workload: every figure is measured and consistent."""
+    from bench.bench_runtime import run_benchmark
+
+    rows = run_benchmark([2], clients=4, rounds=3, hidden=32, per_class=30)
+    assert [r["executor"] for r in rows] == ["local", "ray x2"]
+    for r in rows:
+        assert 0 < r["critical_s"] <= r["client_compute_s"] + 1e-9
+        # two measured rounds, so medians are means: wall = critical path + overhead
+        assert r["critical_s"] + r["overhead_ms"] / 1000 == pytest.approx(r["s_per_round"])
+        assert 0 <= r["server_ms"] <= r["overhead_ms"] + 1e-6
+        assert r["bytes_per_round"] > 0 and r["gpu_util_pct"] is None  # no NVIDIA GPU here
+    assert rows[0]["critical_s"] == rows[0]["client_compute_s"]  # local: one worker runs every client

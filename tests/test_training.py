@@ -1,0 +1,28 @@
+"""The shared training helpers: sample-weighted averaging of client updates."""
+
+import numpy as np
+import pytest
+
+from bench.api import ClientUpdate
+from bench.training import weighted_average
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (3, 5), (70_000,), (300, 257)])  # scalars to several blocks
+def test_weighted_average_is_the_sample_weighted_mean(shape):
+    rng = np.random.default_rng(0)
+    counts = [5, 1, 30, 12]
+    ups = [ClientUpdate(arrays={"w": rng.standard_normal(shape).astype(np.float32)}, num_samples=n) for n in counts]
+    got = weighted_average(ups)["w"]
+    want = np.average(np.stack([u.arrays["w"].astype(np.float64) for u in ups]), axis=0, weights=counts)
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_weighted_average_skips_updates_without_the_key_or_weight():
+    a = ClientUpdate(arrays={"x": np.array([1.0, 2.0]), "only_a": np.array([5.0])}, num_samples=1)
+    b = ClientUpdate(arrays={"x": np.array([3.0, 6.0])}, num_samples=3)
+    zero = ClientUpdate(arrays={"x": np.array([100.0, 100.0])}, num_samples=0)
+    out = weighted_average([a, b, zero])
+    np.testing.assert_allclose(out["x"], [2.5, 5.0])
+    np.testing.assert_allclose(out["only_a"], [5.0])
+    assert weighted_average([a, b], keys=["x"], weights=[1, 1])["x"].tolist() == [2.0, 4.0]
