@@ -125,7 +125,7 @@ def test_central_actor_serves_each_client_its_own_arrays(cluster, tmp_path):
 
     spec, ds, store = smoke("fedame", tmp_path)
     env = method_env(spec.config, ds, 512, str(tmp_path))
-    host = ServerHost(FedAME, spec.config.method_config("fedame"), env)
+    host = ServerHost(FedAME, spec.config.method_config("fedame"), env, {})
     host.call("setup")
     host.call("begin_task", TaskInfo(0, (0, 1, 2, 3), (0, 1, 2, 3), {0: (0,), 1: (1, 3), 2: (0, 1, 2, 3)}))
     served = host.payloads([0, 1, 2])
@@ -206,3 +206,23 @@ def test_runtime_benchmark_measures_both_executors(cluster):
         assert 0 <= r["server_ms"] <= r["overhead_ms"] + 1e-6
         assert r["bytes_per_round"] > 0 and r["gpu_util_pct"] is None  # no NVIDIA GPU here
     assert rows[0]["critical_s"] == rows[0]["client_compute_s"]  # local: one worker runs every client
+
+
+def test_llm_key_set_after_the_cluster_started_reaches_the_central_actor(cluster, tmp_path, monkeypatch):
+    """Workers do not inherit the driver's environment when it joins an existing cluster;
+    here the key is set after the cluster started, so only forwarding can deliver it."""
+    from bench.results import ResultWriter, read_table
+    from bench.sweep import expand, prepare, run_sweep
+
+    from .llm_server import FakeLLM
+
+    monkeypatch.setenv("FEDAME_RAY_TEST_LLM", "sk-local")  # named by the config, not by a prefix rule alone
+    with FakeLLM() as server:
+        server.answer = {"action": "new_expert", "expert": None, "reason": "each class alone"}
+        cfg = load_config("smoke", ["runtime.executor=ray", "runtime.cpus_per_client=0", "runtime.gpus_per_client=0.5",
+                                  "runtime.num_actors=2", f"methods.fedame.llm.base_url={server.base_url}",
+                                  "methods.fedame.llm.api_key_env=FEDAME_RAY_TEST_LLM", "methods.fedame.llm.max_retries=0"])
+        specs = expand(cfg, ["fedame"], [0.5], [0])
+        run_sweep(specs, prepare(cfg, specs, None), ResultWriter(tmp_path / "out"))
+        assert len(server.requests) == 6
+    assert {d["source"] for d in read_table(tmp_path / "out", "decisions").to_pylist()} == {"llm"}

@@ -10,6 +10,11 @@
   `--gpus-per-client 0.25` four actors share a GPU) and sets torch's thread count to match.
   An actor granted a GPU fraction trains its clients on that GPU (`runtime.device=auto`)
   and keeps their data there for the whole task.
+* The central actor runs on the driver's node (where the preflight checked the anchor files
+  and caches it reads), and every actor gets the driver's settings that matter to methods
+  (API keys, FEDAME_/HF_ variables): on an existing cluster (`--address`) workers do not
+  inherit the driver's environment. They travel as constructor arguments, not in a
+  runtime_env the dashboard would display.
 * Client updates go from the client actor to the central actor through the object store;
   the driver sees only a small header (sample count, loss, bytes) and the reference, so
   an update is never pulled into the driver and sent out again.
@@ -69,6 +74,28 @@ def _init_ray(ray, cfg: RuntimeConfig):
     return ray
 
 
+FORWARDED_PREFIXES = ("FEDAME_", "HF_", "TRANSFORMERS_", "DEEPSEEK_", "OPENAI_")
+
+
+def forwarded_environ(config: Any) -> dict[str, str]:
+    """The driver's environment variables a method may read on a worker: the prefixes above,
+    any *_API_KEY, and every variable the method's config names in a field ending in `_env`
+    (e.g. FedAME's `llm.api_key_env`)."""
+    named: set[str] = set()
+
+    def scan(obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if isinstance(v, str) and k.endswith("_env"):
+                    named.add(v)
+                scan(v)
+
+    scan(config.model_dump() if hasattr(config, "model_dump") else {})
+    return {
+        k: v for k, v in os.environ.items() if k in named or k.startswith(FORWARDED_PREFIXES) or k.endswith("_API_KEY")
+    }
+
+
 def put_once(messages: list[Message]) -> list[dict[str, Any]]:
     """Object-store references for each message's arrays; an array shared by several
     messages is put once. The caller keeps `messages` alive, so no id() can be reused."""
@@ -107,10 +134,13 @@ def _metrics() -> dict[str, Any]:
 class ClientActor:
     """Hosts the virtual clients assigned to it; built once per run."""
 
-    def __init__(self, client_cls, config, env, train_x: np.ndarray, train_y: np.ndarray, threads: int, device: str) -> None:
+    def __init__(
+        self, client_cls, config, env, train_x: np.ndarray, train_y: np.ndarray, threads: int, device: str, environ: dict[str, str]
+    ) -> None:
         import ray
         import torch
 
+        os.environ.update(environ)
         torch.set_num_threads(max(1, threads))
         # Ray sets CUDA_VISIBLE_DEVICES to the granted GPU, so "cuda" is that one
         self.device = pick_device(device, bool(ray.get_gpu_ids()) and torch.cuda.is_available())
@@ -168,7 +198,8 @@ class ServerHost:
     experts, prompts; for FedAvg-like methods one parameter group), serves each client only
     what it needs straight from the object store, and aggregates what comes back."""
 
-    def __init__(self, server_cls, config, env) -> None:
+    def __init__(self, server_cls, config, env, environ: dict[str, str]) -> None:
+        os.environ.update(environ)
         self.server = server_cls(config, env)
 
     def call(self, hook: str, *args):
@@ -192,7 +223,12 @@ class RemoteServer(Server):
 
     def __init__(self, ray, server_cls, config, env) -> None:
         self.ray = ray
-        self.actor = ray.remote(ServerHost).options(num_cpus=0).remote(server_cls, config, env)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.actor = ray.remote(ServerHost).options(num_cpus=0, scheduling_strategy=here).remote(
+            server_cls, config, env, forwarded_environ(config)
+        )
         self._round: dict[int, RemotePayload] = {}
 
     def _call(self, hook: str, *args):
@@ -251,6 +287,7 @@ class RayExecutor(Executor):
         self.n = self._fitting_actors(self.cfg.num_actors or env.num_clients, env.num_clients)
         # features and labels go into the object store once; every actor reads them zero-copy
         self._ctor = (client_cls, config, env, ray.put(np.asarray(train_x)), ray.put(np.asarray(train_y)))
+        self._environ = forwarded_environ(config)
         self.actors = [self._new_actor() for _ in range(self.n)]
         self.devices = self._check_devices()
 
@@ -293,7 +330,7 @@ class RayExecutor(Executor):
         threads = max(1, math.floor(self.cfg.cpus_per_client)) if self.cfg.cpus_per_client else 1
         remote_cls = self.ray.remote(ClientActor)
         return remote_cls.options(num_cpus=self.cfg.cpus_per_client, num_gpus=self.cfg.gpus_per_client, max_restarts=0).remote(
-            *self._ctor, threads, self.cfg.device
+            *self._ctor, threads, self.cfg.device, self._environ
         )
 
     def actor_of(self, client_id: int) -> int:
