@@ -217,6 +217,7 @@ def test_llm_key_set_after_the_cluster_started_reaches_the_central_actor(cluster
     from .llm_server import FakeLLM
 
     monkeypatch.setenv("FEDAME_RAY_TEST_LLM", "sk-local")  # named by the config, not by a prefix rule alone
+    monkeypatch.setenv("FEDAME_CACHE_DIR", str(tmp_path / "cache"))  # no decisions cached by earlier tests
     with FakeLLM() as server:
         server.answer = {"action": "new_expert", "expert": None, "reason": "each class alone"}
         cfg = load_config("smoke", ["runtime.executor=ray", "runtime.cpus_per_client=0", "runtime.gpus_per_client=0.5",
