@@ -38,6 +38,16 @@ def matrix(out):
     return [(r["after_task"], r["eval_task"], r["accuracy"]) for r in out.tables["accuracy"]]
 
 
+def all_gpus_free(timeout: float = 30.0) -> bool:
+    """Whether the cluster's 2 logical GPUs are all free again (released asynchronously)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("GPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return ray.available_resources().get("GPU", 0) == 2
+
+
 def test_fractional_gpus_place_four_clients_at_once(cluster, tmp_path):
     spec, ds, store = smoke("fedavg", tmp_path, "scenario.num_clients=4", "runtime.num_actors=4")
     ex = RayExecutor(spec.config.runtime)
@@ -141,17 +151,13 @@ def test_central_actor_serves_each_client_its_own_arrays(cluster, tmp_path):
 def test_cuda_requested_on_logical_gpus_fails_clearly(cluster, tmp_path):
     """Actors granted a (logical) GPU that CUDA cannot see refuse runtime.device=cuda with
     one clear error, and give their GPU fractions back."""
-    import time
 
     from bench.runtime.base import DeviceUnavailable
 
     spec, ds, store = smoke("fedavg", tmp_path, "runtime.device=cuda")
     with pytest.raises(DeviceUnavailable, match="runtime.device=auto or cpu"):
         run(spec, ds, store, RayExecutor(spec.config.runtime), tmp_path)
-    deadline = time.monotonic() + 30
-    while ray.available_resources().get("GPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ray.available_resources().get("GPU", 0) == 2
+    assert all_gpus_free()
 
 
 def test_ctrl_c_under_ray_keeps_completed_runs_and_resumes(cluster, tmp_path):
@@ -180,10 +186,7 @@ def test_ctrl_c_under_ray_keeps_completed_runs_and_resumes(cluster, tmp_path):
     assert "interrupted" in output
     first = {r["method"] for r in read_table(out, "runs").to_pylist()}
     assert 1 <= len(first) < 4, output
-    deadline = time.monotonic() + 30  # the interrupted driver's actors are gone: all GPU fractions free
-    while ray.available_resources().get("GPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ray.available_resources().get("GPU", 0) == 2
+    assert all_gpus_free()  # the interrupted driver's actors are gone
 
     rerun = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout
@@ -227,3 +230,18 @@ def test_llm_key_set_after_the_cluster_started_reaches_the_central_actor(cluster
         run_sweep(specs, prepare(cfg, specs, None), ResultWriter(tmp_path / "out"))
         assert len(server.requests) == 6
     assert {d["source"] for d in read_table(tmp_path / "out", "decisions").to_pylist()} == {"llm"}
+
+
+def test_concurrent_runs_that_each_fill_the_cluster_take_turns(cluster, tmp_path):
+    """Two runs of four 0.5-GPU actors on 2 logical GPUs: each needs the whole cluster, so
+    one must wait for the other whole (reserved all at once), never half-placed."""
+    from bench.results import ResultWriter, read_table
+    from bench.sweep import expand, prepare, run_sweep
+
+    cfg = load_config("smoke", ["runtime.executor=ray", "runtime.cpus_per_client=0", "runtime.gpus_per_client=0.5",
+                              "scenario.num_clients=4", "runtime.num_actors=4", "runtime.max_concurrent_runs=2"])
+    specs = expand(cfg, ["fedavg", "fedprox"], [0.5], [0])
+    done = run_sweep(specs, prepare(cfg, specs, None), ResultWriter(tmp_path / "out"))
+    assert len(done) == 2
+    assert {r["status"] for r in read_table(tmp_path / "out", "runs").to_pylist()} == {"completed"}
+    assert all_gpus_free()  # reservations released

@@ -288,8 +288,21 @@ class RayExecutor(Executor):
         # features and labels go into the object store once; every actor reads them zero-copy
         self._ctor = (client_cls, config, env, ray.put(np.asarray(train_x)), ray.put(np.asarray(train_y)))
         self._environ = forwarded_environ(config)
-        self.actors = [self._new_actor() for _ in range(self.n)]
+        self._reserve()
+        self.actors = [self._new_actor(a) for a in range(self.n)]
         self.devices = self._check_devices()
+
+    def _reserve(self) -> None:
+        """Reserve all of this run's actors at once (a placement group, one bundle per actor).
+        Runs of a sweep that share the cluster then wait for each other whole; placed actor
+        by actor, two runs could each hold half the GPUs and wait for the other forever."""
+        bundle = {k: v for k, v in (("CPU", self.cfg.cpus_per_client), ("GPU", self.cfg.gpus_per_client)) if v > 0}
+        self.pg = None
+        if bundle:  # actors that ask for nothing can always be placed
+            from ray.util.placement_group import placement_group
+
+            self.pg = placement_group([bundle] * self.n, strategy="PACK")
+            self.ray.get(self.pg.ready())
 
     def _check_devices(self) -> list[dict[str, Any]]:
         """Wait for the actors to come up; say where their clients train."""
@@ -326,11 +339,16 @@ class RayExecutor(Executor):
                 n = min(n, fit)
         return n
 
-    def _new_actor(self):
+    def _new_actor(self, a: int):
+        """Actor `a`, in bundle `a` of the run's reservation."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         threads = max(1, math.floor(self.cfg.cpus_per_client)) if self.cfg.cpus_per_client else 1
-        remote_cls = self.ray.remote(ClientActor)
-        return remote_cls.options(num_cpus=self.cfg.cpus_per_client, num_gpus=self.cfg.gpus_per_client, max_restarts=0).remote(
-            *self._ctor, threads, self.cfg.device, self._environ
+        where = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=a) if self.pg else None
+        return (
+            self.ray.remote(ClientActor)
+            .options(num_cpus=self.cfg.cpus_per_client, num_gpus=self.cfg.gpus_per_client, max_restarts=0, scheduling_strategy=where)
+            .remote(*self._ctor, threads, self.cfg.device, self._environ)
         )
 
     def actor_of(self, client_id: int) -> int:
@@ -387,7 +405,7 @@ class RayExecutor(Executor):
             self.ray.kill(self.actors[a], no_restart=True)
         except Exception:  # already gone
             pass
-        self.actors[a] = self._new_actor()
+        self.actors[a] = self._new_actor(a)
         self.ray.get(self.actors[a].set_task.remote(self.task, self._clients_of(a)), timeout=600)
 
     def round_done(self, method: str, row: dict) -> None:
@@ -406,6 +424,11 @@ class RayExecutor(Executor):
         for actor in self.actors:
             self.ray.kill(actor)
         self.actors = []
+        if getattr(self, "pg", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.pg)
+            self.pg = None
         if getattr(self, "server", None) is not None:
             self.server.stop()
             self.server = None
