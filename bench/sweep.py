@@ -21,7 +21,7 @@ from bench.features import FeatureStore
 from bench.results import ResultWriter
 from bench.runner import RunSpec, execute_run, run_row
 from bench.runtime import make_executor
-from bench.runtime.base import preflight_device
+from bench.runtime.base import executor_kind, preflight_device
 from bench.scenario import build_scenario
 
 
@@ -161,7 +161,7 @@ def run_sweep(
         return out.summary
 
     rt = todo[0].config.runtime if todo else None
-    if rt is not None and rt.executor == "ray" and (rt.max_concurrent_runs or 1) > 1:
+    if rt is not None and executor_kind(rt) == "ray" and (rt.max_concurrent_runs or 1) > 1:
         results = _concurrently(one, todo, rt.max_concurrent_runs, stop)
     else:
         results = [one(spec) for spec in todo]

@@ -20,13 +20,12 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
-    lr = s.lr
     params = [p for p in params if p.requires_grad]
     if s.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay, foreach=True)
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, foreach=True)
     if s.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=s.weight_decay, foreach=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay, foreach=True)
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay, foreach=True)
+    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, foreach=True)
 
 
 def as_tensor(a: np.ndarray | torch.Tensor, device: str | torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

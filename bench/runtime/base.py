@@ -79,14 +79,13 @@ def preflight_device(cfg: RuntimeConfig) -> None:
     fractions for the client actors (Ray; the actors check CUDA when they start)."""
     if cfg.device != "cuda":
         return
-    if cfg.executor == "ray":
+    if executor_kind(cfg) == "ray":
         if cfg.gpus_per_client == 0:
             raise DeviceUnavailable("runtime.device=cuda with the Ray executor: give client actors a GPU with --gpus-per-client (e.g. 0.25)")
         return
     import torch
 
-    if cfg.executor == "local" or torch.cuda.device_count() <= 1:  # what `auto` picks
-        pick_device("cuda", torch.cuda.is_available())
+    pick_device("cuda", torch.cuda.is_available())
 
 
 def client_data(client_id: int, x: np.ndarray, y: np.ndarray, device: str) -> ClientData:
@@ -134,14 +133,17 @@ class LocalExecutor(Executor):
         return [timed_local_train(self.client, j.payload, self.data[j.client_id], j.ctx, self.device) for j in jobs]
 
 
-def make_executor(cfg: RuntimeConfig) -> Executor:
-    """`local`, `ray`, or `auto` (ray when more than one accelerator is visible)."""
-    kind = cfg.executor
-    if kind == "auto":
-        import torch
+def executor_kind(cfg: RuntimeConfig) -> str:
+    """`local` or `ray`; `auto` is ray when more than one accelerator is visible."""
+    if cfg.executor != "auto":
+        return cfg.executor
+    import torch
 
-        kind = "ray" if torch.cuda.device_count() > 1 else "local"
-    if kind == "local":
+    return "ray" if torch.cuda.device_count() > 1 else "local"
+
+
+def make_executor(cfg: RuntimeConfig) -> Executor:
+    if executor_kind(cfg) == "local":
         return LocalExecutor(cfg)
     from bench.runtime.ray_executor import RayExecutor
 

@@ -147,13 +147,10 @@ class ClientActor:
         self.client = client_cls(config, env)
         self.train_x, self.train_y = train_x, train_y  # zero-copy views into the object store
         self.data: dict[int, ClientData] = {}
-        self.task = -1
 
-    def set_task(self, task: int, indices: dict[int, np.ndarray]) -> int:
-        self.task = task
+    def set_task(self, indices: dict[int, np.ndarray]) -> None:
         self.data = {}  # the last task's data leaves the device first
         self.data = {k: client_data(k, self.train_x[ix], self.train_y[ix], self.device) for k, ix in indices.items()}
-        return os.getpid()
 
     def describe(self) -> dict[str, Any]:
         import ray
@@ -229,6 +226,7 @@ class RemoteServer(Server):
         self.actor = ray.remote(ServerHost).options(num_cpus=0, scheduling_strategy=here).remote(
             server_cls, config, env, forwarded_environ(config)
         )
+        self.n_clients = env.num_clients
         self._round: dict[int, RemotePayload] = {}
 
     def _call(self, hook: str, *args):
@@ -275,11 +273,9 @@ class RayExecutor(Executor):
         self.ray = ensure_ray(cfg)
         self.actors: list[Any] = []
         self.indices: dict[int, np.ndarray] = {}
-        self.task = -1
 
     def make_server(self, server_cls, config, env) -> Server:
         self.server = RemoteServer(self.ray, server_cls, config, env)
-        self.server.n_clients = env.num_clients
         return self.server
 
     def start(self, client_cls, config, env, train_x, train_y) -> None:
@@ -358,9 +354,8 @@ class RayExecutor(Executor):
         return {k: ix for k, ix in self.indices.items() if self.actor_of(k) == a}
 
     def set_task(self, task: int, indices: tuple[np.ndarray, ...]) -> None:
-        self.task = task
         self.indices = dict(enumerate(indices))
-        self.ray.get([actor.set_task.remote(task, self._clients_of(a)) for a, actor in enumerate(self.actors)])
+        self.ray.get([actor.set_task.remote(self._clients_of(a)) for a, actor in enumerate(self.actors)])
 
     def _put_arrays(self, jobs: list[ClientJob]) -> list[dict[str, Any]]:
         """Each job's name -> reference; payloads served by the central actor are stored already."""
@@ -406,7 +401,7 @@ class RayExecutor(Executor):
         except Exception:  # already gone
             pass
         self.actors[a] = self._new_actor(a)
-        self.ray.get(self.actors[a].set_task.remote(self.task, self._clients_of(a)), timeout=600)
+        self.ray.get(self.actors[a].set_task.remote(self._clients_of(a)), timeout=600)
 
     def round_done(self, method: str, row: dict) -> None:
         """Export progress to the Ray dashboard's metrics (ray.util.metrics)."""
