@@ -179,6 +179,11 @@ class Server(ABC):
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted global labels (restricted to seen classes) for a batch of inputs."""
 
+    def rounds_for_task(self, configured: int, full_participation: bool) -> int:
+        """Rounds this method needs per task: `training.rounds` unless it knows better (a
+        method that only reports exact statistics needs one round when every client takes part)."""
+        return configured
+
     def end_task(self) -> None:
         """Called after the last round of a task (e.g. to snapshot a teacher)."""
 

@@ -138,7 +138,8 @@ def execute_run(
                 TaskInfo(t, scenario.tasks[t], scenario.seen_classes(t), scenario.client_classes(t, ds.train_y))
             )
             executor.set_task(t, scenario.client_indices[t])
-            for r in range(cfg.training.rounds):
+            n_rounds = server.rounds_for_task(cfg.training.rounds, cfg.training.client_fraction >= 1.0)
+            for r in range(n_rounds):
                 t0 = time.perf_counter()
                 clients = sample_clients(cfg, t, r)
                 jobs = [
@@ -146,7 +147,7 @@ def execute_run(
                 ]
                 results = executor.train(jobs)
                 server.aggregate([res.update for res in results])
-                last = r == cfg.training.rounds - 1
+                last = r == n_rounds - 1
                 every = cfg.eval.every
                 acc = None
                 if last or (every and (r + 1) % every == 0):

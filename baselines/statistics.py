@@ -1,0 +1,51 @@
+"""Methods that federate exactly through sufficient statistics (AFCL, FeCAM, the joint
+reference): each client reports statistics of its current-task data, the server keeps the
+latest report per client for the current task (so a repeated round changes nothing) and
+folds them into the running totals of earlier tasks when the next task starts.
+
+With every client taking part a task needs one round: `rounds_for_task` says so, and
+the bytes columns then count one upload per client per task, which is their real cost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.api import ClientUpdate, Message, Server, TaskInfo
+
+
+class StatisticsServer(Server):
+    """Keeps `totals` (sum over finished tasks and clients) and this task's reports."""
+
+    def setup(self) -> None:
+        self.totals: dict[str, np.ndarray] = {}
+        self.reports: dict[int, dict[str, np.ndarray]] = {}
+        self.seen = np.zeros(0, dtype=np.int64)
+
+    def rounds_for_task(self, configured: int, full_participation: bool) -> int:
+        return 1 if full_participation else configured
+
+    def begin_task(self, task: TaskInfo) -> None:
+        self.totals = self.current()
+        self.reports = {}
+        self.seen = np.asarray(task.seen_classes, dtype=np.int64)
+
+    def payload_for(self, client_id: int) -> Message:
+        return Message()  # nothing to download: clients only report statistics
+
+    def current(self) -> dict[str, np.ndarray]:
+        """Totals including this task's latest report of every client."""
+        out = {k: v.copy() for k, v in self.totals.items()}
+        for arrays in self.reports.values():
+            for k, v in arrays.items():
+                out[k] = out[k] + v if k in out else v.copy()
+        return out
+
+    def aggregate(self, updates: list[ClientUpdate]) -> None:
+        for u in updates:
+            self.reports[int(u.meta["client_id"])] = u.arrays
+        self.refit(self.current())
+
+    def refit(self, stats: dict[str, np.ndarray]) -> None:
+        """Rebuild the model from the summed statistics."""
+        raise NotImplementedError
