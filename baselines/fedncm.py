@@ -1,12 +1,19 @@
 """FedNCM: nearest-class-mean on frozen features, class sums and counts aggregated on the
 server. It cannot forget (old means never change), so it shows what the frozen backbone
-alone gives: the honest reference for every method trained on top of it."""
+alone gives: the honest reference for every method trained on top of it.
+
+It federates through sufficient statistics like AFCL and FeCAM (baselines.statistics): each
+client's latest sums of a task count once, so partial participation over several rounds
+still gives the means of every client that took part, and full participation needs one round.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, Server, TaskInfo, TrainContext, register
+from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, TrainContext, register
+
+from baselines.statistics import StatisticsServer
 
 
 class FedNCMConfig(MethodConfig):
@@ -26,11 +33,12 @@ class FedNCMClient(Client):
         sums = np.zeros((self.env.num_classes, x.shape[1]))
         np.add.at(sums, data.y, x)
         counts = np.bincount(data.y, minlength=self.env.num_classes).astype(np.float64)
-        return ClientUpdate(arrays={"sums": sums, "counts": counts}, num_samples=len(data.y), loss=0.0)
+        arrays = {"sums": sums, "counts": counts}
+        return ClientUpdate(arrays=arrays, meta={"client_id": data.client_id}, num_samples=len(data.y), loss=0.0)
 
 
 @register
-class FedNCM(Server):
+class FedNCM(StatisticsServer):
     name = "fedncm"
     summary = "FedNCM: nearest-class-mean on frozen features; class means aggregated from client sums/counts"
     Config = FedNCMConfig
@@ -38,22 +46,12 @@ class FedNCM(Server):
     config: FedNCMConfig
 
     def setup(self) -> None:
+        super().setup()
         self.means = np.zeros((self.env.num_classes, self.env.feature_dim))
-        self.seen = np.zeros(0, dtype=np.int64)
-        self.current: tuple[int, ...] = ()
 
-    def begin_task(self, task: TaskInfo) -> None:
-        self.seen = np.asarray(task.seen_classes, dtype=np.int64)
-        self.current = task.classes
-
-    def payload_for(self, client_id: int) -> Message:
-        return Message()  # nothing to download: the client only reports statistics
-
-    def aggregate(self, updates: list[ClientUpdate]) -> None:
-        sums = sum(u.arrays["sums"] for u in updates)
-        counts = sum(u.arrays["counts"] for u in updates)
-        have = counts > 0  # every round recomputes the same task statistics: idempotent
-        self.means[have] = sums[have] / counts[have, None]
+    def refit(self, stats: dict[str, np.ndarray]) -> None:
+        have = stats["counts"] > 0
+        self.means[have] = stats["sums"][have] / stats["counts"][have, None]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         q = _prep(x, self.config.normalize)

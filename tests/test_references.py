@@ -97,3 +97,13 @@ def test_references_do_not_depend_on_alpha_and_take_one_round_per_task(method, t
 def test_statistics_methods_keep_configured_rounds_under_partial_participation(tmp_path):
     out = _run("afcl", tmp_path, "training.client_fraction=0.5")
     assert len(out.tables["rounds"]) == 9
+
+
+def test_fedncm_under_partial_participation_uses_every_client_that_reported(tmp_path):
+    """Each round samples some clients; the means must come from all of them, not only the
+    last round's (the earlier FedNCM overwrote its means with the last round's sums)."""
+    full = _run("fedncm", tmp_path)
+    partial = _run("fedncm", tmp_path, "training.client_fraction=0.67", "training.rounds=12")
+    assert len(full.tables["rounds"]) == 3 and len(partial.tables["rounds"]) == 36
+    # 12 rounds of 2 of 3 clients: every client reports in every task, so the means are the full ones
+    assert [r["accuracy"] for r in partial.tables["accuracy"]] == [r["accuracy"] for r in full.tables["accuracy"]]
