@@ -36,7 +36,10 @@ def test_table_contents_are_consistent(smoke_out):
     assert {r["status"] for r in runs} == {"completed"}
     assert {(r["method"], r["alpha"]) for r in runs} == {("fedavg", 0.5), ("fedavg", 1.0), ("fedncm", 0.5), ("fedncm", 1.0)}
     rounds = read_table(smoke_out, "rounds").to_pylist()
-    assert len(rounds) == 4 * 3 * 3  # runs x tasks x rounds (smoke: 3 tasks, 3 rounds)
+    # runs x tasks x rounds (smoke: 3 tasks, 3 rounds); FedNCM only reports statistics, so
+    # with every client taking part it needs one round per task
+    assert sum(r["method"] == "fedavg" for r in rounds) == 2 * 3 * 3
+    assert sum(r["method"] == "fedncm" for r in rounds) == 2 * 3 * 1
     assert all(r["bytes_up"] > 0 and r["clients_used"] == 3 for r in rounds)
     fedavg_down = [r["bytes_down"] for r in rounds if r["method"] == "fedavg"]
     assert all(b > 0 for b in fedavg_down)
