@@ -20,13 +20,14 @@ class StatisticsServer(Server):
     def setup(self) -> None:
         self.totals: dict[str, np.ndarray] = {}
         self.reports: dict[int, dict[str, np.ndarray]] = {}
+        self.pooled: dict[str, np.ndarray] = {}  # totals plus this task's reports, as of the last round
         self.seen = np.zeros(0, dtype=np.int64)
 
     def rounds_for_task(self, configured: int, full_participation: bool) -> int:
         return 1 if full_participation else configured
 
     def begin_task(self, task: TaskInfo) -> None:
-        self.totals = self.current()
+        self.totals = self.pooled  # the last round already summed this task's reports in
         self.reports = {}
         self.seen = np.asarray(task.seen_classes, dtype=np.int64)
 
@@ -44,7 +45,8 @@ class StatisticsServer(Server):
     def aggregate(self, updates: list[ClientUpdate]) -> None:
         for u in updates:
             self.reports[int(u.meta["client_id"])] = u.arrays
-        self.refit(self.current())
+        self.pooled = self.current()
+        self.refit(self.pooled)
 
     def refit(self, stats: dict[str, np.ndarray]) -> None:
         """Rebuild the model from the summed statistics."""

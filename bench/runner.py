@@ -81,9 +81,13 @@ def method_env(cfg: ExperimentConfig, ds: Dataset, feature_dim: int, cache_dir: 
     )
 
 
+def clients_per_round(cfg: ExperimentConfig) -> int:
+    return min(cfg.scenario.num_clients, max(1, int(round(cfg.training.client_fraction * cfg.scenario.num_clients))))
+
+
 def sample_clients(cfg: ExperimentConfig, task: int, rnd: int) -> list[int]:
     n = cfg.scenario.num_clients
-    m = max(1, int(round(cfg.training.client_fraction * n)))
+    m = clients_per_round(cfg)
     if m >= n:
         return list(range(n))
     rng = np.random.default_rng(derive_seed(cfg.seed, "sample", task, rnd))
@@ -138,7 +142,7 @@ def execute_run(
                 TaskInfo(t, scenario.tasks[t], scenario.seen_classes(t), scenario.client_classes(t, ds.train_y))
             )
             executor.set_task(t, scenario.client_indices[t])
-            n_rounds = server.rounds_for_task(cfg.training.rounds, cfg.training.client_fraction >= 1.0)
+            n_rounds = server.rounds_for_task(cfg.training.rounds, clients_per_round(cfg) == cfg.scenario.num_clients)
             for r in range(n_rounds):
                 t0 = time.perf_counter()
                 clients = sample_clients(cfg, t, r)
