@@ -111,9 +111,12 @@ class Evaluator:
 
 
 def execute_run(
-    spec: RunSpec, ds: Dataset, store: FeatureStore, executor: Executor, cache_dir: str, on_round=None
+    spec: RunSpec, ds: Dataset, store: FeatureStore, executor: Executor, cache_dir: str, on_round=None, on_task_end=None
 ) -> RunOutput:
-    """Run one spec to the end and return its table rows (the caller writes them)."""
+    """Run one spec to the end and return its table rows (the caller writes them).
+
+    `on_round(row)` sees each rounds-table row; `on_task_end(server, task, scenario, train_x,
+    test_x)` sees the server after each task's last round (diagnostics, local executor)."""
     cfg = spec.config
     started = datetime.now(timezone.utc)
     t_start = time.perf_counter()
@@ -182,6 +185,8 @@ def execute_run(
                 if on_round is not None:
                     on_round(row)
             server.end_task()
+            if on_task_end is not None:
+                on_task_end(server, t, scenario, train_x, test_x)
         decided = server.decisions()  # before stop(): on Ray the server lives in an actor
     finally:
         executor.stop()

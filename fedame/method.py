@@ -26,6 +26,7 @@ from bench.config import Section
 from bench.training import as_tensor, batched_argmax, distillation, load_module_arrays, module_arrays, torch_generator, train_epochs, weighted_average
 
 from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, class_anchors, config_clusters, kmeans_clusters
+from fedame.feature_prompts import FeaturePromptBank, client_report, sample_features
 from fedame.experts import Expert, anchor_logits, contrastive_loss, mix
 from fedame.llm import Decision, DecisionMaker, LLMConfig, RuleConfig, ask_clusters
 from fedame.pool import ExpertPool
@@ -55,7 +56,23 @@ class FedAMEConfig(MethodConfig):
     init_scale: float = Field(16.0, gt=0)
     lambdas: LossWeights = LossWeights()
     replay: bool = True
-    replay_ratio: float = Field(0.5, ge=0)  # replayed samples per real sample in a batch
+    replay_ratio: float = Field(1.0, ge=0)  # replayed samples per real sample in a batch
+    # where replay draws from: "feature" keeps each class's prompt as a low-rank Gaussian of
+    # backbone features (frozen, so it never goes stale) and replays it through the current
+    # projector; "anchor" draws from the anchor-space prompts (valid only while the projector
+    # is frozen)
+    prompt_space: Literal["anchor", "feature"] = "feature"
+    prompt_rank: int = Field(16, ge=0)  # covariance rank of a feature-space prompt
+    # which classes the classification terms (CE, routing) learn from prompts: "old" replays
+    # earlier tasks' classes next to the real data of the current ones; "seen" learns every
+    # class that has a prompt from its prompt, so old and new classes are seen through the
+    # same kind of sample (real data still drive the contrastive, KL and distribution terms)
+    replay_classes: Literal["old", "seen"] = "seen"
+    # class logits = scale * (cos(expert output, class anchor) + w * cos(projected feature,
+    # class prototype)); the prototype is the prompt mean, anchor + residual bounded by the
+    # radius (in feature mode: the feature prompt's mean through the current projector). The
+    # second term does not depend on routing. 0: anchors only (the old behaviour)
+    prototype_weight: float = Field(1.0, ge=0)
     balanced_replay: bool = True  # weigh replay so old and new classes count alike
     prompt_radius: float = Field(0.5, gt=0)
     single_expert: bool = False  # ablation: one shared expert owns every class
@@ -65,7 +82,7 @@ class FedAMEConfig(MethodConfig):
     optimizer: Literal["sgd", "adam", "adamw"] | None = "adam"
     lr: float | None = Field(1e-3, gt=0)
     # freeze the projector after this task so prompts stay valid (-1: from the start; None: never)
-    freeze_projector_after: int | None = Field(0, ge=-1)
+    freeze_projector_after: int | None = Field(None, ge=-1)
     projector_init: Literal["default", "orthogonal"] = "default"
 
 
@@ -112,14 +129,31 @@ class AnchorMoE:
         self.usable = torch.zeros(expert_anchors.shape[0], dtype=torch.bool, device=expert_anchors.device)
         self.usable[positions] = True
 
-    def __call__(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class logits, router scores over all experts)."""
+    def __call__(self, u: torch.Tensor, protos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits, router scores over all experts); `protos`: class prototypes in the
+        order of the class anchors, scored against `u` with weight `prototype_weight`."""
         scores, top, gates = route(self.router(u), self.expert_anchors, self.cfg.route_temperature, self.cfg.top_k, self.usable)
         z = mix(self.experts, self.positions, u, top, gates)
-        return anchor_logits(z, self.class_anchors, self.log_scale), scores
+        logits = anchor_logits(z, self.class_anchors, self.log_scale)
+        if protos is not None and self.cfg.prototype_weight > 0:
+            logits = logits + self.cfg.prototype_weight * anchor_logits(u, protos, self.log_scale)
+        return logits, scores
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [*self.router.parameters(), *(p for e in self.experts for p in e.parameters()), self.log_scale]
+
+
+def prototypes(anchors: torch.Tensor, radius: float, proj: Projector | None, pos: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Per class (rows of `anchors`): anchor + residual clipped to `radius`, normalised; the
+    residual points to the prompt mean of the classes at `pos` (feature-space means go through
+    `proj`, so the prototype follows the projector), zero for the others."""
+    if len(pos) == 0:
+        return anchors
+    target = proj(means) if proj is not None else F.normalize(means, dim=-1)
+    residual = target - anchors[pos]
+    norm = residual.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    residual = residual * torch.clamp(radius / norm, max=1.0)
+    return anchors.index_put((pos,), F.normalize(anchors[pos] + residual, dim=-1))
 
 
 def build_moe(cfg: FedAMEConfig, a: dict[str, np.ndarray], prefix: str, class_anchors: torch.Tensor) -> AnchorMoE | None:
@@ -138,6 +172,25 @@ def build_moe(cfg: FedAMEConfig, a: dict[str, np.ndarray], prefix: str, class_an
 
 
 # ------------------------------------------------------------------------------ client
+
+
+class Replay:
+    """Draws replayed samples, already in the anchor space, with their class positions."""
+
+    def __init__(self, feature: bool, cls_pos: torch.Tensor, which: torch.Tensor, prompts: tuple[torch.Tensor, ...], n_classes: int) -> None:
+        self.feature, self.cls_pos, self.which, self.prompts = feature, cls_pos, which, prompts
+        self.n = len(which)
+        self.drawn = 0  # samples replayed so far (reported, so an ablation can be checked)
+        self.covers = torch.zeros(n_classes, dtype=torch.bool, device=cls_pos.device)
+        self.covers[cls_pos[which]] = True
+
+    def draw(self, m: int, gen: torch.Generator, proj: Projector) -> tuple[torch.Tensor, torch.Tensor]:
+        pick = self.which[torch.randint(self.n, (m,), generator=gen).to(self.which.device)]
+        self.drawn += m
+        if self.feature:
+            return self.cls_pos[pick], proj(sample_features(*self.prompts, pick, gen))
+        return self.cls_pos[pick], sample(*self.prompts, pick, gen)
+
 
 
 class FedAMEClient(Client):
@@ -172,33 +225,47 @@ class FedAMEClient(Client):
         prompt_of[prompt_pos] = torch.arange(len(prompt_pos), device=dev)
         is_old = torch.zeros(len(pos), dtype=torch.bool, device=dev)
         is_old[old_pos] = True
-        replayable = torch.nonzero(is_old[prompt_pos]).flatten() if cfg.replay else torch.zeros(0, dtype=torch.long, device=dev)
+        replay = self._replay_source(a, pos, is_old, dev)
         gen = torch_generator(ctx.seed)
-        client_classes = max(1, int((torch.bincount(y, minlength=len(pos)) > 0).sum()))
-        replay_weight = len(replayable) / client_classes if cfg.balanced_replay else cfg.replay_ratio
+        # classes whose real samples enter the classification terms
+        real_cls = ~replay.covers if cfg.replay_classes == "seen" else torch.ones(len(pos), dtype=torch.bool, device=dev)
+        client_classes = max(1, int(((torch.bincount(y, minlength=len(pos)) > 0) & real_cls).sum()))
+        replay_weight = replay.n / client_classes if cfg.balanced_replay else cfg.replay_ratio
+
+        feature = cfg.prompt_space == "feature"
+        proto_pos = t(np.array([pos[int(c)] for c in a["fp_classes" if feature else "prompt_classes"]], dtype=np.int64), dev)
+        proto_means = t(a["fp_mu"], dev) if feature else mu
+
+        def protos_of(p: Projector | None) -> torch.Tensor | None:
+            if cfg.prototype_weight == 0:
+                return None
+            return prototypes(A, cfg.prompt_radius, p if feature else None, proto_pos, proto_means)
 
         def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             u = proj(xb)
-            logits, scores = moe(u)
-            ce = F.cross_entropy(logits, yb, reduction="sum")
-            route_l = routing_loss(scores, owner_pos[yb], "sum")
-            n = float(len(yb))
-            if len(replayable) and cfg.replay_ratio > 0:
+            P = protos_of(proj)
+            logits, scores = moe(u, P)
+            keep = real_cls[yb].to(logits.dtype)
+            ce = (F.cross_entropy(logits, yb, reduction="none") * keep).sum()
+            route_l = (routing_loss(scores, owner_pos[yb], "none") * keep).sum()
+            n = float(keep.sum())
+            if replay.n and cfg.replay_ratio > 0:
                 m = max(1, int(round(cfg.replay_ratio * len(yb))))
-                pick = replayable[torch.randint(len(replayable), (m,), generator=gen).to(dev)]
-                y_r = prompt_pos[pick]
-                logits_r, scores_r = moe(sample(mu, var, pick, gen))
+                y_r, u_r = replay.draw(m, gen, proj)
+                logits_r, scores_r = moe(u_r, P)
                 # class-balanced: a replayed sample weighs what a real one of an average class does
                 w = replay_weight * len(yb) / m
                 ce = ce + w * F.cross_entropy(logits_r, y_r, reduction="sum")
                 route_l = route_l + w * routing_loss(scores_r, owner_pos[y_r], "sum")
                 n += w * m
+            n = max(n, 1.0)
             loss = ce / n + lam.route * route_l / n
             if lam.contrast > 0 and not frozen:
                 loss = loss + lam.contrast * contrastive_loss(u, A, yb, cfg.contrast_temperature)
             if teacher is not None and lam.forget > 0:
                 with torch.no_grad():
-                    t_logits = teacher(teacher_proj(xb))[0]
+                    t_p = protos_of(teacher_proj)
+                    t_logits = teacher(teacher_proj(xb), None if t_p is None else t_p[old_pos])[0]
                 loss = loss + lam.forget * distillation(logits[:, old_pos], t_logits, cfg.kd_temperature)
             if lam.dist > 0 and len(prompt_pos) and not frozen:
                 has = prompt_of[yb] >= 0
@@ -212,19 +279,35 @@ class FedAMEClient(Client):
 
         with torch.no_grad():
             counts, sums, sumsq = class_statistics(proj(x), y, len(pos))
+            if bool(a.get("want_feature_stats", False)):
+                report = client_report(x, y, len(pos), cfg.prompt_rank)
         arrays = {} if frozen else module_arrays(proj, "proj.")
         arrays.update(module_arrays(moe.router, "router."))
         arrays["log_scale"] = moe.log_scale.detach().cpu().numpy().copy()
         for e, ex in zip(a["held"], moe.experts):
             arrays.update(module_arrays(ex, f"expert.{int(e)}."))
         arrays.update({"stat_count": counts, "stat_sum": sums, "stat_sumsq": sumsq})
+        if bool(a.get("want_feature_stats", False)):
+            arrays.update(report)
         samples_per_expert = {int(e): 0 for e in a["held"]}
         all_ids = a["all_experts"]
         for c_pos, n_c in enumerate(counts):
             owner = int(all_ids[int(a["owner_pos"][c_pos])])
             if n_c > 0 and owner in samples_per_expert:
                 samples_per_expert[owner] += int(n_c)
-        return ClientUpdate(arrays=arrays, meta={"expert_samples": samples_per_expert}, num_samples=len(y), loss=loss)
+        meta = {"expert_samples": samples_per_expert, "client_id": data.client_id, "replayed": replay.drawn}
+        return ClientUpdate(arrays=arrays, meta=meta, num_samples=len(y), loss=loss)
+
+    def _replay_source(self, a: dict[str, np.ndarray], pos: dict[int, int], is_old: torch.Tensor, dev: str) -> Replay:
+        """The prompts this client replays (none with replay off)."""
+        cfg = self.config
+        feature = cfg.prompt_space == "feature"
+        classes = a["fp_classes"] if feature else a["prompt_classes"]
+        cls_pos = t(np.array([pos[int(c)] for c in classes], dtype=np.int64), dev)
+        chosen = torch.ones(len(cls_pos), dtype=torch.bool, device=dev) if cfg.replay_classes == "seen" else is_old[cls_pos]
+        which = torch.nonzero(chosen).flatten() if cfg.replay else torch.zeros(0, dtype=torch.long, device=dev)
+        prompts = (t(a["fp_mu"], dev), t(a["fp_L"], dev), t(a["fp_sd"], dev)) if feature else (t(a["prompt_mu"], dev), t(a["prompt_var"], dev))
+        return Replay(feature, cls_pos, which, prompts, len(pos))
 
 
 # ------------------------------------------------------------------------------ server
@@ -261,6 +344,8 @@ class FedAME(Server):
         self.router = RouterHead(self.anchors.shape[1])
         self.log_scale = np.array(np.log(cfg.init_scale), dtype=np.float32)
         self.prompts = PromptBank(self.anchors, cfg.prompt_radius)
+        self.feature_prompts = FeaturePromptBank(cfg.prompt_rank)
+        self.feature_reports: dict[int, dict[str, np.ndarray]] = {}  # this task's, per client
         self.seen: list[int] = []
         self.old: list[int] = []
         self.teacher: dict[str, np.ndarray] = {}
@@ -290,6 +375,7 @@ class FedAME(Server):
             self._place(c)
         self.seen = list(task.seen_classes)
         self.client_classes = task.client_classes
+        self.feature_reports = {}
         self._shared = None
 
     def _place(self, c: int) -> None:
@@ -338,6 +424,7 @@ class FedAME(Server):
                 "expert_anchors": self.pool.expert_anchors(alive),
                 "owner_pos": np.asarray([where[self.pool.owner[c]] for c in self.seen], dtype=np.int64),
                 **self.prompts.arrays(self.seen),
+                **(self.feature_prompts.arrays(self.seen, self.env.feature_dim) if self.config.prompt_space == "feature" else {}),
                 **self.teacher,
             }
         return self._shared
@@ -352,6 +439,8 @@ class FedAME(Server):
         arrays = dict(self._shared_arrays())
         where = {e: i for i, e in enumerate(self.pool.alive)}
         arrays["held"] = np.asarray(held, dtype=np.int64)
+        # features are frozen: one report per client per task describes its data for good
+        arrays["want_feature_stats"] = np.array(self.config.prompt_space == "feature" and client_id not in self.feature_reports)
         arrays["held_pos"] = np.asarray([where[e] for e in held], dtype=np.int64)
         for e in held:
             arrays.update({f"expert.{e}.{k}": v for k, v in self.pool.params[e].items()})
@@ -381,6 +470,13 @@ class FedAME(Server):
             self.pool.params[e] = {k.removeprefix(f"expert.{e}."): v for k, v in avg.items()}
         stats = [sum(u.arrays[k] for u in updates) for k in ("stat_count", "stat_sum", "stat_sumsq")]
         self.prompts.update(np.asarray(self.seen), *stats)
+        fresh = [u for u in updates if "fp_count" in u.arrays]
+        for u in fresh:
+            self.feature_reports[int(u.meta["client_id"])] = {k: v for k, v in u.arrays.items() if k.startswith("fp_")}
+        if fresh:  # only this task's classes: earlier tasks' prompts were final when their task ended
+            current = [i for i, c in enumerate(self.seen) if c not in self.old]
+            reports = [{k: v[current] for k, v in r.items()} for r in self.feature_reports.values()]
+            self.feature_prompts.update(np.asarray(self.seen)[current], reports)
         self._shared = None
 
     def end_task(self) -> None:
@@ -403,8 +499,21 @@ class FedAME(Server):
             self.config, self.router, load_experts(arrays, np.asarray(alive), "", d, self.config.expert_hidden),
             list(range(len(alive))), t(self.pool.expert_anchors(alive)), t(self.anchors[self.seen]), t(self.log_scale),
         )
-        idx = batched_argmax(lambda xb: moe(self.proj(xb))[0], x)
+        protos = self.class_prototypes()
+        idx = batched_argmax(lambda xb: moe(self.proj(xb), protos)[0], x)
         return np.asarray(self.seen)[idx]
+
+    @torch.no_grad()
+    def class_prototypes(self) -> torch.Tensor | None:
+        if self.config.prototype_weight == 0:
+            return None
+        feature = self.config.prompt_space == "feature"
+        arrays = self.feature_prompts.arrays(self.seen, self.env.feature_dim) if feature else self.prompts.arrays(self.seen)
+        pos = {c: i for i, c in enumerate(self.seen)}
+        classes = arrays["fp_classes" if feature else "prompt_classes"]
+        where = torch.tensor([pos[int(c)] for c in classes], dtype=torch.long)
+        means = t(arrays["fp_mu" if feature else "prompt_mu"])
+        return prototypes(t(self.anchors[self.seen]), self.config.prompt_radius, self.proj if feature else None, where, means)
 
     def stats(self) -> dict[str, float]:
         return {"experts_alive": len(self.pool.alive)}

@@ -1,0 +1,108 @@
+"""Distribution prompts kept in the frozen backbone's feature space.
+
+Why: the backbone is frozen, so a Gaussian of an old class's *backbone features* never goes
+stale, while a Gaussian of *projected* features does as soon as the projector moves. With
+prompts kept here the projector can keep learning: a replayed sample is drawn in feature
+space and passed through the current projector, so it lands where that class's real
+features would land today. The anchor-space prompt (anchor + residual bounded by the radius)
+is still kept by `prompts.PromptBank` from the projected statistics; it is what the
+distribution loss pulls real features towards.
+
+Each prompt is mean + low-rank covariance: Sigma ~= L L^T + s^2 I with L of rank `rank`.
+A diagonal covariance loses the correlations that separate classes in a 512-d feature space
+(measured in docs/fedame.md); a full one costs d^2 per class on the wire.
+
+Federation: for every class it holds, a client reports its count, feature sum, the top
+`rank` scaled singular vectors of its centred features and the energy they leave out. The
+server merges the reports exactly up to that truncation (between-client mean shifts
+included) and keeps one low-rank prompt per class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+def client_report(x: torch.Tensor, y_pos: torch.Tensor, n_classes: int, rank: int) -> dict[str, np.ndarray]:
+    """Per class: count, sum, `rank` x d factor F with F^T F ~= centred scatter, left-out energy."""
+    d = x.shape[1]
+    x = x.detach().double()
+    counts = torch.bincount(y_pos, minlength=n_classes).double()
+    sums = torch.zeros(n_classes, d, dtype=torch.float64, device=x.device).index_add_(0, y_pos, x)
+    factors = torch.zeros(n_classes, rank, d, dtype=torch.float64, device=x.device)
+    rest = torch.zeros(n_classes, dtype=torch.float64, device=x.device)
+    for c in torch.nonzero(counts > 1).flatten().tolist():
+        xc = x[y_pos == c]
+        centred = xc - xc.mean(0)
+        _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+        k = min(rank, len(s))
+        factors[c, :k] = s[:k, None] * vh[:k]
+        rest[c] = (s[k:] ** 2).sum()
+    return {
+        "fp_count": counts.cpu().numpy(),
+        "fp_sum": sums.cpu().numpy(),
+        "fp_factor": factors.float().cpu().numpy(),
+        "fp_rest": rest.cpu().numpy(),
+    }
+
+
+def merge_class(counts: np.ndarray, sums: np.ndarray, factors: np.ndarray, rest: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """One class from K client reports: (mean, d x rank factor L, isotropic variance s^2)."""
+    n = counts.sum()
+    mean = sums.sum(0) / n
+    local_means = sums / np.maximum(counts, 1)[:, None]
+    shifts = np.sqrt(counts)[:, None] * (local_means - mean)  # between-client part of the scatter
+    rows = np.concatenate([factors.reshape(-1, factors.shape[-1]).astype(np.float64), shifts])
+    _, s, vh = np.linalg.svd(rows, full_matrices=False)
+    k = min(rank, len(s))
+    total = float((rows**2).sum() + rest.sum())
+    dof = max(n - 1.0, 1.0)
+    d = sums.shape[1]
+    factor = np.zeros((d, rank))
+    factor[:, :k] = (vh[:k].T * s[:k]) / np.sqrt(dof)
+    iso = max(total - float((s[:k] ** 2).sum()), 0.0) / (dof * d)
+    return mean, factor, iso
+
+
+@dataclass
+class FeaturePromptBank:
+    rank: int
+    mean: dict[int, np.ndarray] = field(default_factory=dict)
+    factor: dict[int, np.ndarray] = field(default_factory=dict)
+    iso: dict[int, float] = field(default_factory=dict)
+    count: dict[int, float] = field(default_factory=dict)
+
+    def update(self, classes: np.ndarray, reports: list[dict[str, np.ndarray]]) -> None:
+        """Rebuild the prompts of `classes` (positions in the reports) from every client's report."""
+        stack = {k: np.stack([r[k] for r in reports]) for k in ("fp_count", "fp_sum", "fp_factor", "fp_rest")}
+        for i, c in enumerate(classes):
+            have = stack["fp_count"][:, i] > 0
+            if not have.any():
+                continue
+            mean, factor, iso = merge_class(
+                stack["fp_count"][have, i], stack["fp_sum"][have, i], stack["fp_factor"][have, i], stack["fp_rest"][have, i], self.rank
+            )
+            self.mean[int(c)], self.factor[int(c)], self.iso[int(c)] = mean, factor, iso
+            self.count[int(c)] = float(stack["fp_count"][have, i].sum())
+
+    def arrays(self, classes: list[int], dim: int) -> dict[str, np.ndarray]:
+        have = [c for c in classes if c in self.mean]
+        return {
+            "fp_classes": np.asarray(have, dtype=np.int64),
+            "fp_mu": np.stack([self.mean[c] for c in have]).astype(np.float32) if have else np.zeros((0, dim), np.float32),
+            "fp_L": np.stack([self.factor[c] for c in have]).astype(np.float32) if have else np.zeros((0, dim, self.rank), np.float32),
+            "fp_sd": np.sqrt(np.asarray([self.iso[c] for c in have], dtype=np.float32)),
+        }
+
+
+def sample_features(mu: torch.Tensor, L: torch.Tensor, sd: torch.Tensor, which: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Draws backbone features from the prompts `which` (indices into mu / L / sd).
+
+    The noise is drawn on the CPU generator, so every device draws the same samples."""
+    r, d = L.shape[2], mu.shape[1]
+    z = torch.randn(len(which), r, generator=gen).to(mu.device)
+    e = torch.randn(len(which), d, generator=gen).to(mu.device)
+    return mu[which] + torch.einsum("bdr,br->bd", L[which], z) + sd[which, None] * e

@@ -1,0 +1,133 @@
+"""FedAME learns: a small generated task with separable classes, driven through the real
+server and client (no backbone), two clients with disjoint class halves."""
+
+import numpy as np
+import pytest
+import torch
+
+from bench.api import MethodEnv, TaskInfo, TrainContext, TrainSettings, ClientData
+from fedame.anchors import AnchorConfig
+from fedame.method import FedAME, FedAMEConfig
+
+DIM, TASKS, PER_TASK = 16, 3, 2
+
+
+def _data(seed: int = 0, n: int = 60):
+    g = np.random.default_rng(seed)
+    centres = g.normal(size=(TASKS * PER_TASK, DIM)) * 3.0
+    def draw(m):
+        y = np.repeat(np.arange(len(centres)), m)
+        return (centres[y] + g.normal(size=(len(y), DIM))).astype(np.float32), y
+    return draw(n), draw(30)
+
+
+def run(**overrides):
+    """Trains 3 tasks x 2 classes; returns (per-task accuracy after the last task, server, updates)."""
+    torch.manual_seed(0)
+    names = tuple(f"c{i}" for i in range(TASKS * PER_TASK))
+    env = MethodEnv(feature_dim=DIM, num_classes=len(names), class_names=names, dataset="synthetic", run_seed=0,
+                    num_clients=2, train=TrainSettings(3, 16, "sgd", 0.05, 0.9, 0.0), superclasses=(0, 0, 1, 1, 2, 2))
+    cfg = FedAMEConfig(anchors=AnchorConfig(source="random", dim=16), expert_hidden=16, decisions="heuristic", **overrides)
+    server, client = FedAME(cfg, env), FedAME.ClientClass(cfg, env)
+    server.setup()
+    (xtr, ytr), (xte, yte) = _data()
+    updates = []
+    for task in range(TASKS):
+        classes = tuple(range(task * PER_TASK, (task + 1) * PER_TASK))
+        split = {0: classes[:1], 1: classes[1:]}  # each client holds one class of the task
+        server.begin_task(TaskInfo(task, classes, tuple(range((task + 1) * PER_TASK)), split))
+        for rnd in range(4):
+            round_updates = []
+            for k, mine in split.items():
+                m = np.isin(ytr, mine)
+                ctx = TrainContext(0, task, rnd, k, env.train)
+                round_updates.append(client.local_train(server.payload_for(k), ClientData(k, xtr[m], ytr[m]), ctx))
+            server.aggregate(round_updates)
+            updates += round_updates
+        server.end_task()
+    pred = server.predict(xte)
+    per_task = [float((pred == yte)[yte // PER_TASK == j].mean()) for j in range(TASKS)]
+    return per_task, server, updates
+
+
+@pytest.fixture(scope="module")
+def with_replay():
+    return run()
+
+
+def test_fedame_learns_every_task_and_replay_keeps_old_ones(with_replay):
+    acc, _, updates = with_replay
+    chance = 1 / (TASKS * PER_TASK)
+    assert min(acc) > 0.8, acc  # every task, including the first two, well above chance
+    assert sum(u.meta["replayed"] for u in updates) > 0
+    no_replay, _, updates_off = run(replay=False)
+    assert sum(u.meta["replayed"] for u in updates_off) == 0  # the switch draws no prompt sample
+    # without replay only the KL to the previous model and the prototype term protect old
+    # classes: the first task, two models back, loses much of what it had
+    assert acc[0] > no_replay[0] + 0.2, (acc, no_replay)
+    assert np.mean(acc[:-1]) > np.mean(no_replay[:-1]) and chance < 0.2
+
+
+def test_old_behaviour_is_reachable_and_shows_the_frozen_projector_limit(with_replay):
+    acc, server, _ = run(prompt_space="anchor", freeze_projector_after=0, replay_classes="old")
+    assert not server.feature_prompts.mean  # the old behaviour keeps no feature-space prompt
+    assert acc[0] > 0.4, acc  # learnt while the projector trained
+    # docs/fedame.md's diagnosis: new classes cannot be placed through the frozen projector
+    assert acc[-1] < with_replay[0][-1] - 0.3, (acc, with_replay[0])
+
+
+def test_feature_prompts_match_the_data_they_summarise(with_replay):
+    _, server, _ = with_replay
+    (xtr, ytr), _ = _data()
+    for c in range(TASKS * PER_TASK):
+        np.testing.assert_allclose(server.feature_prompts.mean[c], xtr[ytr == c].mean(0), rtol=1e-5, atol=1e-5)
+        assert server.feature_prompts.count[c] == (ytr == c).sum()
+
+
+def test_single_expert_keeps_one_and_download_all_sends_every_expert():
+    _, server, _ = run(single_expert=True)
+    assert len(server.pool.alive) == 1
+    _, server, _ = run()
+    assert len(server.pool.alive) == 3  # one per cluster
+    held = {k for k in server.payload_for(0).arrays if k.startswith("expert.")}
+    assert {int(k.split(".")[1]) for k in held} == {server.pool.owner[c] for c in server.client_classes[0]}
+    server.config = server.config.model_copy(update={"download_all_experts": True})
+    every = {int(k.split(".")[1]) for k in server.payload_for(0).arrays if k.startswith("expert.")}
+    assert every == set(server.pool.alive)
+
+
+def test_default_config_is_the_seed_setting():
+    from bench.config import load_config
+
+    cfg = load_config("default")
+    sc, tr = cfg.scenario, cfg.training
+    assert cfg.data.dataset == "cifar10" and list(sc.tasks) == [4, 4, 2] and sc.num_clients == 5
+    assert sc.partition == "dirichlet" and sc.alpha == 0.5 and (tr.rounds, tr.local_epochs) == (100, 5)
+    fed = cfg.method_config("fedame").model_copy(update={"anchors": AnchorConfig(source="random", dim=16)})
+    names = tuple(sc.class_order)
+    env = MethodEnv(feature_dim=8, num_classes=10, class_names=names, dataset="cifar10", run_seed=0,
+                    num_clients=5, train=TrainSettings(1, 8, "sgd", 0.05, 0.9, 0.0))
+    server = FedAME(fed, env)
+    server.setup()
+    server.begin_task(TaskInfo(0, (0, 1, 2, 3), (0, 1, 2, 3), {0: (0, 1, 2, 3)}))
+    assert len(server.pool.alive) == 2  # the first task starts one expert per cluster
+    vehicles = {names.index(n) for n in ("airplane", "automobile")}
+    assert {tuple(sorted(v)) for v in server.pool.classes.values() if v} == {tuple(sorted(vehicles)), (2, 3)}
+    for i, classes in ((1, (4, 5, 6, 7)), (2, (8, 9))):
+        server.begin_task(TaskInfo(i, classes, tuple(range(max(classes) + 1)), {0: classes}))
+    assert len(server.pool.alive) == 2  # later classes join their cluster's expert
+
+
+def test_diagnosis_measures_routing_and_prompt_quality(with_replay):
+    from fedame.diagnose import diagnose_task
+
+    _, server, _ = with_replay
+    (xtr, ytr), (xte, yte) = _data()
+    d = diagnose_task(server, TASKS - 1, [4, 5], (xtr, ytr), (xte, yte))
+    assert d["experts"] == 3 and 0 <= d["route_acc"] <= 1
+    # the reported accuracies agree with the predictions they summarise
+    pred = server.predict(xte)
+    assert d["acc_all"] == pytest.approx(float((pred == yte).mean()))
+    assert d["acc_new"] == pytest.approx(float((pred == yte)[yte >= 4].mean()))
+    # Gaussian prompts of Gaussian classes are as good as the real data to train a classifier on
+    assert d["probe_on_real"] > 0.9 and d["probe_on_prompts"] > d["probe_on_real"] - 0.05
