@@ -24,6 +24,14 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a c
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the dataset files (else FEDAME_DATA_DIR, data.root, ~/.cache)")]
 
 
+SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Skip result files that are not readable Parquet (each is named) instead of stopping")]
+
+
+def _warn_skipped(bad: list[Path] | None) -> None:
+    for f in bad or []:
+        console.print(f"[yellow]warning:[/] skipped {f}: not a readable Parquet file", highlight=False, soft_wrap=True)
+
+
 def user_errors(fn):
     """Turn UserErrors into one line on stderr and exit code 2."""
 
@@ -166,13 +174,17 @@ def report(
     format: Annotated[str, typer.Option("--format", "-f", help="markdown | latex | csv")] = "markdown",
     metrics: Annotated[str, typer.Option("--metrics", help="Comma list: final_acc, avg_acc, forgetting, bwt, wall_seconds, bytes_up")] = "final_acc,avg_acc,forgetting",
     by: Annotated[str, typer.Option("--by", help="Settings that make the columns, e.g. alpha,dataset")] = "alpha",
+    skip_bad: SkipBadOpt = False,
 ) -> None:
     """Print the paper table: methods x settings, mean ± std over seeds, best in bold."""
     from bench.report import report as make_report
 
     ms = [m.strip() for m in metrics.split(",") if m.strip()]
     cols = [b.strip() for b in by.split(",") if b.strip()]
-    print(make_report(results, format, ms, cols))
+    bad: list[Path] | None = [] if skip_bad else None
+    text = make_report(results, format, ms, cols, bad)
+    _warn_skipped(bad)
+    print(text)
 
 
 @app.command()
@@ -180,11 +192,15 @@ def report(
 def plot(
     results: Annotated[list[Path], typer.Argument(help="One or more results directories")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the figures")] = Path("figures"),
+    skip_bad: SkipBadOpt = False,
 ) -> None:
     """Write the paper figures (PNG and PDF)."""
     from bench.plot import plot as make_plots
 
-    for p in make_plots(results, out):
+    bad: list[Path] | None = [] if skip_bad else None
+    written = make_plots(results, out, bad)
+    _warn_skipped(bad)
+    for p in written:
         console.print(f"wrote {p}")
 
 

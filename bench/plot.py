@@ -39,11 +39,11 @@ def _panels(n: int, width: float = 4.2, height: float = 3.4):
     return fig, axes[0]
 
 
-def plot(dirs: list[Path], out: Path) -> list[Path]:
+def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Path]:
+    summary, runs = load(dirs, bad)
+    rounds = pd.concat([read_table(d, "rounds", bad).to_pandas() for d in dirs], ignore_index=True)
+    decisions = pd.concat([read_table(d, "decisions", bad).to_pandas() for d in dirs], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
-    summary, runs = load(dirs)
-    rounds = pd.concat([read_table(d, "rounds").to_pandas() for d in dirs], ignore_index=True)
-    decisions = pd.concat([read_table(d, "decisions").to_pandas() for d in dirs], ignore_index=True)
     rounds = rounds.merge(runs[["run_id", "alpha", "seed"]], on="run_id")
     methods = sorted(runs.method.unique())
     alphas = sorted(runs.alpha.unique())

@@ -37,14 +37,15 @@ class ReportError(UserError):
     pass
 
 
-def load(dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Completed summaries joined with their run settings, and every run row (for status)."""
+def load(dirs: list[Path], bad: list[Path] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Completed summaries joined with their run settings, and every run row (for status).
+    With `bad` given, unreadable files are skipped and listed there (else they raise)."""
     summaries, runs = [], []
     for d in dirs:
         if not Path(d).is_dir():
             raise ReportError(f"no results directory {d}; pass the --out folder of a `fedame-bench run`")
-        summaries.append(read_table(d, "summary").to_pandas())
-        runs.append(read_table(d, "runs").to_pandas())
+        summaries.append(read_table(d, "summary", bad).to_pandas())
+        runs.append(read_table(d, "runs", bad).to_pandas())
     summary, run_rows = pd.concat(summaries, ignore_index=True), pd.concat(runs, ignore_index=True)
     if run_rows.empty:
         raise ReportError(f"no runs found in {', '.join(map(str, dirs))}; is this a results directory?")
@@ -166,8 +167,10 @@ def render(agg: dict, by: list[str], fmt: str) -> str:
     raise ReportError(f"unknown format {fmt!r}; use markdown, latex or csv")
 
 
-def report(dirs: list[Path], fmt: str = "markdown", metrics: list[str] | None = None, by: list[str] | None = None) -> str:
-    summary, runs = load(dirs)
+def report(
+    dirs: list[Path], fmt: str = "markdown", metrics: list[str] | None = None, by: list[str] | None = None, bad: list[Path] | None = None
+) -> str:
+    summary, runs = load(dirs, bad)
     metrics = metrics or ["final_acc", "avg_acc", "forgetting"]
     by = ["alpha"] if by is None else by
     return render(aggregate(summary, runs, metrics, by), by, fmt)

@@ -162,10 +162,27 @@ class ResultWriter:
         return self.status(run_id) == "completed"
 
 
-def read_table(out: Path | str, name: str) -> pa.Table:
-    """One table of a results directory, all runs concatenated (empty if none)."""
+class BadResultFile(UserError):
+    pass
+
+
+def read_table(out: Path | str, name: str, bad: list[Path] | None = None) -> pa.Table:
+    """One table of a results directory, all runs concatenated (empty if none).
+
+    A file that is not readable Parquet raises `BadResultFile` naming it; when the caller
+    passes a `bad` list instead, the file is skipped and appended to it (nothing silent)."""
     folder = Path(out) / name
     files = sorted(folder.glob("*.parquet")) if folder.exists() else []
-    if not files:
-        return SCHEMAS[name].empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=SCHEMAS[name]) for f in files])
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, schema=SCHEMAS[name]))
+        except (pa.ArrowException, OSError) as e:
+            if bad is None:
+                reason = (str(e).splitlines() or [type(e).__name__])[0]
+                raise BadResultFile(
+                    f"{f} is not a readable Parquet file ({reason}); delete it (its run is redone by the same "
+                    "`fedame-bench run`) or pass --skip-bad to report the rest"
+                ) from None
+            bad.append(f)
+    return pa.concat_tables(tables) if tables else SCHEMAS[name].empty_table()

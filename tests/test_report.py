@@ -98,3 +98,19 @@ def test_plots_are_written_with_one_panel_per_alpha(handmade, tmp_path):
         assert png.stat().st_size > 5000 and pdf.stat().st_size > 1000
     w, h = Image.open(out / "accuracy_per_task.png").size
     assert (w, h) == (int(4.2 * 2 * 150), int(3.4 * 150))  # two alphas -> two panels
+
+
+@pytest.mark.parametrize("command", ["report", "plot"])
+def test_a_truncated_parquet_file_is_one_error_line_or_skipped(handmade, tmp_path, command):
+    victim = handmade / "summary" / "a1.parquet"
+    victim.write_bytes(victim.read_bytes()[:40])  # a half-written file, as a crash or copy leaves
+    extra = ["-o", str(tmp_path / "figs")] if command == "plot" else []
+    res = runner.invoke(app, [command, str(handmade), *extra])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "a1.parquet" in lines[0] and "--skip-bad" in lines[0]
+    res = runner.invoke(app, [command, str(handmade), "--skip-bad", *extra])
+    assert res.exit_code == 0, res.output
+    assert "warning: skipped" in res.output and "a1.parquet" in res.output
+    if command == "report":  # the other runs are still reported: fedame's mean now comes from a2 alone
+        assert "fedavg" in res.output and "fedame" in res.output
