@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.report import load  # noqa: E402
-from bench.results import read_table  # noqa: E402
+from bench.results import read_table, stats_column  # noqa: E402
 
 STYLES = list(zip("osD^vP*X", ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1)), "-"]))
 HATCHES = ["", "//", "\\\\", "xx", "..", "oo", "--", "++"]
@@ -94,6 +94,7 @@ def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Pat
     written += _save(fig, out, "forgetting")
 
     # 4. FedAME: experts alive over rounds and the sources of its decisions
+    rounds["experts_alive"] = stats_column(rounds, "experts_alive")
     fed = rounds[rounds.experts_alive.notna()]
     if not fed.empty:
         fig, axes = _panels(2)

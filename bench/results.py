@@ -9,6 +9,7 @@ file behind and a rerun overwrites (never duplicates) the pieces of an unfinishe
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("bytes_up", pa.int64()),
             ("bytes_down", pa.int64()),
             ("clients_used", pa.int64()),
-            ("experts_alive", pa.int64()),
             ("retries", pa.int64()),
+            ("stats", pa.string()),  # JSON object of the method's Server.stats() (null when none)
         ]
     ),
     "accuracy": pa.schema(
@@ -162,6 +163,19 @@ class ResultWriter:
         return self.status(run_id) == "completed"
 
 
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A file written by an older version: columns it lacks become nulls, extra ones are dropped."""
+    cols = [table.column(f.name) if f.name in table.column_names else pa.nulls(len(table), f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema) if table.schema != schema else table
+
+
+def stats_column(rounds: "pd.DataFrame", key: str) -> "pd.Series":
+    """One value of the `stats` JSON column of a rounds frame (NaN where absent)."""
+    import pandas as pd
+
+    return pd.to_numeric(rounds["stats"].map(lambda s: json.loads(s).get(key) if isinstance(s, str) else None), errors="coerce")
+
+
 class BadResultFile(UserError):
     pass
 
@@ -176,7 +190,7 @@ def read_table(out: Path | str, name: str, bad: list[Path] | None = None) -> pa.
     tables = []
     for f in files:
         try:
-            tables.append(pq.read_table(f, schema=SCHEMAS[name]))
+            tables.append(conform(pq.read_table(f), SCHEMAS[name]))
         except (pa.ArrowException, OSError) as e:
             if bad is None:
                 reason = (str(e).splitlines() or [type(e).__name__])[0]

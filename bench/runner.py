@@ -177,8 +177,8 @@ def execute_run(
                     "bytes_up": sum(res.update.nbytes for res in results),
                     "bytes_down": sum(j.payload.nbytes for j in jobs),
                     "clients_used": len(results),
-                    "experts_alive": stats.get("experts_alive"),
                     "retries": sum(res.retries for res in results),
+                    "stats": json.dumps(stats, sort_keys=True) if stats else None,
                 }
                 rounds_rows.append(row)
                 executor.round_done(spec.method, row)

@@ -1,5 +1,6 @@
 """Paper tables and figures from Parquet alone: known means, stds and bold choices."""
 
+import json
 import re
 from datetime import datetime, timezone
 
@@ -24,7 +25,8 @@ def write_run(writer, run_id, method, alpha, seed, final, forgetting, status="co
                               "wall_seconds": 1.0, "gpu_seconds": 0.0, "bytes_up": 1, "bytes_down": 1}]
         tables["rounds"] = [{"run_id": run_id, "method": method, "task": t, "round": r, "acc_seen": final + 0.1 * (1 - t),
                              "loss": 1.0, "wall_seconds": 0.1, "client_seconds": 0.1, "bytes_up": 1, "bytes_down": 1,
-                             "clients_used": 5, "experts_alive": (2 + t) if method == "fedame" else None, "retries": 0}
+                             "clients_used": 5, "retries": 0,
+                             "stats": json.dumps({"experts_alive": 2 + t}) if method == "fedame" else None}
                             for t in range(2) for r in range(3)]
         tables["accuracy"] = []
         if method == "fedame":
