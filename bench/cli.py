@@ -32,6 +32,16 @@ def _warn_skipped(bad: list[Path] | None) -> None:
         console.print(f"[yellow]warning:[/] skipped {f}: not a readable Parquet file", highlight=False, soft_wrap=True)
 
 
+def decision_line(summary: dict) -> str:
+    """Where a run's expert decisions came from, and why any fell back to the rule."""
+    s = summary
+    n = s["decisions_llm"] + s["decisions_cache"] + s["decisions_rule"]
+    line = f"{n} expert decisions: {s['decisions_llm']} llm, {s['decisions_cache']} cache, {s['decisions_rule']} rule"
+    if s["decisions_fallback"]:
+        line += f"; {s['decisions_fallback']} fell back to the rule ({s['fallback_reason']})"
+    return line
+
+
 def user_errors(fn):
     """Turn UserErrors into one line on stderr and exit code 2."""
 
@@ -87,6 +97,7 @@ def run(
     gpus_per_client: Annotated[Optional[float], typer.Option("--gpus-per-client", help="GPU fraction per client actor")] = None,
     concurrent_runs: Annotated[Optional[int], typer.Option("--concurrent-runs", help="Runs sharing the Ray cluster at once")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-client, per-task sample counts and exit")] = False,
+    require_llm: Annotated[bool, typer.Option("--require-llm", help="FedAME: any expert decision the LLM cannot make is an error, not a rule fallback")] = False,
 ) -> None:
     """Run a sweep (methods x alphas x seeds) and write Parquet results; resumes where it stopped."""
     from bench.config import load_config
@@ -100,6 +111,8 @@ def run(
                      ("runtime.max_concurrent_runs", concurrent_runs)):
         if val is not None:
             overrides.append(f"{key}={val}")
+    if require_llm:
+        overrides.append("methods.fedame.llm.required=true")
     cfg = load_config(config, overrides)
     names = parse_methods(methods, cfg)
     alphas = parse_floats(alpha, cfg.sweep.alpha or [cfg.scenario.alpha], "alpha")
@@ -147,6 +160,8 @@ def run(
                 bar.remove_task(job)
             if status != "completed":
                 bar.console.print(f"{spec.run_id}: {status}")
+            elif summary and summary.get("decisions_rule") is not None:
+                bar.console.print(f"{label(spec)}: {decision_line(summary)}", highlight=False, soft_wrap=True)
 
         summaries = run_sweep(specs, prepared, writer, start, round_done, end)
 

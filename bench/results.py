@@ -90,6 +90,11 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("gpu_seconds", pa.float64()),
             ("bytes_up", pa.int64()),
             ("bytes_down", pa.int64()),
+            ("decisions_llm", pa.int64()),  # decision columns: null for methods that make none
+            ("decisions_cache", pa.int64()),
+            ("decisions_rule", pa.int64()),
+            ("decisions_fallback", pa.int64()),  # the rule decided where the LLM was meant to
+            ("fallback_reason", pa.string()),  # the first reason it did
         ]
     ),
     "decisions": pa.schema(
@@ -104,6 +109,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("latency_s", pa.float64()),
             ("response_digest", pa.string()),
             ("reason", pa.string()),
+            ("fallback", pa.bool_()),
         ]
     ),
 }

@@ -48,7 +48,11 @@ class RunSpec:
         ident = self.config.model_dump(mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods"})
         ident["data"].pop("root", None)
         ident["method"] = self.method
-        ident["method_config"] = self.config.method_config(self.method).model_dump(mode="json")
+        mcfg = self.config.method_config(self.method)
+        ident["method_config"] = mcfg.model_dump(mode="json")
+        extra = get_method(self.method).identity(mcfg)
+        if extra:  # only when present: run ids of methods without such facts stay as they were
+            ident["method_identity"] = extra
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.method}-{self.config.data.dataset}-a{self.alpha:g}-s{self.seed}-{digest}"
 
@@ -212,6 +216,7 @@ def execute_run(
         "gpu_seconds": gpu_seconds,
         "bytes_up": int(sum(r["bytes_up"] for r in rounds_rows)),
         "bytes_down": int(sum(r["bytes_down"] for r in rounds_rows)),
+        **decision_counts(decided),
     }
     runs_row = run_row(spec, ds.name, executor.name, "completed", None, started)
     decisions = [{"run_id": spec.run_id, **d} for d in decided]
@@ -223,6 +228,22 @@ def execute_run(
         "decisions": decisions,
     }
     return RunOutput(tables, summary)
+
+
+def decision_counts(decided: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summary columns: decisions by source, how many fell back to the rule and the first reason
+    (all null for methods that make no decisions)."""
+    if not decided:
+        return {}
+    sources = [d.get("source") for d in decided]
+    fell = [d for d in decided if d.get("fallback")]
+    return {
+        "decisions_llm": sources.count("llm"),
+        "decisions_cache": sources.count("cache"),
+        "decisions_rule": len(sources) - sources.count("llm") - sources.count("cache"),
+        "decisions_fallback": len(fell),
+        "fallback_reason": fell[0]["reason"].split("; ")[0] if fell else None,
+    }
 
 
 def run_row(
