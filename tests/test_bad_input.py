@@ -70,3 +70,12 @@ def test_cuda_requested_without_a_gpu(tmp_path):
         pytest.skip("this machine has CUDA")
     fails(tmp_path, "--config", "smoke", "--set", "runtime.device=cuda", match="runtime.device=auto or cpu")
     fails(tmp_path, "--config", "smoke", "--executor", "ray", "--set", "runtime.device=cuda", match="--gpus-per-client")
+
+
+def test_unreachable_ray_address_fails_fast_naming_it(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    fails(tmp_path, "--config", "smoke", "--executor", "ray", "--address", "127.0.0.1:1", match="no Ray cluster answers at 127.0.0.1:1")
+    assert time.perf_counter() - t0 < 10  # Ray alone retries for minutes
+    fails(tmp_path, "--config", "smoke", "--executor", "ray", "--address", "head-node", match="is not HOST:PORT")
