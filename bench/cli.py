@@ -158,7 +158,9 @@ def run(
             job = run_jobs.pop(spec.run_id, None)
             if job is not None:
                 bar.remove_task(job)
-            if status != "completed":
+            if status == "skipped":
+                bar.console.print(f"{label(spec)}: already complete in {out}/ ({spec.run_id}); skipped", highlight=False)
+            elif status != "completed":
                 bar.console.print(f"{spec.run_id}: {status}")
             elif summary and summary.get("decisions_rule") is not None:
                 bar.console.print(f"{label(spec)}: {decision_line(summary)}", highlight=False, soft_wrap=True)

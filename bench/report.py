@@ -7,6 +7,7 @@ not all complete (a sweep still running, or a failed run) is marked.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,49 @@ class Cell:
     complete: bool
 
 
+def _flat(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+    return out
+
+
+def identity(config_json: str | None, method: str, by: list[str]) -> dict[str, str] | None:
+    """What makes a run's numbers, minus the seed and the --by columns: runs whose identities
+    differ are not seeds of one setting."""
+    if not isinstance(config_json, str):
+        return None  # written without its config: nothing to compare
+    cfg = json.loads(config_json)
+    for key in ("runtime", "sweep", "name", "cache_dir", "seed"):
+        cfg.pop(key, None)
+    cfg.get("data", {}).pop("root", None)
+    if "alpha" in by:
+        cfg.get("scenario", {}).pop("alpha", None)
+    cfg["methods"] = {method: cfg.get("methods", {}).get(method, {})}
+    return _flat(cfg)
+
+
+def check_mergeable(runs: pd.DataFrame, by: list[str]) -> None:
+    """Refuse (one line) to average runs of one method and setting whose configs differ in
+    anything but the seed, naming the fields and the --by that would separate them."""
+    if "config" not in runs.columns:
+        return
+    for key, group in runs.groupby(["method", *by], dropna=False):
+        ids = [i for i in (identity(c, key[0], by) for c in group["config"]) if i is not None]
+        first = ids[0] if ids else None
+        other = next((i for i in ids if i != first), None)
+        if other is None:
+            continue
+        fields = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        columns = [c for c in SETTING_COLUMNS if c in group.columns and c not in by and group[c].nunique(dropna=False) > 1]
+        hint = f"add --by {','.join([*by, *columns])}" if columns else "report them from separate results directories"
+        shown = ", ".join(fields[:6]) + (f" (+{len(fields) - 6} more)" if len(fields) > 6 else "")
+        raise ReportError(f"{key[0]} runs that would be averaged as seeds differ in {shown}; {hint}")
+
+
 def aggregate(summary: pd.DataFrame, runs: pd.DataFrame, metrics: list[str], by: list[str]) -> dict:
     """{(metric, setting tuple): {method: Cell}}, plus the ordered settings and methods."""
     for m in metrics:
@@ -70,6 +114,7 @@ def aggregate(summary: pd.DataFrame, runs: pd.DataFrame, metrics: list[str], by:
     for b in by:
         if b not in runs.columns:
             raise ReportError(f"cannot group by {b!r}; choose from {', '.join(c for c in SETTING_COLUMNS)}")
+    check_mergeable(runs, by)
     settings = sorted({tuple(r) for r in runs[by].itertuples(index=False)}) if by else [()]
     methods = sorted(runs["method"].unique())
     cells: dict = {}

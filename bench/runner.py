@@ -22,6 +22,7 @@ from bench.data import Dataset
 from bench.features import FeatureStore
 from bench.metrics import average_incremental_accuracy, backward_transfer, final_accuracy, forgetting, task_accuracies
 from bench.runtime import ClientJob, Executor
+from bench.runtime.base import executor_kind
 from bench.scenario import Scenario, build_scenario
 from bench.sysinfo import git_sha, hardware, versions
 
@@ -50,6 +51,9 @@ class RunSpec:
         ident["method"] = self.method
         mcfg = self.config.method_config(self.method)
         ident["method_config"] = mcfg.model_dump(mode="json")
+        kind = executor_kind(self.config.runtime)
+        if kind != "local":  # float summation order differs between executors (thread counts), so
+            ident["executor"] = kind  # their numbers can differ in the last digits: not one run
         extra = get_method(self.method).identity(mcfg)
         if extra:  # only when present: run ids of methods without such facts stay as they were
             ident["method_identity"] = extra

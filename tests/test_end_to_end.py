@@ -137,3 +137,14 @@ def test_results_written_before_the_stats_column_still_load(tmp_path):
     pq.write_table(pa.Table.from_pylist([row], schema=old), tmp_path / "rounds" / "x.parquet")
     table = read_table(tmp_path, "rounds")
     assert table.schema == SCHEMAS["rounds"] and table.column("stats").to_pylist() == [None]
+
+
+def test_skips_say_where_and_the_executor_is_part_of_the_run_id(smoke_out):
+    from bench.config import load_config
+    from bench.sweep import expand
+
+    res = run_cli("run", "--config", "smoke", "--methods", "fedavg", "--alpha", "0.5", "--seeds", "0", "--out", str(smoke_out))
+    assert res.exit_code == 0 and f"fedavg a=0.5 s=0: already complete in {smoke_out}/" in res.output.replace("\n", "")
+    local = expand(load_config("smoke"), ["fedavg"], [0.5], [0])[0].run_id
+    ray = expand(load_config("smoke", ["runtime.executor=ray"]), ["fedavg"], [0.5], [0])[0].run_id
+    assert local != ray  # a Ray run into a directory of local results is run, not skipped

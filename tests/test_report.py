@@ -116,3 +116,23 @@ def test_a_truncated_parquet_file_is_one_error_line_or_skipped(handmade, tmp_pat
     assert "warning: skipped" in res.output and "a1.parquet" in res.output
     if command == "report":  # the other runs are still reported: fedame's mean now comes from a2 alone
         assert "fedavg" in res.output and "fedame" in res.output
+
+
+def test_report_and_plot_refuse_to_average_different_sweeps_as_seeds(tmp_path):
+    out = tmp_path / "r"
+    # the README's smoke check and a second setting written to one directory
+    assert runner.invoke(app, ["run", "--config", "smoke", "--methods", "fedncm", "--out", str(out)]).exit_code == 0
+    res = runner.invoke(app, ["run", "--config", "smoke", "--methods", "fedncm", "--out", str(out),
+                              "--set", "scenario.num_clients=2"])
+    assert res.exit_code == 0, res.output
+    for command in (["report", str(out)], ["plot", str(out), "-o", str(tmp_path / "f")]):
+        res = runner.invoke(app, command)
+        assert res.exit_code == 2
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "scenario.num_clients" in errors[0] and "--by alpha,num_clients" in errors[0], res.output
+    res = runner.invoke(app, ["report", str(out), "--by", "alpha,num_clients"])
+    assert res.exit_code == 0 and res.output.count("(1)") == 6, res.output  # 3 metrics x 2 settings, one run each
+    # seeds of one setting still average
+    assert runner.invoke(app, ["run", "--config", "smoke", "--methods", "fedncm", "--seeds", "1", "--out", str(out)]).exit_code == 0
+    res = runner.invoke(app, ["report", str(out), "--by", "alpha,num_clients"])
+    assert res.exit_code == 0 and "(2)" in res.output
