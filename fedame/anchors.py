@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from bench.config import Section
+from bench.config import Section, where
 from bench.errors import UserError
 from bench.hf import load_hf
 
@@ -106,7 +106,7 @@ def sentence_anchors(names: list[str], model_dir: str | None, templates: list[st
 def file_anchors(names: list[str], path: str) -> np.ndarray:
     p = Path(path).expanduser()
     if not p.exists():
-        raise AnchorError(f"anchors.file: no file {p}; give the npz with `features` and `class_names`")
+        raise AnchorError(f"anchors.file: no file {where(p)}; give the npz with `features` and `class_names`")
     with np.load(p, allow_pickle=False) as z:
         feats, file_names = z["features"].astype(np.float32), [str(n) for n in z["class_names"]]
     index = {n: i for i, n in enumerate(file_names)}
