@@ -139,9 +139,13 @@ def execute_run(
         feature_dim = 0
     env = method_env(cfg, ds, feature_dim, cache_dir)
     server = executor.make_server(method_cls, mcfg, env)
-    server.setup()
+    try:
+        server.setup()
+        executor.start(method_cls.ClientClass, mcfg, env, train_x, ds.train_y)
+    except BaseException:
+        executor.stop()  # a failed setup releases what it reserved (central actor, placement group)
+        raise
     evaluate = Evaluator(scenario, test_x, ds.test_y, ds.num_classes)
-    executor.start(method_cls.ClientClass, mcfg, env, train_x, ds.train_y)
     T = scenario.num_tasks
     R = np.full((T, T), np.nan)
     seen_acc = np.zeros(T)
