@@ -138,6 +138,7 @@ def execute_run(
         train_x, test_x = store.images("train"), store.images("test")
         feature_dim = 0
     env = method_env(cfg, ds, feature_dim, cache_dir)
+    executor.label_run({"run_id": spec.run_id, "method": spec.method, "alpha": f"{spec.alpha:g}", "seed": str(spec.seed)})
     server = executor.make_server(method_cls, mcfg, env)
     try:
         server.setup()

@@ -265,3 +265,17 @@ def test_setup_failure_releases_the_central_actor(cluster, tmp_path):
         time.sleep(0.2)
     assert live_server_hosts() == before  # the central actor was killed, not left behind
     assert all_gpus_free()  # and no client actor or reservation holds a GPU
+
+
+def test_actors_are_named_after_their_run_and_role(cluster, tmp_path):
+    from ray._private.state import actors as actor_table
+
+    spec, ds, store = smoke("fedavg", tmp_path)
+    seen: set[str] = set()
+
+    def look(row):
+        seen.update(a["Name"] for a in actor_table().values() if a["State"] == "ALIVE" and a.get("Name"))
+
+    run(spec, ds, store, RayExecutor(spec.config.runtime), tmp_path, on_round=look)
+    for role in ("central actor", "client actor 0", "client actor 1"):
+        assert any(n.startswith(f"fedavg a=0.5 s=0 {role} [{spec.run_id} #") for n in seen), (role, seen)

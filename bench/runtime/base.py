@@ -54,6 +54,13 @@ class Executor(ABC):
     def stop(self) -> None:
         """Release what `start` acquired."""
 
+    run_labels: dict[str, str] = {}
+
+    def label_run(self, labels: dict[str, str]) -> None:
+        """What run this executor serves (run_id, method, alpha, seed): names its actors and
+        labels its metrics, so concurrent runs stay apart on a dashboard."""
+        self.run_labels = dict(labels)
+
     def round_done(self, method: str, row: dict) -> None:
         """Called by the runner after each round (the Ray executor exports metrics here)."""
 
