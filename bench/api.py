@@ -160,6 +160,12 @@ class Server(ABC):
         """Check, before any run starts, what this method needs beyond the data (anchor
         files, model weights, API settings); raise a UserError saying what to do."""
 
+    @classmethod
+    def identity(cls, config: MethodConfig) -> dict[str, Any]:
+        """Facts outside the config that change this method's numbers (e.g. whether an LLM
+        key is set); they enter the run id, so a run under other facts is a new run."""
+        return {}
+
     def setup(self) -> None:
         """Build the initial global state (called once before the first task)."""
 

@@ -24,6 +24,24 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a c
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the dataset files (else FEDAME_DATA_DIR, data.root, ~/.cache)")]
 
 
+SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Skip result files that are not readable Parquet (each is named) instead of stopping")]
+
+
+def _warn_skipped(bad: list[Path] | None) -> None:
+    for f in bad or []:
+        console.print(f"[yellow]warning:[/] skipped {f}: not a readable Parquet file", highlight=False, soft_wrap=True)
+
+
+def decision_line(summary: dict) -> str:
+    """Where a run's expert decisions came from, and why any fell back to the rule."""
+    s = summary
+    n = s["decisions_llm"] + s["decisions_cache"] + s["decisions_rule"]
+    line = f"{n} expert decisions: {s['decisions_llm']} llm, {s['decisions_cache']} cache, {s['decisions_rule']} rule"
+    if s["decisions_fallback"]:
+        line += f"; {s['decisions_fallback']} fell back to the rule ({s['fallback_reason']})"
+    return line
+
+
 def user_errors(fn):
     """Turn UserErrors into one line on stderr and exit code 2."""
 
@@ -79,6 +97,7 @@ def run(
     gpus_per_client: Annotated[Optional[float], typer.Option("--gpus-per-client", help="GPU fraction per client actor")] = None,
     concurrent_runs: Annotated[Optional[int], typer.Option("--concurrent-runs", help="Runs sharing the Ray cluster at once")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-client, per-task sample counts and exit")] = False,
+    require_llm: Annotated[bool, typer.Option("--require-llm", help="FedAME: any expert decision the LLM cannot make is an error, not a rule fallback")] = False,
 ) -> None:
     """Run a sweep (methods x alphas x seeds) and write Parquet results; resumes where it stopped."""
     from bench.config import load_config
@@ -92,6 +111,8 @@ def run(
                      ("runtime.max_concurrent_runs", concurrent_runs)):
         if val is not None:
             overrides.append(f"{key}={val}")
+    if require_llm:
+        overrides.append("methods.fedame.llm.required=true")
     cfg = load_config(config, overrides)
     names = parse_methods(methods, cfg)
     alphas = parse_floats(alpha, cfg.sweep.alpha or [cfg.scenario.alpha], "alpha")
@@ -137,8 +158,12 @@ def run(
             job = run_jobs.pop(spec.run_id, None)
             if job is not None:
                 bar.remove_task(job)
-            if status != "completed":
+            if status == "skipped":
+                bar.console.print(f"{label(spec)}: already complete in {out}/ ({spec.run_id}); skipped", highlight=False)
+            elif status != "completed":
                 bar.console.print(f"{spec.run_id}: {status}")
+            elif summary and summary.get("decisions_rule") is not None:
+                bar.console.print(f"{label(spec)}: {decision_line(summary)}", highlight=False, soft_wrap=True)
 
         summaries = run_sweep(specs, prepared, writer, start, round_done, end)
 
@@ -166,13 +191,17 @@ def report(
     format: Annotated[str, typer.Option("--format", "-f", help="markdown | latex | csv")] = "markdown",
     metrics: Annotated[str, typer.Option("--metrics", help="Comma list: final_acc, avg_acc, forgetting, bwt, wall_seconds, bytes_up")] = "final_acc,avg_acc,forgetting",
     by: Annotated[str, typer.Option("--by", help="Settings that make the columns, e.g. alpha,dataset")] = "alpha",
+    skip_bad: SkipBadOpt = False,
 ) -> None:
     """Print the paper table: methods x settings, mean ± std over seeds, best in bold."""
     from bench.report import report as make_report
 
     ms = [m.strip() for m in metrics.split(",") if m.strip()]
     cols = [b.strip() for b in by.split(",") if b.strip()]
-    print(make_report(results, format, ms, cols))
+    bad: list[Path] | None = [] if skip_bad else None
+    text = make_report(results, format, ms, cols, bad)
+    _warn_skipped(bad)
+    print(text)
 
 
 @app.command()
@@ -180,11 +209,15 @@ def report(
 def plot(
     results: Annotated[list[Path], typer.Argument(help="One or more results directories")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the figures")] = Path("figures"),
+    skip_bad: SkipBadOpt = False,
 ) -> None:
     """Write the paper figures (PNG and PDF)."""
     from bench.plot import plot as make_plots
 
-    for p in make_plots(results, out):
+    bad: list[Path] | None = [] if skip_bad else None
+    written = make_plots(results, out, bad)
+    _warn_skipped(bad)
+    for p in written:
         console.print(f"wrote {p}")
 
 

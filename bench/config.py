@@ -151,6 +151,14 @@ def _format_validation(e: ValidationError, prefix: str = "") -> str:
     return "config error: " + "; ".join(parts)
 
 
+def where(path: str | Path) -> str:
+    """A path for an error message: a relative one says what it was resolved against."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return str(p)
+    return f"{p} (relative paths resolve against the current directory {Path.cwd()}; run from the repository root or give an absolute path)"
+
+
 def resolve_config_path(name_or_path: str) -> Path:
     """A path as given, or a bare name looked up in ./configs and the project's configs/."""
     p = Path(name_or_path)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.config import DataConfig
+from bench.config import DataConfig, where
 from bench.errors import UserError
 
 
@@ -90,7 +90,7 @@ def ensure_cifar(root: Path, name: str) -> None:
     folder = root / _LAYOUT[name][0]
     if not _network_reachable(_DOWNLOAD_HOST):
         raise DataError(
-            f"{name} not found: expected {', '.join(str(m.name) for m in missing)} in {folder}; "
+            f"{name} not found: expected {', '.join(str(m.name) for m in missing)} in {where(folder)}; "
             f"no network to download it. Put torchvision's {name} files there or pass --data-dir "
             f"(or FEDAME_DATA_DIR) pointing at the folder that contains {folder.name}/"
         )

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.config import BackboneConfig
+from bench.config import BackboneConfig, where
 from bench.data import Dataset
 from bench.errors import UserError
 from bench.progress import progress_bar
@@ -82,7 +82,7 @@ def weights_digest(cfg: BackboneConfig) -> str:
         return "imagenet1k-v1"
     path = Path(cfg.weights).expanduser()
     if not path.exists():
-        raise BackboneError(f"backbone.weights: no file {path}; give imagenet, none, or an existing state dict path")
+        raise BackboneError(f"backbone.weights: no file {where(path)}; give imagenet, none, or an existing state dict path")
     return file_sha256(path)[:16]
 
 

@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench.report import load  # noqa: E402
-from bench.results import read_table  # noqa: E402
+from bench.report import check_mergeable, load  # noqa: E402
+from bench.results import read_table, stats_column  # noqa: E402
 
 STYLES = list(zip("osD^vP*X", ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1)), "-"]))
 HATCHES = ["", "//", "\\\\", "xx", "..", "oo", "--", "++"]
@@ -27,11 +27,21 @@ def _style(methods: list[str]) -> dict[str, dict]:
 
 def _save(fig, out: Path, name: str) -> list[Path]:
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.tight_layout()
+    if fig._suptitle is None:  # figures with a shared legend were laid out by _legend
+        fig.tight_layout()
     for p in paths:
         fig.savefig(p, dpi=150)
     plt.close(fig)
     return paths
+
+
+def _legend(fig, methods: list[str], style: dict[str, dict], title: str) -> None:
+    """One legend for the figure naming every method (whatever panel it appears in) and a
+    title naming what was run."""
+    handles = [plt.Line2D([], [], **style[m]) for m in methods]
+    fig.legend(handles, methods, loc="lower center", ncol=min(len(methods), 6), fontsize="small", frameon=False)
+    fig.suptitle(title, fontsize="medium")
+    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
 
 
 def _panels(n: int, width: float = 4.2, height: float = 3.4):
@@ -39,11 +49,13 @@ def _panels(n: int, width: float = 4.2, height: float = 3.4):
     return fig, axes[0]
 
 
-def plot(dirs: list[Path], out: Path) -> list[Path]:
+def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Path]:
+    summary, runs = load(dirs, bad)
+    check_mergeable(runs, ["alpha"])
+    what = ", ".join(sorted(runs.dataset.dropna().unique())) + " (" + ", ".join(sorted(runs.sweep.dropna().unique())) + ")"
+    rounds = pd.concat([read_table(d, "rounds", bad).to_pandas() for d in dirs], ignore_index=True)
+    decisions = pd.concat([read_table(d, "decisions", bad).to_pandas() for d in dirs], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
-    summary, runs = load(dirs)
-    rounds = pd.concat([read_table(d, "rounds").to_pandas() for d in dirs], ignore_index=True)
-    decisions = pd.concat([read_table(d, "decisions").to_pandas() for d in dirs], ignore_index=True)
     rounds = rounds.merge(runs[["run_id", "alpha", "seed"]], on="run_id")
     methods = sorted(runs.method.unique())
     alphas = sorted(runs.alpha.unique())
@@ -58,10 +70,12 @@ def plot(dirs: list[Path], out: Path) -> list[Path]:
             sel = ends[(ends.method == m) & (ends.alpha == a)].groupby("task").acc_seen.agg(["mean", "std"])
             if sel.empty:
                 continue
-            ax.errorbar(sel.index + 1, sel["mean"] * 100, yerr=sel["std"].fillna(0) * 100, label=m, capsize=3, **style[m])
+            mean, std = sel["mean"] * 100, sel["std"].fillna(0) * 100
+            yerr = [np.minimum(std, mean), np.minimum(std, 100 - mean)]  # an accuracy bar stays within 0-100%
+            ax.errorbar(sel.index + 1, mean, yerr=yerr, label=m, capsize=3, **style[m])
         ax.set(title=f"alpha = {a:g}", xlabel="tasks learned", ylabel="accuracy on seen classes (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    _legend(fig, methods, style, f"accuracy after each task: {what}")
     written += _save(fig, out, "accuracy_per_task")
 
     # 2. accuracy per round (global round index), one panel per alpha
@@ -76,7 +90,7 @@ def plot(dirs: list[Path], out: Path) -> list[Path]:
                 ax.plot(sel.index, sel.values * 100, label=m, markevery=max(1, len(sel) // 10), **style[m])
         ax.set(title=f"alpha = {a:g}", xlabel="communication round", ylabel="accuracy on seen classes (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    _legend(fig, methods, style, f"accuracy per round: {what}")
     written += _save(fig, out, "accuracy_per_round")
 
     # 3. forgetting per method as bars, grouped by alpha
@@ -94,6 +108,7 @@ def plot(dirs: list[Path], out: Path) -> list[Path]:
     written += _save(fig, out, "forgetting")
 
     # 4. FedAME: experts alive over rounds and the sources of its decisions
+    rounds["experts_alive"] = stats_column(rounds, "experts_alive")
     fed = rounds[rounds.experts_alive.notna()]
     if not fed.empty:
         fig, axes = _panels(2)

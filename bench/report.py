@@ -7,6 +7,7 @@ not all complete (a sweep still running, or a failed run) is marked.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,14 +38,15 @@ class ReportError(UserError):
     pass
 
 
-def load(dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Completed summaries joined with their run settings, and every run row (for status)."""
+def load(dirs: list[Path], bad: list[Path] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Completed summaries joined with their run settings, and every run row (for status).
+    With `bad` given, unreadable files are skipped and listed there (else they raise)."""
     summaries, runs = [], []
     for d in dirs:
         if not Path(d).is_dir():
             raise ReportError(f"no results directory {d}; pass the --out folder of a `fedame-bench run`")
-        summaries.append(read_table(d, "summary").to_pandas())
-        runs.append(read_table(d, "runs").to_pandas())
+        summaries.append(read_table(d, "summary", bad).to_pandas())
+        runs.append(read_table(d, "runs", bad).to_pandas())
     summary, run_rows = pd.concat(summaries, ignore_index=True), pd.concat(runs, ignore_index=True)
     if run_rows.empty:
         raise ReportError(f"no runs found in {', '.join(map(str, dirs))}; is this a results directory?")
@@ -61,6 +63,49 @@ class Cell:
     complete: bool
 
 
+def _flat(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+    return out
+
+
+def identity(config_json: str | None, method: str, by: list[str]) -> dict[str, str] | None:
+    """What makes a run's numbers, minus the seed and the --by columns: runs whose identities
+    differ are not seeds of one setting."""
+    if not isinstance(config_json, str):
+        return None  # written without its config: nothing to compare
+    cfg = json.loads(config_json)
+    for key in ("runtime", "sweep", "name", "cache_dir", "seed"):
+        cfg.pop(key, None)
+    cfg.get("data", {}).pop("root", None)
+    if "alpha" in by:
+        cfg.get("scenario", {}).pop("alpha", None)
+    cfg["methods"] = {method: cfg.get("methods", {}).get(method, {})}
+    return _flat(cfg)
+
+
+def check_mergeable(runs: pd.DataFrame, by: list[str]) -> None:
+    """Refuse (one line) to average runs of one method and setting whose configs differ in
+    anything but the seed, naming the fields and the --by that would separate them."""
+    if "config" not in runs.columns:
+        return
+    for key, group in runs.groupby(["method", *by], dropna=False):
+        ids = [i for i in (identity(c, key[0], by) for c in group["config"]) if i is not None]
+        first = ids[0] if ids else None
+        other = next((i for i in ids if i != first), None)
+        if other is None:
+            continue
+        fields = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        columns = [c for c in SETTING_COLUMNS if c in group.columns and c not in by and group[c].nunique(dropna=False) > 1]
+        hint = f"add --by {','.join([*by, *columns])}" if columns else "report them from separate results directories"
+        shown = ", ".join(fields[:6]) + (f" (+{len(fields) - 6} more)" if len(fields) > 6 else "")
+        raise ReportError(f"{key[0]} runs that would be averaged as seeds differ in {shown}; {hint}")
+
+
 def aggregate(summary: pd.DataFrame, runs: pd.DataFrame, metrics: list[str], by: list[str]) -> dict:
     """{(metric, setting tuple): {method: Cell}}, plus the ordered settings and methods."""
     for m in metrics:
@@ -69,6 +114,7 @@ def aggregate(summary: pd.DataFrame, runs: pd.DataFrame, metrics: list[str], by:
     for b in by:
         if b not in runs.columns:
             raise ReportError(f"cannot group by {b!r}; choose from {', '.join(c for c in SETTING_COLUMNS)}")
+    check_mergeable(runs, by)
     settings = sorted({tuple(r) for r in runs[by].itertuples(index=False)}) if by else [()]
     methods = sorted(runs["method"].unique())
     cells: dict = {}
@@ -166,8 +212,10 @@ def render(agg: dict, by: list[str], fmt: str) -> str:
     raise ReportError(f"unknown format {fmt!r}; use markdown, latex or csv")
 
 
-def report(dirs: list[Path], fmt: str = "markdown", metrics: list[str] | None = None, by: list[str] | None = None) -> str:
-    summary, runs = load(dirs)
+def report(
+    dirs: list[Path], fmt: str = "markdown", metrics: list[str] | None = None, by: list[str] | None = None, bad: list[Path] | None = None
+) -> str:
+    summary, runs = load(dirs, bad)
     metrics = metrics or ["final_acc", "avg_acc", "forgetting"]
     by = ["alpha"] if by is None else by
     return render(aggregate(summary, runs, metrics, by), by, fmt)

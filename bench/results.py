@@ -9,6 +9,7 @@ file behind and a rerun overwrites (never duplicates) the pieces of an unfinishe
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("bytes_up", pa.int64()),
             ("bytes_down", pa.int64()),
             ("clients_used", pa.int64()),
-            ("experts_alive", pa.int64()),
             ("retries", pa.int64()),
+            ("stats", pa.string()),  # JSON object of the method's Server.stats() (null when none)
         ]
     ),
     "accuracy": pa.schema(
@@ -89,6 +90,11 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("gpu_seconds", pa.float64()),
             ("bytes_up", pa.int64()),
             ("bytes_down", pa.int64()),
+            ("decisions_llm", pa.int64()),  # decision columns: null for methods that make none
+            ("decisions_cache", pa.int64()),
+            ("decisions_rule", pa.int64()),
+            ("decisions_fallback", pa.int64()),  # the rule decided where the LLM was meant to
+            ("fallback_reason", pa.string()),  # the first reason it did
         ]
     ),
     "decisions": pa.schema(
@@ -103,6 +109,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("latency_s", pa.float64()),
             ("response_digest", pa.string()),
             ("reason", pa.string()),
+            ("fallback", pa.bool_()),
         ]
     ),
 }
@@ -162,10 +169,40 @@ class ResultWriter:
         return self.status(run_id) == "completed"
 
 
-def read_table(out: Path | str, name: str) -> pa.Table:
-    """One table of a results directory, all runs concatenated (empty if none)."""
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A file written by an older version: columns it lacks become nulls, extra ones are dropped."""
+    cols = [table.column(f.name) if f.name in table.column_names else pa.nulls(len(table), f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema) if table.schema != schema else table
+
+
+def stats_column(rounds: "pd.DataFrame", key: str) -> "pd.Series":
+    """One value of the `stats` JSON column of a rounds frame (NaN where absent)."""
+    import pandas as pd
+
+    return pd.to_numeric(rounds["stats"].map(lambda s: json.loads(s).get(key) if isinstance(s, str) else None), errors="coerce")
+
+
+class BadResultFile(UserError):
+    pass
+
+
+def read_table(out: Path | str, name: str, bad: list[Path] | None = None) -> pa.Table:
+    """One table of a results directory, all runs concatenated (empty if none).
+
+    A file that is not readable Parquet raises `BadResultFile` naming it; when the caller
+    passes a `bad` list instead, the file is skipped and appended to it (nothing silent)."""
     folder = Path(out) / name
     files = sorted(folder.glob("*.parquet")) if folder.exists() else []
-    if not files:
-        return SCHEMAS[name].empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=SCHEMAS[name]) for f in files])
+    tables = []
+    for f in files:
+        try:
+            tables.append(conform(pq.read_table(f), SCHEMAS[name]))
+        except (pa.ArrowException, OSError) as e:
+            if bad is None:
+                reason = (str(e).splitlines() or [type(e).__name__])[0]
+                raise BadResultFile(
+                    f"{f} is not a readable Parquet file ({reason}); delete it (its run is redone by the same "
+                    "`fedame-bench run`) or pass --skip-bad to report the rest"
+                ) from None
+            bad.append(f)
+    return pa.concat_tables(tables) if tables else SCHEMAS[name].empty_table()

@@ -22,6 +22,7 @@ from bench.data import Dataset
 from bench.features import FeatureStore
 from bench.metrics import average_incremental_accuracy, backward_transfer, final_accuracy, forgetting, task_accuracies
 from bench.runtime import ClientJob, Executor
+from bench.runtime.base import executor_kind
 from bench.scenario import Scenario, build_scenario
 from bench.sysinfo import git_sha, hardware, versions
 
@@ -48,7 +49,14 @@ class RunSpec:
         ident = self.config.model_dump(mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods"})
         ident["data"].pop("root", None)
         ident["method"] = self.method
-        ident["method_config"] = self.config.method_config(self.method).model_dump(mode="json")
+        mcfg = self.config.method_config(self.method)
+        ident["method_config"] = mcfg.model_dump(mode="json")
+        kind = executor_kind(self.config.runtime)
+        if kind != "local":  # float summation order differs between executors (thread counts), so
+            ident["executor"] = kind  # their numbers can differ in the last digits: not one run
+        extra = get_method(self.method).identity(mcfg)
+        if extra:  # only when present: run ids of methods without such facts stay as they were
+            ident["method_identity"] = extra
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.method}-{self.config.data.dataset}-a{self.alpha:g}-s{self.seed}-{digest}"
 
@@ -130,10 +138,15 @@ def execute_run(
         train_x, test_x = store.images("train"), store.images("test")
         feature_dim = 0
     env = method_env(cfg, ds, feature_dim, cache_dir)
+    executor.label_run({"run_id": spec.run_id, "method": spec.method, "alpha": f"{spec.alpha:g}", "seed": str(spec.seed)})
     server = executor.make_server(method_cls, mcfg, env)
-    server.setup()
+    try:
+        server.setup()
+        executor.start(method_cls.ClientClass, mcfg, env, train_x, ds.train_y)
+    except BaseException:
+        executor.stop()  # a failed setup releases what it reserved (central actor, placement group)
+        raise
     evaluate = Evaluator(scenario, test_x, ds.test_y, ds.num_classes)
-    executor.start(method_cls.ClientClass, mcfg, env, train_x, ds.train_y)
     T = scenario.num_tasks
     R = np.full((T, T), np.nan)
     seen_acc = np.zeros(T)
@@ -177,8 +190,8 @@ def execute_run(
                     "bytes_up": sum(res.update.nbytes for res in results),
                     "bytes_down": sum(j.payload.nbytes for j in jobs),
                     "clients_used": len(results),
-                    "experts_alive": stats.get("experts_alive"),
                     "retries": sum(res.retries for res in results),
+                    "stats": json.dumps(stats, sort_keys=True) if stats else None,
                 }
                 rounds_rows.append(row)
                 executor.round_done(spec.method, row)
@@ -212,6 +225,7 @@ def execute_run(
         "gpu_seconds": gpu_seconds,
         "bytes_up": int(sum(r["bytes_up"] for r in rounds_rows)),
         "bytes_down": int(sum(r["bytes_down"] for r in rounds_rows)),
+        **decision_counts(decided),
     }
     runs_row = run_row(spec, ds.name, executor.name, "completed", None, started)
     decisions = [{"run_id": spec.run_id, **d} for d in decided]
@@ -223,6 +237,22 @@ def execute_run(
         "decisions": decisions,
     }
     return RunOutput(tables, summary)
+
+
+def decision_counts(decided: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summary columns: decisions by source, how many fell back to the rule and the first reason
+    (all null for methods that make no decisions)."""
+    if not decided:
+        return {}
+    sources = [d.get("source") for d in decided]
+    fell = [d for d in decided if d.get("fallback")]
+    return {
+        "decisions_llm": sources.count("llm"),
+        "decisions_cache": sources.count("cache"),
+        "decisions_rule": len(sources) - sources.count("llm") - sources.count("cache"),
+        "decisions_fallback": len(fell),
+        "fallback_reason": fell[0]["reason"].split("; ")[0] if fell else None,
+    }
 
 
 def run_row(

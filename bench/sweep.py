@@ -21,7 +21,7 @@ from bench.features import FeatureStore
 from bench.results import ResultWriter
 from bench.runner import RunSpec, execute_run, run_row
 from bench.runtime import make_executor
-from bench.runtime.base import executor_kind, preflight_device
+from bench.runtime.base import executor_kind, preflight_cluster, preflight_device
 from bench.scenario import build_scenario
 
 
@@ -89,6 +89,7 @@ def prepare(cfg: ExperimentConfig, specs: list[RunSpec], data_dir: str | None) -
     """Everything that can fail because of user input, done before the first run starts:
     data present, every scenario buildable, backbone weights loadable (features cached)."""
     preflight_device(cfg.runtime)
+    preflight_cluster(cfg.runtime)
     ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
     for spec in specs:
         build_scenario(spec.config.scenario, ds.train_y, ds.class_names, spec.seed)

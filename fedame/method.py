@@ -12,6 +12,7 @@ parameters and its per-class feature statistics.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,7 @@ from bench.training import as_tensor, batched_argmax, distillation, load_module_
 from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, class_anchors, config_clusters, kmeans_clusters
 from fedame.feature_prompts import FeaturePromptBank, client_report, sample_features
 from fedame.experts import Expert, anchor_logits, contrastive_loss, mix
-from fedame.llm import Decision, DecisionMaker, LLMConfig, RuleConfig, ask_clusters
+from fedame.llm import Decision, DecisionMaker, LLMConfig, LLMRequiredError, RuleConfig, ask_clusters
 from fedame.pool import ExpertPool
 from fedame.prompts import PromptBank, class_statistics, distribution_loss, sample
 from fedame.router import Projector, RouterHead, route, routing_loss
@@ -327,8 +328,22 @@ class FedAME(Server):
         class_anchors(config.anchors, names, Path(cache_dir))  # fails fast when unavailable; cached for the runs
         if config.clusters.source == "config" or (config.clusters.source == "auto" and config.clusters.groups):
             config_clusters(config.clusters.groups or {}, names)
+        if config.llm.required:
+            if config.decisions != "llm" or not config.llm.enabled:
+                raise LLMRequiredError("methods.fedame.llm.required needs decisions: llm and llm.enabled: true")
+            if not os.environ.get(config.llm.api_key_env):
+                raise LLMRequiredError(f"methods.fedame.llm.required: ${config.llm.api_key_env} is not set; "
+                                       "export the key or drop --require-llm")
         if config.clusters.source == "superclasses" and dataset.superclasses is None:
             raise AnchorError(f"clusters.source=superclasses: {dataset.name} has no superclasses; use kmeans or config")
+
+    @classmethod
+    def identity(cls, config: FedAMEConfig) -> dict[str, Any]:
+        """Whether an LLM can decide changes the numbers: a keyed rerun is a new run."""
+        llm = config.llm
+        if config.decisions == "llm" and llm.enabled and os.environ.get(llm.api_key_env):
+            return {"llm": f"{llm.base_url}|{llm.model}"}
+        return {}
 
     # -------------------------------------------------------------- setup and decisions
     def setup(self) -> None:
@@ -396,6 +411,7 @@ class FedAME(Server):
                 "latency_s": d.latency_s,
                 "response_digest": d.response_digest,
                 "reason": d.reason,
+                "fallback": d.fallback,
             }
         )
 

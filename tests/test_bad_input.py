@@ -70,3 +70,20 @@ def test_cuda_requested_without_a_gpu(tmp_path):
         pytest.skip("this machine has CUDA")
     fails(tmp_path, "--config", "smoke", "--set", "runtime.device=cuda", match="runtime.device=auto or cpu")
     fails(tmp_path, "--config", "smoke", "--executor", "ray", "--set", "runtime.device=cuda", match="--gpus-per-client")
+
+
+def test_unreachable_ray_address_fails_fast_naming_it(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    fails(tmp_path, "--config", "smoke", "--executor", "ray", "--address", "127.0.0.1:1", match="no Ray cluster answers at 127.0.0.1:1")
+    assert time.perf_counter() - t0 < 10  # Ray alone retries for minutes
+    fails(tmp_path, "--config", "smoke", "--executor", "ray", "--address", "head-node", match="is not HOST:PORT")
+
+
+def test_relative_paths_name_the_folder_they_resolved_against(tmp_path, monkeypatch):
+    """Config paths resolve against the current directory: run elsewhere, the error says so."""
+    monkeypatch.setattr(data_mod, "_DOWNLOAD_HOST", ("127.0.0.1", 9))
+    monkeypatch.chdir(tmp_path)
+    out = fails(tmp_path, "--config", "cifar100", "--methods", "fedavg", "--data-dir", "nowhere", match="current directory")
+    assert str(tmp_path) in out.replace("\n", "")

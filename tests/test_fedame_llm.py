@@ -88,3 +88,58 @@ def test_no_key_means_rule_and_no_request(server, anchors, tmp_path):
     cfg = LLMConfig(base_url=server.base_url, api_key_env="UNSET_KEY_FOR_TEST")
     d = DecisionMaker(cfg, RuleConfig(assign_threshold=0.5), NAMES, anchors, tmp_path).decide(1, experts(anchors))
     assert d.source == "heuristic" and server.requests == []
+
+
+def test_every_fallback_is_marked_and_required_makes_it_an_error(server, anchors, tmp_path, monkeypatch):
+    from fedame.llm import LLMRequiredError
+
+    server.mode = "malformed"
+    dm = maker(server, anchors, tmp_path, monkeypatch)
+    d = dm.decide(1, experts(anchors))
+    assert d.fallback and dm.fallback_reason.startswith("llm answer rejected")
+    server.mode = "valid"
+    server.answer = {"action": "assign", "expert": 0, "reason": "fruit"}
+    assert not dm.decide(1, experts(anchors)).fallback  # an LLM answer is not a fallback
+    server.mode = "malformed"
+    with pytest.raises(LLMRequiredError, match="rejected"):
+        maker(server, anchors, tmp_path / "other", monkeypatch, required=True).decide(1, experts(anchors))
+
+
+def test_no_key_is_a_counted_fallback_through_the_cli(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from bench.results import read_table
+
+    monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
+    out = tmp_path / "r"
+    res = CliRunner().invoke(app, ["run", "--config", "smoke", "--methods", "fedame,fedavg", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "6 expert decisions: 0 llm, 0 cache, 6 rule; 6 fell back to the rule (no LLM key: $DEEPSEEK_API_KEY is not set)" in res.output
+    rows = {r["method"]: r for r in read_table(out, "summary").to_pylist()}
+    assert (rows["fedame"]["decisions_rule"], rows["fedame"]["decisions_fallback"]) == (6, 6)
+    assert rows["fedavg"]["decisions_rule"] is None  # a method without decisions has none
+    # --require-llm without a key: one error line before any work, nothing written
+    res = CliRunner().invoke(app, ["run", "--config", "smoke", "--methods", "fedame", "--require-llm", "--out", str(tmp_path / "q")])
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and "DEEPSEEK_API_KEY is not set" in errors[0] and "Traceback" not in res.output
+    assert not (tmp_path / "q" / "runs").exists()
+    # decisions: heuristic is the rule by choice, not a fallback
+    res = CliRunner().invoke(app, ["run", "--config", "smoke", "--methods", "fedame", "--out", str(tmp_path / "h"),
+                                   "--set", "methods.fedame.decisions=heuristic"])
+    assert "6 rule" in res.output and "fell back" not in res.output
+
+
+def test_a_usable_llm_makes_a_new_run_id(monkeypatch):
+    from bench.config import load_config
+    from bench.sweep import expand
+
+    monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
+    cfg = load_config("smoke")
+    without = {s.method: s.run_id for s in expand(cfg, ["fedame", "fedavg"], [0.5], [0])}
+    monkeypatch.setenv("DEEPSEEK_API_KEY", "sk-x")
+    keyed = {s.method: s.run_id for s in expand(cfg, ["fedame", "fedavg"], [0.5], [0])}
+    assert keyed["fedame"] != without["fedame"]  # a keyed rerun is not skipped as complete
+    assert keyed["fedavg"] == without["fedavg"]
+    heur = load_config("smoke", ["methods.fedame.decisions=heuristic"])
+    assert len({s.run_id for s in expand(heur, ["fedame"], [0.5], [0])} | {s.run_id for s in expand(heur, ["fedame"], [0.5], [0])}) == 1

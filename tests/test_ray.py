@@ -245,3 +245,37 @@ def test_concurrent_runs_that_each_fill_the_cluster_take_turns(cluster, tmp_path
     assert len(done) == 2
     assert {r["status"] for r in read_table(tmp_path / "out", "runs").to_pylist()} == {"completed"}
     assert all_gpus_free()  # reservations released
+
+
+def test_setup_failure_releases_the_central_actor(cluster, tmp_path):
+    from ray._private.state import actors as actor_table
+
+    def live_server_hosts() -> int:
+        return sum(a["State"] == "ALIVE" and a["ActorClassName"].endswith("ServerHost") for a in actor_table().values())
+
+    before = live_server_hosts()
+    spec, ds, store = smoke("fedame", tmp_path, "methods.fedame.anchors.source=file", "methods.fedame.anchors.file=/no/such.npz")
+    ex = RayExecutor(spec.config.runtime)  # held, as the sweep holds it while it records the failure
+    with pytest.raises(Exception, match="no file"):  # FedAME's setup raises inside the central actor
+        run(spec, ds, store, ex, tmp_path)
+    import time
+
+    deadline = time.monotonic() + 30
+    while live_server_hosts() > before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live_server_hosts() == before  # the central actor was killed, not left behind
+    assert all_gpus_free()  # and no client actor or reservation holds a GPU
+
+
+def test_actors_are_named_after_their_run_and_role(cluster, tmp_path):
+    from ray._private.state import actors as actor_table
+
+    spec, ds, store = smoke("fedavg", tmp_path)
+    seen: set[str] = set()
+
+    def look(row):
+        seen.update(a["Name"] for a in actor_table().values() if a["State"] == "ALIVE" and a.get("Name"))
+
+    run(spec, ds, store, RayExecutor(spec.config.runtime), tmp_path, on_round=look)
+    for role in ("central actor", "client actor 0", "client actor 1"):
+        assert any(n.startswith(f"fedavg a=0.5 s=0 {role} [{spec.run_id} #") for n in seen), (role, seen)

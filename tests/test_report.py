@@ -1,5 +1,6 @@
 """Paper tables and figures from Parquet alone: known means, stds and bold choices."""
 
+import json
 import re
 from datetime import datetime, timezone
 
@@ -24,7 +25,8 @@ def write_run(writer, run_id, method, alpha, seed, final, forgetting, status="co
                               "wall_seconds": 1.0, "gpu_seconds": 0.0, "bytes_up": 1, "bytes_down": 1}]
         tables["rounds"] = [{"run_id": run_id, "method": method, "task": t, "round": r, "acc_seen": final + 0.1 * (1 - t),
                              "loss": 1.0, "wall_seconds": 0.1, "client_seconds": 0.1, "bytes_up": 1, "bytes_down": 1,
-                             "clients_used": 5, "experts_alive": (2 + t) if method == "fedame" else None, "retries": 0}
+                             "clients_used": 5, "retries": 0,
+                             "stats": json.dumps({"experts_alive": 2 + t}) if method == "fedame" else None}
                             for t in range(2) for r in range(3)]
         tables["accuracy"] = []
         if method == "fedame":
@@ -98,3 +100,39 @@ def test_plots_are_written_with_one_panel_per_alpha(handmade, tmp_path):
         assert png.stat().st_size > 5000 and pdf.stat().st_size > 1000
     w, h = Image.open(out / "accuracy_per_task.png").size
     assert (w, h) == (int(4.2 * 2 * 150), int(3.4 * 150))  # two alphas -> two panels
+
+
+@pytest.mark.parametrize("command", ["report", "plot"])
+def test_a_truncated_parquet_file_is_one_error_line_or_skipped(handmade, tmp_path, command):
+    victim = handmade / "summary" / "a1.parquet"
+    victim.write_bytes(victim.read_bytes()[:40])  # a half-written file, as a crash or copy leaves
+    extra = ["-o", str(tmp_path / "figs")] if command == "plot" else []
+    res = runner.invoke(app, [command, str(handmade), *extra])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "a1.parquet" in lines[0] and "--skip-bad" in lines[0]
+    res = runner.invoke(app, [command, str(handmade), "--skip-bad", *extra])
+    assert res.exit_code == 0, res.output
+    assert "warning: skipped" in res.output and "a1.parquet" in res.output
+    if command == "report":  # the other runs are still reported: fedame's mean now comes from a2 alone
+        assert "fedavg" in res.output and "fedame" in res.output
+
+
+def test_report_and_plot_refuse_to_average_different_sweeps_as_seeds(tmp_path):
+    out = tmp_path / "r"
+    # the README's smoke check and a second setting written to one directory
+    assert runner.invoke(app, ["run", "--config", "smoke", "--methods", "fedncm", "--out", str(out)]).exit_code == 0
+    res = runner.invoke(app, ["run", "--config", "smoke", "--methods", "fedncm", "--out", str(out),
+                              "--set", "scenario.num_clients=2"])
+    assert res.exit_code == 0, res.output
+    for command in (["report", str(out)], ["plot", str(out), "-o", str(tmp_path / "f")]):
+        res = runner.invoke(app, command)
+        assert res.exit_code == 2
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "scenario.num_clients" in errors[0] and "--by alpha,num_clients" in errors[0], res.output
+    res = runner.invoke(app, ["report", str(out), "--by", "alpha,num_clients"])
+    assert res.exit_code == 0 and res.output.count("(1)") == 6, res.output  # 3 metrics x 2 settings, one run each
+    # seeds of one setting still average
+    assert runner.invoke(app, ["run", "--config", "smoke", "--methods", "fedncm", "--seeds", "1", "--out", str(out)]).exit_code == 0
+    res = runner.invoke(app, ["report", str(out), "--by", "alpha,num_clients"])
+    assert res.exit_code == 0 and "(2)" in res.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -53,6 +54,13 @@ class Executor(ABC):
     def stop(self) -> None:
         """Release what `start` acquired."""
 
+    run_labels: dict[str, str] = {}
+
+    def label_run(self, labels: dict[str, str]) -> None:
+        """What run this executor serves (run_id, method, alpha, seed): names its actors and
+        labels its metrics, so concurrent runs stay apart on a dashboard."""
+        self.run_labels = dict(labels)
+
     def round_done(self, method: str, row: dict) -> None:
         """Called by the runner after each round (the Ray executor exports metrics here)."""
 
@@ -86,6 +94,28 @@ def preflight_device(cfg: RuntimeConfig) -> None:
     import torch
 
     pick_device("cuda", torch.cuda.is_available())
+
+
+class ClusterUnreachable(UserError):
+    pass
+
+
+def preflight_cluster(cfg: RuntimeConfig, timeout_s: float = 5.0) -> None:
+    """Before any run: `--address HOST:PORT` must answer, or one line says so within seconds
+    (Ray itself retries a dead address for minutes while nothing moves)."""
+    if executor_kind(cfg) != "ray" or not cfg.address or cfg.address in ("auto", "local"):
+        return
+    target = cfg.address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterUnreachable(f"--address {cfg.address!r} is not HOST:PORT (e.g. 10.0.0.5:6379, the head node's GCS port)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at {cfg.address} ({e.strerror or type(e).__name__}); start one there with "
+            f"`ray start --head --port={port}`, check the host and port (the head's GCS port, 6379 by default), or drop --address"
+        ) from None
 
 
 def client_data(client_id: int, x: np.ndarray, y: np.ndarray, device: str) -> ClientData:

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,7 +121,7 @@ def _metrics() -> dict[str, Any]:
     if not _METRICS:
         from ray.util.metrics import Counter, Gauge
 
-        keys = ("method",)
+        keys = ("run_id", "method", "alpha", "seed")
         _METRICS.update(
             rounds=Counter("fedame_rounds_completed", "federated rounds completed", tag_keys=keys),
             updates=Counter("fedame_client_updates", "client updates aggregated", tag_keys=keys),
@@ -218,12 +219,12 @@ class RemoteServer(Server):
     name = "remote"
     summary = ""
 
-    def __init__(self, ray, server_cls, config, env) -> None:
+    def __init__(self, ray, server_cls, config, env, name: str | None = None) -> None:
         self.ray = ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.actor = ray.remote(ServerHost).options(num_cpus=0, scheduling_strategy=here).remote(
+        self.actor = ray.remote(ServerHost).options(num_cpus=0, scheduling_strategy=here, name=name).remote(
             server_cls, config, env, forwarded_environ(config)
         )
         self.n_clients = env.num_clients
@@ -273,9 +274,19 @@ class RayExecutor(Executor):
         self.ray = ensure_ray(cfg)
         self.actors: list[Any] = []
         self.indices: dict[int, np.ndarray] = {}
+        self._token = uuid.uuid4().hex[:4]
+        self._restarts: dict[int, int] = {}
+
+    def actor_name(self, role: str) -> str | None:
+        """e.g. `fedame a=0.5 s=0 client actor 3 [fedame-cifar100-a0.5-s0-1a2b3c4d5e #9f2c]`: the
+        dashboard's Actors view reads as the sweep (the token keeps a rerun's names unique)."""
+        lab = self.run_labels
+        if not lab:
+            return None
+        return f"{lab['method']} a={lab['alpha']} s={lab['seed']} {role} [{lab['run_id']} #{self._token}]"
 
     def make_server(self, server_cls, config, env) -> Server:
-        self.server = RemoteServer(self.ray, server_cls, config, env)
+        self.server = RemoteServer(self.ray, server_cls, config, env, self.actor_name("central actor"))
         return self.server
 
     def start(self, client_cls, config, env, train_x, train_y) -> None:
@@ -343,7 +354,8 @@ class RayExecutor(Executor):
         where = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=a) if self.pg else None
         return (
             self.ray.remote(ClientActor)
-            .options(num_cpus=self.cfg.cpus_per_client, num_gpus=self.cfg.gpus_per_client, max_restarts=0, scheduling_strategy=where)
+            .options(num_cpus=self.cfg.cpus_per_client, num_gpus=self.cfg.gpus_per_client, max_restarts=0, scheduling_strategy=where,
+                     name=self.actor_name(f"client actor {a}" + (f" restart {self._restarts[a]}" if self._restarts.get(a) else "")))
             .remote(*self._ctor, threads, self.cfg.device, self._environ)
         )
 
@@ -400,13 +412,14 @@ class RayExecutor(Executor):
             self.ray.kill(self.actors[a], no_restart=True)
         except Exception:  # already gone
             pass
+        self._restarts[a] = self._restarts.get(a, 0) + 1
         self.actors[a] = self._new_actor(a)
         self.ray.get(self.actors[a].set_task.remote(self._clients_of(a)), timeout=600)
 
     def round_done(self, method: str, row: dict) -> None:
         """Export progress to the Ray dashboard's metrics (ray.util.metrics)."""
         m = _metrics()
-        tags = {"method": method}
+        tags = {"run_id": "", "alpha": "", "seed": "", **self.run_labels, "method": method}
         m["rounds"].inc(1, tags=tags)
         m["updates"].inc(row["clients_used"], tags=tags)
         m["bytes"].inc(row["bytes_up"] + row["bytes_down"], tags=tags)
