@@ -51,9 +51,11 @@ class RunSpec:
         ident["method"] = self.method
         mcfg = self.config.method_config(self.method)
         ident["method_config"] = mcfg.model_dump(mode="json")
-        kind = executor_kind(self.config.runtime)
-        if kind != "local":  # float summation order differs between executors (thread counts), so
-            ident["executor"] = kind  # their numbers can differ in the last digits: not one run
+        threads = self.config.runtime.torch_threads
+        if threads:  # one thread count everywhere: every executor gives the same numbers
+            ident["torch_threads"] = threads
+        elif executor_kind(self.config.runtime) != "local":  # thread counts differ between the local
+            ident["executor"] = executor_kind(self.config.runtime)  # process and actors: not one run
         extra = get_method(self.method).identity(mcfg)
         if extra:  # only when present: run ids of methods without such facts stay as they were
             ident["method_identity"] = extra

@@ -148,3 +148,6 @@ def test_skips_say_where_and_the_executor_is_part_of_the_run_id(smoke_out):
     local = expand(load_config("smoke"), ["fedavg"], [0.5], [0])[0].run_id
     ray = expand(load_config("smoke", ["runtime.executor=ray"]), ["fedavg"], [0.5], [0])[0].run_id
     assert local != ray  # a Ray run into a directory of local results is run, not skipped
+    pinned = [expand(load_config("smoke", [f"runtime.executor={e}", "runtime.torch_threads=1"]), ["fedavg"], [0.5], [0])[0].run_id
+              for e in ("local", "ray")]
+    assert pinned[0] == pinned[1] != local  # one thread count: the executors agree, so one run

@@ -279,3 +279,32 @@ def test_actors_are_named_after_their_run_and_role(cluster, tmp_path):
     run(spec, ds, store, RayExecutor(spec.config.runtime), tmp_path, on_round=look)
     for role in ("central actor", "client actor 0", "client actor 1"):
         assert any(n.startswith(f"fedavg a=0.5 s=0 {role} [{spec.run_id} #") for n in seen), (role, seen)
+
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "data" / "cifar-100-python").exists(), reason="../shared/data absent")
+@pytest.mark.parametrize("method", ["fedavg", "fedame"])
+def test_one_thread_count_makes_local_and_ray_identical_on_real_data(cluster, method):
+    """The main job's setting on the real CIFAR-100 features (one round per task to keep it
+    short): with `runtime.torch_threads` the same everywhere, local and Ray agree exactly."""
+    from pathlib import Path
+
+    from bench.sweep import default_cache_dir
+
+    root = Path(__file__).resolve().parents[1]
+    over = ["runtime.torch_threads=1", "runtime.cpus_per_client=0", "runtime.gpus_per_client=0.5", "runtime.num_actors=2",
+            "training.rounds=1", "eval.every=1"]
+    cfg = load_config(str(root / "configs" / "cifar100_local.yaml"), [*over, f"data.root={SHARED / 'data'}",
+                      f"backbone.weights={SHARED / 'weights' / 'resnet18_cifar100_b50.pt'}",
+                      f"methods.fedame.anchors.file={SHARED / 'data' / 'anchors' / 'cifar100_clip_vit-b-32.npz'}"])
+    ds = load_dataset(cfg.data, Path(cfg.data.root))
+    cache = default_cache_dir(cfg)
+    store = FeatureStore(ds, cfg.backbone, cache)
+    spec = RunSpec(method, cfg)
+    local = execute_run(spec, ds, store, LocalExecutor(cfg.runtime), str(cache))
+    remote = execute_run(spec, ds, store, RayExecutor(cfg.runtime), str(cache))
+    assert matrix(local) == matrix(remote)
+    assert local.summary["final_acc"] > 0.2  # real learning, not a degenerate agreement

@@ -149,8 +149,15 @@ class LocalExecutor(Executor):
         import torch
 
         self.device = pick_device(cfg.device if cfg else "auto", torch.cuda.is_available())
+        self.threads = cfg.torch_threads if cfg else None
+        self._threads_before: int | None = None
 
     def start(self, client_cls, config, env, train_x, train_y) -> None:
+        if self.threads:
+            import torch
+
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
         self.client = client_cls(config, env)
         self.train_x, self.train_y = train_x, train_y
         self.data: dict[int, ClientData] = {}
@@ -161,6 +168,13 @@ class LocalExecutor(Executor):
 
     def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
         return [timed_local_train(self.client, j.payload, self.data[j.client_id], j.ctx, self.device) for j in jobs]
+
+    def stop(self) -> None:
+        if self._threads_before is not None:
+            import torch
+
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
 
 def executor_kind(cfg: RuntimeConfig) -> str:

@@ -196,8 +196,12 @@ class ServerHost:
     experts, prompts; for FedAvg-like methods one parameter group), serves each client only
     what it needs straight from the object store, and aggregates what comes back."""
 
-    def __init__(self, server_cls, config, env, environ: dict[str, str]) -> None:
+    def __init__(self, server_cls, config, env, environ: dict[str, str], threads: int | None = None) -> None:
         os.environ.update(environ)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         self.server = server_cls(config, env)
 
     def call(self, hook: str, *args):
@@ -219,13 +223,13 @@ class RemoteServer(Server):
     name = "remote"
     summary = ""
 
-    def __init__(self, ray, server_cls, config, env, name: str | None = None) -> None:
+    def __init__(self, ray, server_cls, config, env, name: str | None = None, threads: int | None = None) -> None:
         self.ray = ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.actor = ray.remote(ServerHost).options(num_cpus=0, scheduling_strategy=here, name=name).remote(
-            server_cls, config, env, forwarded_environ(config)
+            server_cls, config, env, forwarded_environ(config), threads
         )
         self.n_clients = env.num_clients
         self._round: dict[int, RemotePayload] = {}
@@ -286,7 +290,7 @@ class RayExecutor(Executor):
         return f"{lab['method']} a={lab['alpha']} s={lab['seed']} {role} [{lab['run_id']} #{self._token}]"
 
     def make_server(self, server_cls, config, env) -> Server:
-        self.server = RemoteServer(self.ray, server_cls, config, env, self.actor_name("central actor"))
+        self.server = RemoteServer(self.ray, server_cls, config, env, self.actor_name("central actor"), self.cfg.torch_threads)
         return self.server
 
     def start(self, client_cls, config, env, train_x, train_y) -> None:
@@ -350,7 +354,7 @@ class RayExecutor(Executor):
         """Actor `a`, in bundle `a` of the run's reservation."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        threads = max(1, math.floor(self.cfg.cpus_per_client)) if self.cfg.cpus_per_client else 1
+        threads = self.cfg.torch_threads or (max(1, math.floor(self.cfg.cpus_per_client)) if self.cfg.cpus_per_client else 1)
         where = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=a) if self.pg else None
         return (
             self.ray.remote(ClientActor)
