@@ -57,8 +57,9 @@ def test_readme_main_job_runs(tmp_path):
     assert argv[:2] == ["fedame-bench", "run"] and argv[-2] == "--out"
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, "-m", "bench", *argv[1:-1], str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "6 runs completed now" in proc.stdout
+    said = " ".join((proc.stdout + proc.stderr).split())  # the console may write to either, wrapped
+    assert proc.returncode == 0, said[-3000:]
+    assert "6 runs completed now, 0 skipped or failed" in said
     assert len(list((out / "summary").glob("*.parquet"))) == 6
 
 
