@@ -16,7 +16,7 @@ from pydantic import Field
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, TrainContext, derive_seed, register
 
-from baselines.statistics import StatisticsServer
+from baselines.statistics import StatisticsServer, statistics_report
 
 
 class AFCLConfig(MethodConfig):
@@ -42,7 +42,7 @@ class AFCLClient(Client):
         onehot = np.zeros((len(data.y), self.env.num_classes))
         onehot[np.arange(len(data.y)), np.asarray(data.y)] = 1.0
         arrays = {"gram": phi.T @ phi, "cross": phi.T @ onehot}
-        return ClientUpdate(arrays=arrays, meta={"client_id": data.client_id}, num_samples=len(data.y), loss=0.0)
+        return statistics_report(arrays, data)
 
 
 @register

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, TrainContext, register
 
-from baselines.statistics import StatisticsServer
+from baselines.statistics import StatisticsServer, statistics_report
 
 
 class FeCAMConfig(MethodConfig):
@@ -53,7 +53,7 @@ class FeCAMClient(Client):
             counts[c], sums[c], outer[c] = len(xc), xc.sum(0), xc.T @ xc
         # only the classes this client holds travel (the server adds them into place)
         arrays = {"classes": classes, "count": counts[classes], "sum": sums[classes], "outer": outer[classes]}
-        return ClientUpdate(arrays=arrays, meta={"client_id": data.client_id}, num_samples=len(y), loss=0.0)
+        return statistics_report(arrays, data)
 
 
 @register

@@ -13,7 +13,7 @@ import numpy as np
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, TrainContext, register
 
-from baselines.statistics import StatisticsServer
+from baselines.statistics import StatisticsServer, statistics_report
 
 
 class FedNCMConfig(MethodConfig):
@@ -34,7 +34,7 @@ class FedNCMClient(Client):
         np.add.at(sums, data.y, x)
         counts = np.bincount(data.y, minlength=self.env.num_classes).astype(np.float64)
         arrays = {"sums": sums, "counts": counts}
-        return ClientUpdate(arrays=arrays, meta={"client_id": data.client_id}, num_samples=len(data.y), loss=0.0)
+        return statistics_report(arrays, data)
 
 
 @register
