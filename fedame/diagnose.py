@@ -46,10 +46,7 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, test_x: torch
 def prompt_samples(server: FedAME, seen: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """PROBE_PER_CLASS draws per seen class from the prompts replay uses; (x, class position,
     in feature space?)."""
-    cfg = server.config
-    feature = cfg.prompt_space == "feature"
-    arrays = server.feature_prompts.arrays(seen, server.env.feature_dim) if feature else server.prompts.arrays(seen)
-    classes = arrays["fp_classes" if feature else "prompt_classes"]
+    feature, classes, arrays = server.replay_prompts()
     which = torch.arange(len(classes)).repeat_interleave(PROBE_PER_CLASS)
     if feature:
         x = sample_features(t(arrays["fp_mu"]), t(arrays["fp_L"]), t(arrays["fp_sd"]), which, gen)

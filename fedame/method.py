@@ -233,14 +233,18 @@ class FedAMEClient(Client):
         client_classes = max(1, int(((torch.bincount(y, minlength=len(pos)) > 0) & real_cls).sum()))
         replay_weight = replay.n / client_classes if cfg.balanced_replay else cfg.replay_ratio
 
-        feature = cfg.prompt_space == "feature"
-        proto_pos = t(np.array([pos[int(c)] for c in a["fp_classes" if feature else "prompt_classes"]], dtype=np.int64), dev)
-        proto_means = t(a["fp_mu"], dev) if feature else mu
 
-        def protos_of(p: Projector | None) -> torch.Tensor | None:
+        def protos_of(p: Projector) -> torch.Tensor | None:
+            """Class prototypes from the prompts replay draws from (their means)."""
             if cfg.prototype_weight == 0:
                 return None
-            return prototypes(A, cfg.prompt_radius, p if feature else None, proto_pos, proto_means)
+            return prototypes(A, cfg.prompt_radius, p if replay.feature else None, replay.cls_pos, replay.prompts[0])
+
+        t_protos = None
+        if teacher is not None:
+            with torch.no_grad():  # the teacher is fixed: its prototypes are too
+                t_protos = protos_of(teacher_proj)
+                t_protos = None if t_protos is None else t_protos[old_pos]
 
         def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             u = proj(xb)
@@ -265,8 +269,7 @@ class FedAMEClient(Client):
                 loss = loss + lam.contrast * contrastive_loss(u, A, yb, cfg.contrast_temperature)
             if teacher is not None and lam.forget > 0:
                 with torch.no_grad():
-                    t_p = protos_of(teacher_proj)
-                    t_logits = teacher(teacher_proj(xb), None if t_p is None else t_p[old_pos])[0]
+                    t_logits = teacher(teacher_proj(xb), t_protos)[0]
                 loss = loss + lam.forget * distillation(logits[:, old_pos], t_logits, cfg.kd_temperature)
             if lam.dist > 0 and len(prompt_pos) and not frozen:
                 has = prompt_of[yb] >= 0
@@ -280,16 +283,14 @@ class FedAMEClient(Client):
 
         with torch.no_grad():
             counts, sums, sumsq = class_statistics(proj(x), y, len(pos))
-            if bool(a.get("want_feature_stats", False)):
-                report = client_report(x, y, len(pos), cfg.prompt_rank)
         arrays = {} if frozen else module_arrays(proj, "proj.")
         arrays.update(module_arrays(moe.router, "router."))
         arrays["log_scale"] = moe.log_scale.detach().cpu().numpy().copy()
         for e, ex in zip(a["held"], moe.experts):
             arrays.update(module_arrays(ex, f"expert.{int(e)}."))
         arrays.update({"stat_count": counts, "stat_sum": sums, "stat_sumsq": sumsq})
-        if bool(a.get("want_feature_stats", False)):
-            arrays.update(report)
+        if bool(a.get("want_feature_stats", False)):  # features are frozen: once per client per task
+            arrays.update(client_report(x, y, len(pos), cfg.prompt_rank))
         samples_per_expert = {int(e): 0 for e in a["held"]}
         all_ids = a["all_experts"]
         for c_pos, n_c in enumerate(counts):
@@ -519,14 +520,20 @@ class FedAME(Server):
         idx = batched_argmax(lambda xb: moe(self.proj(xb), protos)[0], x)
         return np.asarray(self.seen)[idx]
 
+    def replay_prompts(self) -> tuple[bool, np.ndarray, dict[str, np.ndarray]]:
+        """(feature space?, classes with a prompt, their arrays): the prompts replay draws from."""
+        if self.config.prompt_space == "feature":
+            arrays = self.feature_prompts.arrays(self.seen, self.env.feature_dim)
+            return True, arrays["fp_classes"], arrays
+        arrays = self.prompts.arrays(self.seen)
+        return False, arrays["prompt_classes"], arrays
+
     @torch.no_grad()
     def class_prototypes(self) -> torch.Tensor | None:
         if self.config.prototype_weight == 0:
             return None
-        feature = self.config.prompt_space == "feature"
-        arrays = self.feature_prompts.arrays(self.seen, self.env.feature_dim) if feature else self.prompts.arrays(self.seen)
+        feature, classes, arrays = self.replay_prompts()
         pos = {c: i for i, c in enumerate(self.seen)}
-        classes = arrays["fp_classes" if feature else "prompt_classes"]
         where = torch.tensor([pos[int(c)] for c in classes], dtype=torch.long)
         means = t(arrays["fp_mu" if feature else "prompt_mu"])
         return prototypes(t(self.anchors[self.seen]), self.config.prompt_radius, self.proj if feature else None, where, means)
