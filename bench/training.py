@@ -24,7 +24,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], s: TrainSettings) -> to
     if s.optimizer == "sgd":
         return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, foreach=True)
     if s.optimizer == "adam":
-        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay, foreach=True)
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay, fused=True)
     return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, foreach=True)
 
 

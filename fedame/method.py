@@ -144,13 +144,13 @@ class AnchorMoE:
         return [*self.router.parameters(), *(p for e in self.experts for p in e.parameters()), self.log_scale]
 
 
-def prototypes(anchors: torch.Tensor, radius: float, proj: Projector | None, pos: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+def prototypes(anchors: torch.Tensor, radius: float, pos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per class (rows of `anchors`): anchor + residual clipped to `radius`, normalised; the
-    residual points to the prompt mean of the classes at `pos` (feature-space means go through
-    `proj`, so the prototype follows the projector), zero for the others."""
+    residual points to `target`, the prompt means of the classes at `pos` in the anchor space
+    (feature-space means go through the current projector first, so the prototype follows
+    it), zero for the others."""
     if len(pos) == 0:
         return anchors
-    target = proj(means) if proj is not None else F.normalize(means, dim=-1)
     residual = target - anchors[pos]
     norm = residual.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     residual = residual * torch.clamp(radius / norm, max=1.0)
@@ -176,7 +176,8 @@ def build_moe(cfg: FedAMEConfig, a: dict[str, np.ndarray], prefix: str, class_an
 
 
 class Replay:
-    """Draws replayed samples, already in the anchor space, with their class positions."""
+    """Draws replayed samples with their class positions: backbone features in feature mode
+    (the caller projects them, together with its real samples), anchor-space points otherwise."""
 
     def __init__(self, feature: bool, cls_pos: torch.Tensor, which: torch.Tensor, prompts: tuple[torch.Tensor, ...], n_classes: int) -> None:
         self.feature, self.cls_pos, self.which, self.prompts = feature, cls_pos, which, prompts
@@ -185,12 +186,16 @@ class Replay:
         self.covers = torch.zeros(n_classes, dtype=torch.bool, device=cls_pos.device)
         self.covers[cls_pos[which]] = True
 
-    def draw(self, m: int, gen: torch.Generator, proj: Projector) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(self, m: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         pick = self.which[torch.randint(self.n, (m,), generator=gen).to(self.which.device)]
         self.drawn += m
         if self.feature:
-            return self.cls_pos[pick], proj(sample_features(*self.prompts, pick, gen))
+            return self.cls_pos[pick], sample_features(*self.prompts, pick, gen)
         return self.cls_pos[pick], sample(*self.prompts, pick, gen)
+
+    def targets(self, proj: Projector) -> torch.Tensor:
+        """The prompt means in the anchor space (the prototypes' targets)."""
+        return proj(self.prompts[0]) if self.feature else F.normalize(self.prompts[0], dim=-1)
 
 
 
@@ -234,43 +239,50 @@ class FedAMEClient(Client):
         replay_weight = replay.n / client_classes if cfg.balanced_replay else cfg.replay_ratio
 
 
-        def protos_of(p: Projector) -> torch.Tensor | None:
-            """Class prototypes from the prompts replay draws from (their means)."""
-            if cfg.prototype_weight == 0:
-                return None
-            return prototypes(A, cfg.prompt_radius, p if replay.feature else None, replay.cls_pos, replay.prompts[0])
+        use_protos = cfg.prototype_weight > 0
+        replaying = bool(replay.n) and cfg.replay_ratio > 0
 
-        t_protos = None
-        if teacher is not None:
-            with torch.no_grad():  # the teacher is fixed: its prototypes are too
-                t_protos = protos_of(teacher_proj)
-                t_protos = None if t_protos is None else t_protos[old_pos]
+        teacher_logits = None
+        if teacher is not None and lam.forget > 0:
+            with torch.no_grad():  # the teacher is fixed: its logits on this client's data are too
+                t_protos = prototypes(A, cfg.prompt_radius, replay.cls_pos, replay.targets(teacher_proj))[old_pos] if use_protos else None
+                teacher_logits = torch.cat([teacher(teacher_proj(x[i : i + 8192]), t_protos)[0] for i in range(0, len(x), 8192)])
 
-        def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            u = proj(xb)
-            P = protos_of(proj)
-            logits, scores = moe(u, P)
-            keep = real_cls[yb].to(logits.dtype)
-            ce = (F.cross_entropy(logits, yb, reduction="none") * keep).sum()
-            route_l = (routing_loss(scores, owner_pos[yb], "none") * keep).sum()
-            n = float(keep.sum())
-            if replay.n and cfg.replay_ratio > 0:
-                m = max(1, int(round(cfg.replay_ratio * len(yb))))
-                y_r, u_r = replay.draw(m, gen, proj)
-                logits_r, scores_r = moe(u_r, P)
+        def loss_fn(xb: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
+            yb, b = y[ib], len(ib)
+            y_all, weight = yb, real_cls[yb].to(x.dtype)
+            # one projector pass over real samples, replayed features and prompt means
+            parts = [xb]
+            if replaying:
+                m = max(1, int(round(cfg.replay_ratio * b)))
+                y_r, s_r = replay.draw(m, gen)
                 # class-balanced: a replayed sample weighs what a real one of an average class does
-                w = replay_weight * len(yb) / m
-                ce = ce + w * F.cross_entropy(logits_r, y_r, reduction="sum")
-                route_l = route_l + w * routing_loss(scores_r, owner_pos[y_r], "sum")
-                n += w * m
-            n = max(n, 1.0)
+                y_all = torch.cat([yb, y_r])
+                weight = torch.cat([weight, torch.full((m,), replay_weight * b / m, dtype=x.dtype, device=dev)])
+                if replay.feature:
+                    parts.append(s_r)
+            n_real = sum(len(p) for p in parts)
+            if use_protos and replay.feature and len(replay.cls_pos):
+                parts.append(replay.prompts[0])
+            out = proj(torch.cat(parts)) if len(parts) > 1 else proj(xb)
+            u = out[:b]
+            u_all = out[:n_real] if not replaying or replay.feature else torch.cat([u, s_r])
+            protos = None
+            if use_protos:
+                target = out[n_real:] if replay.feature else replay.targets(proj)
+                protos = prototypes(A, cfg.prompt_radius, replay.cls_pos, target)
+            # real and replayed samples go through the mixture in one pass; per sample each
+            # term is what it was
+            logits_all, scores = moe(u_all, protos)
+            logits = logits_all[:b]
+            n = max(float(weight.sum()), 1.0)
+            ce = (F.cross_entropy(logits_all, y_all, reduction="none") * weight).sum()
+            route_l = (routing_loss(scores, owner_pos[y_all], "none") * weight).sum()
             loss = ce / n + lam.route * route_l / n
             if lam.contrast > 0 and not frozen:
                 loss = loss + lam.contrast * contrastive_loss(u, A, yb, cfg.contrast_temperature)
-            if teacher is not None and lam.forget > 0:
-                with torch.no_grad():
-                    t_logits = teacher(teacher_proj(xb), t_protos)[0]
-                loss = loss + lam.forget * distillation(logits[:, old_pos], t_logits, cfg.kd_temperature)
+            if teacher_logits is not None:
+                loss = loss + lam.forget * distillation(logits[:, old_pos], teacher_logits[ib], cfg.kd_temperature)
             if lam.dist > 0 and len(prompt_pos) and not frozen:
                 has = prompt_of[yb] >= 0
                 if has.any():
@@ -279,7 +291,8 @@ class FedAMEClient(Client):
             return loss
 
         own = replace(ctx.train, optimizer=cfg.optimizer or ctx.train.optimizer, lr=cfg.lr or ctx.train.lr)
-        loss = train_epochs(params, x, y, replace(ctx, train=own), loss_fn, gen)
+        # minibatches of sample indices: the loss looks up labels and cached teacher logits
+        loss = train_epochs(params, x, torch.arange(len(y), device=dev), replace(ctx, train=own), loss_fn, gen)
 
         with torch.no_grad():
             counts, sums, sumsq = class_statistics(proj(x), y, len(pos))
@@ -536,7 +549,8 @@ class FedAME(Server):
         pos = {c: i for i, c in enumerate(self.seen)}
         where = torch.tensor([pos[int(c)] for c in classes], dtype=torch.long)
         means = t(arrays["fp_mu" if feature else "prompt_mu"])
-        return prototypes(t(self.anchors[self.seen]), self.config.prompt_radius, self.proj if feature else None, where, means)
+        target = self.proj(means) if feature else F.normalize(means, dim=-1)
+        return prototypes(t(self.anchors[self.seen]), self.config.prompt_radius, where, target)
 
     def stats(self) -> dict[str, float]:
         return {"experts_alive": len(self.pool.alive)}
