@@ -189,7 +189,7 @@ def run(
 def report(
     results: Annotated[list[Path], typer.Argument(help="One or more results directories")],
     format: Annotated[str, typer.Option("--format", "-f", help="markdown | latex | csv")] = "markdown",
-    metrics: Annotated[str, typer.Option("--metrics", help="Comma list: final_acc, avg_acc, forgetting, bwt, wall_seconds, bytes_up")] = "final_acc,avg_acc,forgetting",
+    metrics: Annotated[str, typer.Option("--metrics", help="Comma list: final_acc, avg_acc, forgetting, bwt, wall_seconds, bytes_down, bytes_up")] = "final_acc,avg_acc,forgetting",
     by: Annotated[str, typer.Option("--by", help="Settings that make the columns, e.g. alpha,dataset")] = "alpha",
     skip_bad: SkipBadOpt = False,
 ) -> None:

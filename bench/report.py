@@ -18,13 +18,14 @@ from bench.errors import UserError
 from bench.results import read_table
 
 METRICS = {
-    # name: (label, higher is better, shown as percent)
-    "final_acc": ("Final acc.", True, True),
-    "avg_acc": ("Avg. inc. acc.", True, True),
-    "forgetting": ("Forgetting", False, True),
-    "bwt": ("BWT", True, True),
-    "wall_seconds": ("Wall s", False, False),
-    "bytes_up": ("Bytes up", False, False),
+    # name: (label with unit, higher is better, scale of the shown value, decimals)
+    "final_acc": ("Final acc. (%)", True, 100, 1),
+    "avg_acc": ("Avg. inc. acc. (%)", True, 100, 1),
+    "forgetting": ("Forgetting (%)", False, 100, 1),
+    "bwt": ("BWT (%)", True, 100, 1),
+    "wall_seconds": ("Wall s", False, 1, 1),
+    "bytes_down": ("MB down", False, 1e-6, 1),  # what a deployment sends (bench/wire.py)
+    "bytes_up": ("MB up", False, 1e-6, 1),
 }
 SETTING_COLUMNS = ("alpha", "dataset", "num_tasks", "num_clients", "partition", "rounds", "local_epochs", "backbone")
 NOTE = (
@@ -158,13 +159,12 @@ def best_methods(col: dict[str, Cell], metric: str) -> set[str]:
 def _fmt(c: Cell, metric: str) -> str:
     if np.isnan(c.mean):
         return "–"
-    scale = 100 if METRICS[metric][2] else 1
-    digits = 1 if METRICS[metric][2] else 0
+    _, _, scale, digits = METRICS[metric]
     return f"{c.mean * scale:.{digits}f} ± {c.std * scale:.{digits}f} ({c.n})"
 
 
 def _header(metric: str, by: list[str], s: tuple) -> str:
-    label = METRICS[metric][0] + (" (%)" if METRICS[metric][2] else "")
+    label = METRICS[metric][0]
     return " ".join([label, *(f"{b}={v:g}" if isinstance(v, float) else f"{b}={v}" for b, v in zip(by, s))]).strip()
 
 

