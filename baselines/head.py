@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed
-from bench.training import as_tensor, batched_argmax, load_module_arrays, masked_logits, module_arrays, torch_generator, train_epochs, weighted_average
+from bench.training import as_tensor, batched_argmax, load_module_arrays, masked_logits, module_arrays, torch_generator, train_epochs
 
 LossTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y, logits) -> loss
 HEAD = "head."
@@ -92,7 +92,7 @@ class HeadServer(Server):
         return self._payload
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
-        avg = weighted_average(updates, [k for k in updates[0].arrays if k.startswith(HEAD)])
+        avg = self.combine(updates, [k for k in updates[0].arrays if k.startswith(HEAD)], reference=module_arrays(self.model, HEAD))
         load_module_arrays(self.model, avg, HEAD)
         self._payload = None
 

@@ -29,7 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, Server, TaskInfo, TrainContext, derive_seed, register
-from bench.training import as_tensor, load_module_arrays, module_arrays, torch_generator, weighted_average
+from bench.training import as_tensor, load_module_arrays, module_arrays, torch_generator
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -279,7 +279,8 @@ class MoEAdapterFL(Server):
         return self._payload
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
-        load_module_arrays(self.clf.adapters, weighted_average(updates, [k for k in updates[0].arrays if k.startswith("adapter.")]), "adapter.")
+        keys = [k for k in updates[0].arrays if k.startswith("adapter.")]
+        load_module_arrays(self.clf.adapters, self.combine(updates, keys, reference=module_arrays(self.clf.adapters, "adapter.")), "adapter.")
         self._payload = None
 
     @torch.no_grad()

@@ -51,6 +51,7 @@ class ClientUpdate(Message):
 
     num_samples: int = 0
     loss: float = float("nan")
+    client_id: int = -1  # set by the executor: who sent it (aggregation shares, attacks)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class TrainContext:
     client_id: int
     train: TrainSettings
     device: str = "cpu"
+    attack: Any = None  # bench.config.AttackConfig when this client is malicious (applied by the executor)
 
     @property
     def seed(self) -> int:
@@ -123,6 +125,7 @@ class MethodEnv:
     image_size: int = 32
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    aggregation: Any = None  # bench.config.AggregationConfig; None: the mean
 
 
 class Client(ABC):
@@ -154,6 +157,37 @@ class Server(ABC):
     def __init__(self, config: MethodConfig, env: MethodEnv) -> None:
         self.config = config
         self.env = env
+        self._shares: dict[int, list[float]] = {}
+        self._fallbacks = 0
+
+    def combine(
+        self,
+        updates: list[ClientUpdate],
+        keys: list[str],
+        weights: list[float] | None = None,
+        reference: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """One parameter group (a model, a head, one expert) combined by the run's
+        aggregation rule (config `aggregation`; the sample-weighted mean by default).
+        `weights` default to sample counts; `reference` is the global model the updates
+        started from (the attention rule embeds their change from it). Records each
+        client's share of the result for the rounds table."""
+        from bench.config import AggregationConfig
+        from bench.federation import combine
+
+        rule = self.env.aggregation or AggregationConfig()
+        out = combine(rule, updates, keys, weights, reference, seed=derive_seed(self.env.run_seed, "aggregation"))
+        for u, share in zip(updates, out.shares):
+            self._shares.setdefault(u.client_id, []).append(float(share))
+        self._fallbacks += out.fallback
+        return out.arrays
+
+    def aggregation_report(self) -> dict[str, Any]:
+        """Since the last call: each client's share, averaged over the groups combined, and
+        how often a rule could not apply (then the median stood in)."""
+        report = {"shares": {k: float(np.mean(v)) for k, v in sorted(self._shares.items())}, "fallbacks": self._fallbacks}
+        self._shares, self._fallbacks = {}, 0
+        return report
 
     @classmethod
     def preflight(cls, config: MethodConfig, dataset: Any, cache_dir: Any) -> None:

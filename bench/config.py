@@ -44,6 +44,27 @@ class DataConfig(Section):
     synthetic: SyntheticData = SyntheticData()
 
 
+class AttackConfig(Section):
+    """Malicious clients (bench/federation/attacks.py): which, and what they do."""
+
+    kind: Literal["none", "random", "sign_flip", "scale", "label_flip", "free_rider"] = "none"
+    clients: int = Field(1, ge=0)  # how many clients are malicious (a seeded choice, fixed per run)
+    fraction: float | None = Field(None, gt=0, le=1)  # or this share of the clients (at least one)
+    factor: float = 4.0  # sign_flip: g - factor * (u - g); scale: g + factor * (u - g)
+    noise: float = Field(1.0, gt=0)  # random: std of the noise, relative to the global array's RMS
+
+
+class AggregationConfig(Section):
+    """How the server combines parameter updates (bench/federation/aggregation.py)."""
+
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "attention"] = "mean"
+    trim: float = Field(0.2, ge=0, lt=0.5)  # trimmed_mean: share cut at each end, per coordinate
+    byzantine: int = Field(1, ge=0)  # krum, multi_krum: malicious clients assumed (f)
+    keep: int | None = Field(None, ge=1)  # multi_krum: updates averaged (default n - f)
+    temperature: float = Field(0.1, gt=0)  # attention: softmax temperature
+    sketch_dim: int = Field(256, ge=8)  # attention: width of the seeded random projection
+
+
 class ScenarioConfig(Section):
     class_order: list[str | int] | None = None  # explicit order (names or label ids)
     shuffle_classes: bool = False  # seeded permutation when no explicit order
@@ -54,6 +75,7 @@ class ScenarioConfig(Section):
     alpha: float = 0.5
     min_samples: int = Field(2, ge=0)  # per client per task (dirichlet)
     shards_per_client: int = Field(2, ge=1)
+    attack: AttackConfig = AttackConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "ScenarioConfig":
@@ -63,6 +85,8 @@ class ScenarioConfig(Section):
             raise ValueError(f"task sizes must be positive, got {self.tasks}")
         if self.tasks is not None and self.n_tasks is not None:
             raise ValueError("give either scenario.tasks or scenario.n_tasks, not both")
+        if self.attack.kind != "none" and self.attack.fraction is None and not 1 <= self.attack.clients <= self.num_clients:
+            raise ValueError(f"attack.clients must be 1..{self.num_clients} (the clients), got {self.attack.clients}")
         return self
 
 
@@ -129,6 +153,7 @@ class ExperimentConfig(Section):
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     sweep: SweepConfig = SweepConfig()
+    aggregation: AggregationConfig = AggregationConfig()
     cache_dir: str | None = None  # features/anchors/LLM cache; default per-user cache dir
     methods: dict[str, dict[str, Any]] = {}
 

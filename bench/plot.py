@@ -51,11 +51,14 @@ def _panels(n: int, width: float = 4.2, height: float = 3.4):
 
 def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Path]:
     summary, runs = load(dirs, bad)
-    check_mergeable(runs, ["alpha"])
     what = ", ".join(sorted(runs.dataset.dropna().unique())) + " (" + ", ".join(sorted(runs.sweep.dropna().unique())) + ")"
     rounds = pd.concat([read_table(d, "rounds", bad).to_pandas() for d in dirs], ignore_index=True)
     decisions = pd.concat([read_table(d, "decisions", bad).to_pandas() for d in dirs], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
+    if (runs.attack != "none").any() or runs.aggregation.nunique() > 1:  # a robustness sweep
+        check_mergeable(runs, ["alpha", "aggregation", "attack"])
+        return robustness(rounds.merge(runs[["run_id", "aggregation", "attack"]], on="run_id"), out, what)
+    check_mergeable(runs, ["alpha"])
     rounds = rounds.merge(runs[["run_id", "alpha", "seed"]], on="run_id")
     methods = sorted(runs.method.unique())
     alphas = sorted(runs.alpha.unique())
@@ -131,3 +134,26 @@ def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Pat
             axes[1].legend(fontsize="small")
         written += _save(fig, out, "fedame_experts")
     return written
+
+
+def robustness(rounds: pd.DataFrame, out: Path, what: str) -> list[Path]:
+    """The share of each round's aggregate that came from the malicious clients, per rule
+    (mean over seeds and alphas); one panel per method and attack."""
+    attacked = rounds[rounds.attack != "none"].copy()
+    if attacked.empty:
+        return []
+    attacked["step"] = attacked.groupby("run_id").cumcount() + 1
+    panels = sorted({(m, a) for m, a in zip(attacked.method, attacked.attack)})
+    rules = sorted(attacked.aggregation.unique())
+    style = _style(rules)
+    fig, axes = _panels(len(panels))
+    for ax, (m, a) in zip(axes, panels):
+        sel = attacked[(attacked.method == m) & (attacked.attack == a)]
+        for rule in rules:
+            line = sel[sel.aggregation == rule].groupby("step").malicious_share.mean()
+            if not line.empty:
+                ax.plot(line.index, line.to_numpy() * 100, markevery=max(1, len(line) // 10), **style[rule])
+        ax.set(title=f"{m}, {a}", xlabel="round (all tasks)", ylabel="malicious clients' share (%)")
+        ax.grid(alpha=0.3)
+    _legend(fig, rules, style, f"share of the aggregate from malicious clients: {what}")
+    return _save(fig, out, "malicious_share")

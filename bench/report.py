@@ -27,7 +27,7 @@ METRICS = {
     "bytes_down": ("MB down", False, 1e-6, 1),  # what a deployment sends (bench/wire.py)
     "bytes_up": ("MB up", False, 1e-6, 1),
 }
-SETTING_COLUMNS = ("alpha", "dataset", "num_tasks", "num_clients", "partition", "rounds", "local_epochs", "backbone")
+SETTING_COLUMNS = ("alpha", "dataset", "num_tasks", "num_clients", "partition", "rounds", "local_epochs", "backbone", "aggregation", "attack")
 NOTE = (
     "Mean ± std over seeds (n = seeds). R[i,j] = accuracy on task j after task i. Final acc.: accuracy on all seen "
     "test samples after the last task; Avg. inc. acc.: mean over tasks of that accuracy after each task; "
@@ -53,6 +53,10 @@ def load(dirs: list[Path], bad: list[Path] | None = None) -> tuple[pd.DataFrame,
         raise ReportError(f"no runs found in {', '.join(map(str, dirs))}; is this a results directory?")
     settings = run_rows[["run_id", *[c for c in SETTING_COLUMNS if c not in ("alpha", "dataset", "num_tasks")]]]
     summary = summary.merge(settings, on="run_id", how="left").drop_duplicates("run_id")
+    # runs written before aggregation rules and attacks existed used the mean, unattacked
+    for frame in (summary, run_rows):
+        frame["aggregation"] = frame["aggregation"].fillna("mean")
+        frame["attack"] = frame["attack"].fillna("none")
     return summary, run_rows.drop_duplicates("run_id", keep="last")
 
 
@@ -85,6 +89,11 @@ def identity(config_json: str | None, method: str, by: list[str]) -> dict[str, s
     cfg.get("data", {}).pop("root", None)
     if "alpha" in by:
         cfg.get("scenario", {}).pop("alpha", None)
+    # the defaults (mean, no attack) are what runs written before these settings existed did
+    if "aggregation" in by or cfg.get("aggregation", {}).get("rule", "mean") == "mean":
+        cfg.pop("aggregation", None)
+    if "attack" in by or cfg.get("scenario", {}).get("attack", {}).get("kind", "none") == "none":
+        cfg.get("scenario", {}).pop("attack", None)
     cfg["methods"] = {method: cfg.get("methods", {}).get(method, {})}
     return _flat(cfg)
 

@@ -36,6 +36,9 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("rounds", pa.int64()),
             ("local_epochs", pa.int64()),
             ("partition", pa.string()),
+            ("aggregation", pa.string()),  # the aggregation rule (mean unless set)
+            ("attack", pa.string()),  # "none", or kind and malicious client count, e.g. "sign_flip x1"
+            ("malicious", pa.string()),  # JSON list of the malicious client ids
             ("backbone", pa.string()),
             ("executor", pa.string()),
             ("config", pa.string()),
@@ -63,6 +66,9 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("clients_used", pa.int64()),
             ("retries", pa.int64()),
             ("stats", pa.string()),  # JSON object of the method's Server.stats() (null when none)
+            ("agg_shares", pa.string()),  # JSON {client id: share of the aggregate}, over the groups combined
+            ("malicious_share", pa.float64()),  # the malicious clients' summed share (null without an attack)
+            ("agg_fallbacks", pa.int64()),  # groups where the rule could not apply (the median stood in)
         ]
     ),
     "accuracy": pa.schema(

@@ -20,6 +20,7 @@ from bench.api import MethodEnv, Server, TaskInfo, TrainContext, TrainSettings, 
 from bench.config import ExperimentConfig
 from bench.data import Dataset
 from bench.features import FeatureStore
+from bench.federation import malicious_clients
 from bench.metrics import average_incremental_accuracy, backward_transfer, final_accuracy, forgetting, task_accuracies
 from bench.runtime import ClientJob, Executor
 from bench.runtime.base import executor_kind
@@ -47,8 +48,13 @@ class RunSpec:
     @functools.cached_property
     def run_id(self) -> str:
         """Stable across executors and machines: a digest of what determines the numbers."""
-        ident = self.config.model_dump(mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods"})
+        ident = self.config.model_dump(mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods", "aggregation"})
         ident["data"].pop("root", None)
+        attack = ident["scenario"].pop("attack")  # only when used: run ids without one stay as they were
+        if attack["kind"] != "none":
+            ident["attack"] = attack
+        if self.config.aggregation.rule != "mean":
+            ident["aggregation"] = self.config.aggregation.model_dump(mode="json")
         ident["method"] = self.method
         mcfg = self.config.method_config(self.method)
         ident["method_config"] = mcfg.model_dump(mode="json")
@@ -89,6 +95,7 @@ def method_env(cfg: ExperimentConfig, ds: Dataset, feature_dim: int, cache_dir: 
         image_size=ds.train_x.shape[1],
         image_mean=cfg.backbone.mean,
         image_std=cfg.backbone.std,
+        aggregation=cfg.aggregation,
     )
 
 
@@ -162,6 +169,8 @@ def execute_run(
     rounds_rows: list[dict[str, Any]] = []
     gpu_seconds = 0.0
     ledger = WireLedger()  # bytes down: what clients do not hold yet (bench/wire.py)
+    attack = cfg.scenario.attack
+    malicious = set(malicious_clients(attack, cfg.scenario.num_clients, cfg.seed))
     try:
         for t in range(T):
             server.begin_task(
@@ -173,7 +182,8 @@ def execute_run(
                 t0 = time.perf_counter()
                 clients = sample_clients(cfg, t, r)
                 jobs = [
-                    ClientJob(k, server.payload_for(k), TrainContext(cfg.seed, t, r, k, env.train)) for k in clients
+                    ClientJob(k, server.payload_for(k), TrainContext(cfg.seed, t, r, k, env.train, attack=attack if k in malicious else None))
+                    for k in clients
                 ]
                 bytes_down = sum(ledger.charge(j.client_id, m) for j, m in zip(jobs, payload_manifests(jobs)))
                 results = executor.train(jobs)
@@ -189,6 +199,8 @@ def execute_run(
                 client_seconds = sum(res.seconds for res in results)
                 gpu_seconds += client_seconds * cfg.runtime.gpus_per_client
                 stats = server.stats()
+                agg = server.aggregation_report()
+                shares = {int(k): v for k, v in agg["shares"].items()}
                 row = {
                     "run_id": spec.run_id,
                     "method": spec.method,
@@ -203,6 +215,9 @@ def execute_run(
                     "clients_used": len(results),
                     "retries": sum(res.retries for res in results),
                     "stats": json.dumps(stats, sort_keys=True) if stats else None,
+                    "agg_shares": json.dumps(shares, sort_keys=True) if shares else None,
+                    "malicious_share": sum(v for k, v in shares.items() if k in malicious) if malicious and shares else None,
+                    "agg_fallbacks": agg["fallbacks"],
                 }
                 rounds_rows.append(row)
                 executor.round_done(spec.method, row)
@@ -266,6 +281,14 @@ def decision_counts(decided: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def attack_label(cfg: ExperimentConfig) -> str:
+    """E.g. "none", "sign_flip x1" (kind and malicious client count)."""
+    a = cfg.scenario.attack
+    if a.kind == "none":
+        return "none"
+    return f"{a.kind} x{len(malicious_clients(a, cfg.scenario.num_clients, cfg.seed))}"
+
+
 def run_row(
     spec: RunSpec, dataset: str, executor: str, status: str, error: str | None, started: datetime
 ) -> dict[str, Any]:
@@ -285,6 +308,9 @@ def run_row(
         "rounds": cfg.training.rounds,
         "local_epochs": cfg.training.local_epochs,
         "partition": cfg.scenario.partition,
+        "aggregation": cfg.aggregation.rule,
+        "attack": attack_label(cfg),
+        "malicious": json.dumps(list(malicious_clients(cfg.scenario.attack, cfg.scenario.num_clients, cfg.seed))),
         "backbone": f"{cfg.backbone.arch}/{cfg.backbone.variant}/{cfg.backbone.weights}",
         "executor": executor,
         "config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed, register
 from bench.config import Section
-from bench.training import as_tensor, batched_argmax, distillation, load_module_arrays, module_arrays, torch_generator, train_epochs, weighted_average
+from bench.training import as_tensor, batched_argmax, distillation, load_module_arrays, module_arrays, torch_generator, train_epochs
 
 from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, class_anchors, config_clusters, kmeans_clusters
 from fedame.feature_prompts import FeaturePromptBank, client_report, sample_features
@@ -485,7 +485,8 @@ class FedAME(Server):
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
         keys = [k for k in updates[0].arrays if k.startswith(("proj.", "router."))] + ["log_scale"]
-        shared = weighted_average(updates, keys)
+        current = {**module_arrays(self.proj, "proj."), **module_arrays(self.router, "router."), "log_scale": self.log_scale}
+        shared = self.combine(updates, keys, reference=current)
         if not self.projector_frozen:
             load_module_arrays(self.proj, shared, "proj.")
         load_module_arrays(self.router, shared, "router.")
@@ -496,7 +497,7 @@ class FedAME(Server):
             if not carriers or sum(weights) == 0:
                 continue
             keys = [k for k in carriers[0].arrays if k.startswith(f"expert.{e}.")]
-            avg = weighted_average(carriers, keys, weights=weights)
+            avg = self.combine(carriers, keys, weights, reference={f"expert.{e}.{k}": v for k, v in self.pool.params[e].items()})
             self.pool.params[e] = {k.removeprefix(f"expert.{e}."): v for k, v in avg.items()}
         stats = [sum(u.arrays[k] for u in updates) for k in ("stat_count", "stat_sum", "stat_sumsq")]
         self.prompts.update(np.asarray(self.seen), *stats)

@@ -64,7 +64,9 @@ def test_readme_main_job_runs(tmp_path):
 
 
 def test_synopsis_commands_and_options_exist():
-    (code,) = [code for lang, code, _ in blocks() if lang == "text"]
+    from bench.config import load_config
+
+    code = "\n".join(code for lang, code, _ in blocks() if lang == "text")
     helps: dict[str, str] = {}
     for line in commands(code):
         argv = shlex.split(line.replace("[", " ").replace("]", " "))
@@ -76,6 +78,8 @@ def test_synopsis_commands_and_options_exist():
             helps[cmd] = res.output
         for opt in (a for a in argv[2:] if a.startswith("-")):
             assert opt.split("=")[0] in helps[cmd], (line, opt)
+        overrides = [b for a, b in zip(argv, argv[1:]) if a == "--set"]
+        load_config("smoke", overrides)  # every --set a README line shows is a valid key and value
 
 
 def test_python_snippet_runs_on_a_results_folder(tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TrainContext
 from bench.config import RuntimeConfig
 from bench.errors import UserError
+from bench.federation import attack_update, flip_labels
 
 
 @dataclass
@@ -131,13 +132,20 @@ def client_data(client_id: int, x: np.ndarray, y: np.ndarray, device: str) -> Cl
 
 def timed_local_train(client: Client, payload: Message, data: ClientData, ctx: TrainContext, device: str) -> ClientResult:
     """local_train on `device`, timed (a GPU's queued work is waited for, so the time is real)."""
+    attack = ctx.attack
+    if attack is not None and attack.kind == "label_flip":
+        data = flip_labels(data)
     t0 = time.perf_counter()
     update = client.local_train(payload, data, dataclasses.replace(ctx, device=device))
     if device != "cpu":
         import torch
 
         torch.cuda.synchronize()
-    return ClientResult(update, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    if attack is not None:
+        update = attack_update(attack, payload, update, ctx.seed)
+    update.client_id = ctx.client_id
+    return ClientResult(update, seconds)
 
 
 class LocalExecutor(Executor):

@@ -265,6 +265,9 @@ class RemoteServer(Server):
     def stats(self):
         return self._call("stats")
 
+    def aggregation_report(self):
+        return self._call("aggregation_report")
+
     def decisions(self):
         return self._call("decisions")
 
