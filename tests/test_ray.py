@@ -73,6 +73,17 @@ def test_ray_reproduces_local_accuracy_matrix(cluster, tmp_path, method):
     remote = run(spec, ds, store, RayExecutor(spec.config.runtime), tmp_path)
     assert matrix(local) == matrix(remote)
     assert local.summary["bytes_up"] == remote.summary["bytes_up"]
+    assert local.summary["bytes_down"] == remote.summary["bytes_down"]  # manifests from the central actor
+
+
+def test_ray_reproduces_an_attacked_run_and_its_aggregation_shares(cluster, tmp_path):
+    spec, ds, store = smoke("fedame", tmp_path, "scenario.attack.kind=sign_flip", "aggregation.rule=attention")
+    local = run(spec, ds, store, LocalExecutor(), tmp_path)
+    remote = run(spec, ds, store, RayExecutor(spec.config.runtime), tmp_path)
+    assert matrix(local) == matrix(remote)
+    shares = [[r["agg_shares"], r["malicious_share"]] for r in local.tables["rounds"]]
+    assert shares == [[r["agg_shares"], r["malicious_share"]] for r in remote.tables["rounds"]]
+    assert all(s is not None for _, s in shares)
 
 
 def test_killed_actor_is_recovered_with_identical_results(cluster, tmp_path):
