@@ -127,8 +127,8 @@ class RuntimeConfig(Section):
     num_actors: int | None = Field(None, ge=1)
     max_concurrent_runs: int | None = Field(None, ge=1)
     max_retries: int = Field(2, ge=0)
-    # torch threads for training and evaluation in every worker (the local process, each
-    # client actor, the central actor). Thread counts change float summation order, so only
+    # torch (and numpy BLAS) threads for training, aggregation and evaluation in every worker
+    # (the local process, each client actor, the central actor). Thread counts change float summation order, so only
     # with one value everywhere do the executors give bit-identical numbers; None: the local
     # process keeps torch's default (all cores), a client actor uses floor(cpus_per_client)
     torch_threads: int | None = Field(None, ge=1)

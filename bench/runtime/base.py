@@ -6,6 +6,7 @@ import dataclasses
 import socket
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,24 @@ def client_data(client_id: int, x: np.ndarray, y: np.ndarray, device: str) -> Cl
     return ClientData(client_id, x, np.asarray(y))
 
 
+def pin_threads(n: int) -> Callable[[], None]:
+    """Use `n` threads for torch and for numpy's BLAS in this process (the server's numpy
+    linear algebra gives other bits with another thread count, so one count everywhere is
+    what makes the local and Ray executors agree to the bit); returns the undo."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    limits = threadpool_limits(limits=n, user_api="blas")
+
+    def restore() -> None:
+        torch.set_num_threads(before)
+        limits.restore_original_limits()
+
+    return restore
+
+
 def timed_local_train(client: Client, payload: Message, data: ClientData, ctx: TrainContext, device: str) -> ClientResult:
     """local_train on `device`, timed (a GPU's queued work is waited for, so the time is real)."""
     attack = ctx.attack
@@ -158,14 +177,11 @@ class LocalExecutor(Executor):
 
         self.device = pick_device(cfg.device if cfg else "auto", torch.cuda.is_available())
         self.threads = cfg.torch_threads if cfg else None
-        self._threads_before: int | None = None
+        self._restore_threads: Callable[[], None] | None = None
 
     def start(self, client_cls, config, env, train_x, train_y) -> None:
         if self.threads:
-            import torch
-
-            self._threads_before = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
+            self._restore_threads = pin_threads(self.threads)
         self.client = client_cls(config, env)
         self.train_x, self.train_y = train_x, train_y
         self.data: dict[int, ClientData] = {}
@@ -178,11 +194,9 @@ class LocalExecutor(Executor):
         return [timed_local_train(self.client, j.payload, self.data[j.client_id], j.ctx, self.device) for j in jobs]
 
     def stop(self) -> None:
-        if self._threads_before is not None:
-            import torch
-
-            torch.set_num_threads(self._threads_before)
-            self._threads_before = None
+        if self._restore_threads is not None:
+            self._restore_threads()
+            self._restore_threads = None
 
 
 def executor_kind(cfg: RuntimeConfig) -> str:

@@ -39,7 +39,7 @@ import numpy as np
 from bench.api import ClientData, ClientUpdate, Message, Server
 from bench.config import RuntimeConfig
 from bench.errors import UserError
-from bench.runtime.base import ClientJob, ClientResult, DeviceUnavailable, Executor, client_data, pick_device, timed_local_train
+from bench.runtime.base import ClientJob, ClientResult, DeviceUnavailable, Executor, client_data, pick_device, pin_threads, timed_local_train
 from bench.wire import manifests
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class ClientActor:
         import torch
 
         os.environ.update(environ)
-        torch.set_num_threads(max(1, threads))
+        pin_threads(max(1, threads))
         # Ray sets CUDA_VISIBLE_DEVICES to the granted GPU, so "cuda" is that one
         self.device = pick_device(device, bool(ray.get_gpu_ids()) and torch.cuda.is_available())
         self.client = client_cls(config, env)
@@ -201,9 +201,7 @@ class ServerHost:
     def __init__(self, server_cls, config, env, environ: dict[str, str], threads: int | None = None) -> None:
         os.environ.update(environ)
         if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+            pin_threads(threads)
         self.server = server_cls(config, env)
 
     def call(self, hook: str, *args):
