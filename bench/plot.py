@@ -3,6 +3,7 @@ every method has its own marker and line style, bars have hatches)."""
 
 from __future__ import annotations
 
+import json
 from itertools import cycle
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Pat
     out.mkdir(parents=True, exist_ok=True)
     if (runs.attack != "none").any() or runs.aggregation.nunique() > 1:  # a robustness sweep
         check_mergeable(runs, ["alpha", "aggregation", "attack"])
-        return robustness(rounds.merge(runs[["run_id", "aggregation", "attack"]], on="run_id"), out, what)
+        return robustness(rounds.merge(runs[["run_id", "aggregation", "attack", "malicious", "alpha", "seed"]], on="run_id"), out, what)
     check_mergeable(runs, ["alpha"])
     rounds = rounds.merge(runs[["run_id", "alpha", "seed"]], on="run_id")
     methods = sorted(runs.method.unique())
@@ -156,4 +157,35 @@ def robustness(rounds: pd.DataFrame, out: Path, what: str) -> list[Path]:
         ax.set(title=f"{m}, {a}", xlabel="round (all tasks)", ylabel="malicious clients' share (%)")
         ax.grid(alpha=0.3)
     _legend(fig, rules, style, f"share of the aggregate from malicious clients: {what}")
-    return _save(fig, out, "malicious_share")
+    written = _save(fig, out, "malicious_share")
+    return written + attention_weights(attacked, out, what)
+
+
+MALICIOUS = {"color": "0.0", "linestyle": "-", "marker": "x"}
+HONEST = {"color": "0.6", "linestyle": ":"}
+
+
+def attention_weights(attacked: pd.DataFrame, out: Path, what: str) -> list[Path]:
+    """Each client's attention weight per round (first seed and alpha of each setting): who
+    the server trusted; malicious clients drawn solid, honest ones dotted."""
+    att = attacked[attacked.aggregation == "attention"]
+    if att.empty:
+        return []
+    panels = sorted({(m, a) for m, a in zip(att.method, att.attack)})
+    fig, axes = _panels(len(panels))
+    for ax, (m, a) in zip(axes, panels):
+        run = att[(att.method == m) & (att.attack == a)].sort_values(["seed", "alpha"]).run_id.iloc[0]
+        sel = att[att.run_id == run].sort_values("step")
+        shares = pd.DataFrame([json.loads(x) if isinstance(x, str) else {} for x in sel.agg_shares], index=sel.step)
+        bad = set(json.loads(sel["malicious"].iloc[0] or "[]"))
+        for k in sorted(shares.columns, key=int):
+            evil = int(k) in bad
+            ax.plot(shares.index, shares[k] * 100, **(MALICIOUS if evil else HONEST))
+        ax.set(title=f"{m}, {a}", xlabel="round (all tasks)", ylabel="attention weight (%)")
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], **MALICIOUS), plt.Line2D([], [], **HONEST)]
+    fig.legend(handles, ["malicious client", "honest clients"], loc="lower center", ncol=2, fontsize="small", frameon=False)
+    fig.suptitle(f"attention weight of each client per round: {what}", fontsize="medium")
+    fig.tight_layout(rect=(0, 0.1, 1, 0.93))
+    return _save(fig, out, "attention_weights")
+

@@ -111,11 +111,17 @@ def test_median_and_krum_recover_what_the_mean_loses_under_sign_flipping(tmp_pat
 def test_attention_gives_a_random_update_less_weight_than_any_honest_client(tmp_path):
     import json
 
+    from bench.plot import plot
+    from bench.results import ResultWriter
+
     out = run(tmp_path, "scenario.attack.kind=random", "aggregation.rule=attention")
     bad = set(json.loads(out.tables["runs"][0]["malicious"]))
     for r in out.tables["rounds"]:
         shares = {int(k): v for k, v in json.loads(r["agg_shares"]).items()}
         assert max(shares[k] for k in bad) < min(v for k, v in shares.items() if k not in bad)
+    ResultWriter(tmp_path / "results").write_run(out.tables["runs"][0]["run_id"], out.tables)
+    written = {p.name for p in plot([tmp_path / "results"], tmp_path / "figures")}
+    assert {"malicious_share.png", "attention_weights.png"} <= written
 
 
 def test_without_an_attack_every_rule_learns_what_the_mean_learns(tmp_path):
