@@ -1,4 +1,5 @@
-"""The Ray executor on a real local cluster (loopback, no dashboard, 2 CPUs, 2 logical GPUs)."""
+"""The Ray executor on a real local cluster (loopback, no dashboard; head node: 2 CPUs, 2 logical
+GPUs; multi-node tests add worker nodes)."""
 
 import os
 
@@ -17,10 +18,17 @@ from bench.runtime.ray_executor import RayExecutor
 
 @pytest.fixture(scope="module")
 def cluster():
+    """One cluster for the module: a head node (2 CPUs, 2 logical GPUs) that multi-node tests
+    grow with worker nodes and shrink again (`ray.cluster_utils.Cluster`: real raylets)."""
+    from ray.cluster_utils import Cluster
+
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield ray
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False,
+                                                       "node_ip_address": "127.0.0.1", "object_store_memory": 1 << 30})
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
     ray.shutdown()
+    c.shutdown()
 
 
 def smoke(method, tmp_path, *overrides):
@@ -320,3 +328,57 @@ def test_one_thread_count_makes_local_and_ray_identical_on_real_data(cluster, me
     remote = execute_run(spec, ds, store, RayExecutor(cfg.runtime), str(cache))
     assert matrix(local) == matrix(remote)
     assert local.summary["final_acc"] > 0.1  # real learning (chance: 1%), not a degenerate agreement
+
+
+def test_runs_across_nodes_and_survives_losing_one(cluster, tmp_path):
+    """Two worker nodes with one logical GPU each and a spare: the run's two actors land on
+    different nodes (the head's GPUs are held by another reservation), the central actor on
+    the driver's node; one node is removed mid-run, its bundle and actor move to the spare,
+    and the run completes with the local numbers and every round once."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    spec, ds, store = smoke("fedavg", tmp_path, "runtime.gpus_per_client=1", "runtime.num_actors=2")
+    local = run(spec, ds, store, LocalExecutor(), tmp_path)
+    head_gpus = placement_group([{"GPU": 2}], strategy="STRICT_PACK")  # keeps the run off the head
+    ray.get(head_gpus.ready())
+    nodes = [cluster.add_node(num_cpus=0, num_gpus=1, node_ip_address="127.0.0.1") for _ in range(3)]
+    try:
+        ex = RayExecutor(spec.config.runtime)
+        placed, removed = {}, []
+
+        def lose_a_node(row):
+            if row["task"] == 1 and row["round"] == 0 and not removed:
+                where = [d["node"] for d in ray.get([a.describe.remote() for a in ex.actors])]
+                placed.update(actors=where, central=ray.get(ex.server.actor.node.remote()))
+                victim = next(n for n in nodes if n.node_id == where[0])
+                cluster.remove_node(victim)
+                removed.append(victim)
+
+        remote = run(spec, ds, store, ex, tmp_path, on_round=lose_a_node)
+        assert removed and len(set(placed["actors"])) == 2  # one actor per worker node
+        assert placed["central"] == ray.get_runtime_context().get_node_id()
+        assert matrix(remote) == matrix(local)
+        rounds = [(r["task"], r["round"]) for r in remote.tables["rounds"]]
+        assert len(rounds) == len(set(rounds)) == len(local.tables["rounds"])
+        assert sum(r["retries"] for r in remote.tables["rounds"]) >= 1
+    finally:
+        remove_placement_group(head_gpus)
+        for n in nodes:
+            if n not in removed:
+                cluster.remove_node(n)
+
+
+def test_a_second_sweep_joins_the_running_cluster_with_address(cluster, tmp_path):
+    """Another process (a second sweep) joins this cluster through --address and finishes."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "joined"
+    argv = [sys.executable, "-m", "bench", "run", "--config", "smoke", "--methods", "fedavg", "--executor", "ray",
+            "--address", cluster.address, "--set", "runtime.cpus_per_client=0", "--set", "runtime.gpus_per_client=0.5",
+            "--out", str(out)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 0, said[-2000:]
+    assert "1 runs completed now" in said and "'GPU': 2.0" in said  # it ran on this cluster's two logical GPUs
+    assert len(list((out / "summary").glob("*.parquet"))) == 1

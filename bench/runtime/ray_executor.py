@@ -157,7 +157,8 @@ class ClientActor:
     def describe(self) -> dict[str, Any]:
         import ray
 
-        return {"pid": os.getpid(), "device": self.device, "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+        return {"pid": os.getpid(), "device": self.device, "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "node": ray.get_runtime_context().get_node_id()}
 
     def train(self, job: ClientJob, array_refs: dict[str, Any]) -> tuple[ClientResult, ClientUpdate]:
         """Called with num_returns=2: a header for the driver and the update for the central actor."""
@@ -206,6 +207,12 @@ class ServerHost:
 
     def call(self, hook: str, *args):
         return getattr(self.server, hook)(*args)
+
+    def node(self) -> str:
+        """The Ray node this actor runs on (pinned to the driver's)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def payloads(self, client_ids: list[int]) -> list[RemotePayload]:
         msgs = [self.server.payload_for(k) for k in client_ids]
