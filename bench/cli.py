@@ -332,7 +332,7 @@ def bench_runtime(
     gpus: Annotated[float, typer.Option("--gpus", help="GPUs the actors share (each of n actors asks for gpus/n)")] = 0.0,
 ) -> None:
     """Benchmark the executors on a client-compute-bound workload and print the figures."""
-    from bench.bench_runtime import run_benchmark
+    from bench.runtime.benchmark import run_benchmark
 
     rows = run_benchmark([int(a) for a in actors.split(",") if a], clients, rounds, hidden, per_class, gpus)
     table = Table("executor", "s/round", "updates/s", "client compute s (sum)", "critical path s", "overhead ms",

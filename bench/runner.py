@@ -22,8 +22,7 @@ from bench.data import Dataset
 from bench.features import FeatureStore
 from bench.federation import malicious_clients
 from bench.metrics import average_incremental_accuracy, backward_transfer, final_accuracy, forgetting, task_accuracies
-from bench.runtime import ClientJob, Executor
-from bench.runtime.base import executor_kind
+from bench.runtime import ClientJob, Executor, executor_kind
 from bench.scenario import Scenario, build_scenario
 from bench.sysinfo import git_sha, hardware, versions
 from bench.wire import WireLedger, manifests

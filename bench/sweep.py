@@ -20,8 +20,8 @@ from bench.errors import UserError
 from bench.features import FeatureStore
 from bench.results import ResultWriter
 from bench.runner import RunSpec, execute_run, run_row
-from bench.runtime import make_executor
-from bench.runtime.base import executor_kind, preflight_cluster, preflight_device
+from bench.runtime import executor_kind, make_executor
+from bench.runtime.base import preflight_cluster, preflight_device
 from bench.scenario import build_scenario
 
 

@@ -9,7 +9,8 @@ from bench.config import load_config
 from bench.data import load_dataset
 from bench.features import FeatureStore
 from bench.runner import RunSpec, execute_run
-from bench.runtime.base import LocalExecutor, client_data, pick_device
+from bench.runtime import LocalExecutor
+from bench.runtime.base import client_data, pick_device
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

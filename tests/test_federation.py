@@ -12,7 +12,7 @@ from bench.data import load_dataset
 from bench.features import FeatureStore
 from bench.federation import attack_update, combine, flip_labels, malicious_clients
 from bench.runner import RunSpec, execute_run
-from bench.runtime.base import LocalExecutor
+from bench.runtime import LocalExecutor
 from bench.training import weighted_average
 
 

@@ -12,7 +12,7 @@ from bench.config import load_config
 from bench.data import load_dataset
 from bench.features import FeatureStore
 from bench.runner import RunSpec, execute_run
-from bench.runtime.base import LocalExecutor
+from bench.runtime import LocalExecutor
 from bench.runtime.ray_executor import RayExecutor
 
 
@@ -218,7 +218,7 @@ def test_ctrl_c_under_ray_keeps_completed_runs_and_resumes(cluster, tmp_path):
 
 def test_runtime_benchmark_measures_both_executors(cluster):
     """bench-runtime on a tiny workload: every figure is measured and consistent."""
-    from bench.bench_runtime import run_benchmark
+    from bench.runtime.benchmark import run_benchmark
 
     rows = run_benchmark([2], clients=4, rounds=3, hidden=32, per_class=30)
     assert [r["executor"] for r in rows] == ["local", "ray x2"]

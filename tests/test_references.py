@@ -9,7 +9,7 @@ from bench.config import load_config
 from bench.data import load_dataset
 from bench.features import FeatureStore
 from bench.runner import RunSpec, execute_run
-from bench.runtime.base import LocalExecutor
+from bench.runtime import LocalExecutor
 
 D, K = 6, 4
 

@@ -71,6 +71,15 @@ class DeviceUnavailable(UserError):
     pass
 
 
+def executor_kind(cfg: RuntimeConfig) -> str:
+    """`local` or `ray`; `auto` is ray when more than one accelerator is visible."""
+    if cfg.executor != "auto":
+        return cfg.executor
+    import torch
+
+    return "ray" if torch.cuda.device_count() > 1 else "local"
+
+
 def pick_device(requested: str, has_gpu: bool) -> str:
     """The device a worker's clients train on: `runtime.device`, resolved against whether
     this worker has a CUDA GPU (a Ray actor has one only when it was granted a fraction)."""
@@ -165,52 +174,3 @@ def timed_local_train(client: Client, payload: Message, data: ClientData, ctx: T
         update = attack_update(attack, payload, update, ctx.seed)
     update.client_id = ctx.client_id
     return ClientResult(update, seconds)
-
-
-class LocalExecutor(Executor):
-    """In-process and sequential: the reference every other executor must agree with."""
-
-    name = "local"
-
-    def __init__(self, cfg: RuntimeConfig | None = None) -> None:
-        import torch
-
-        self.device = pick_device(cfg.device if cfg else "auto", torch.cuda.is_available())
-        self.threads = cfg.torch_threads if cfg else None
-        self._restore_threads: Callable[[], None] | None = None
-
-    def start(self, client_cls, config, env, train_x, train_y) -> None:
-        if self.threads:
-            self._restore_threads = pin_threads(self.threads)
-        self.client = client_cls(config, env)
-        self.train_x, self.train_y = train_x, train_y
-        self.data: dict[int, ClientData] = {}
-
-    def set_task(self, task: int, indices: tuple[np.ndarray, ...]) -> None:
-        self.data = {}  # the last task's data leaves the device first
-        self.data = {k: client_data(k, self.train_x[ix], self.train_y[ix], self.device) for k, ix in enumerate(indices)}
-
-    def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
-        return [timed_local_train(self.client, j.payload, self.data[j.client_id], j.ctx, self.device) for j in jobs]
-
-    def stop(self) -> None:
-        if self._restore_threads is not None:
-            self._restore_threads()
-            self._restore_threads = None
-
-
-def executor_kind(cfg: RuntimeConfig) -> str:
-    """`local` or `ray`; `auto` is ray when more than one accelerator is visible."""
-    if cfg.executor != "auto":
-        return cfg.executor
-    import torch
-
-    return "ray" if torch.cuda.device_count() > 1 else "local"
-
-
-def make_executor(cfg: RuntimeConfig) -> Executor:
-    if executor_kind(cfg) == "local":
-        return LocalExecutor(cfg)
-    from bench.runtime.ray_executor import RayExecutor
-
-    return RayExecutor(cfg)

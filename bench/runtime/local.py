@@ -1,0 +1,43 @@
+"""The local executor: clients trained one after another in this process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from bench.config import RuntimeConfig
+from bench.api import ClientData
+from bench.runtime.base import ClientJob, ClientResult, Executor, client_data, pick_device, pin_threads, timed_local_train
+
+
+class LocalExecutor(Executor):
+    """In-process and sequential: the reference every other executor must agree with."""
+
+    name = "local"
+
+    def __init__(self, cfg: RuntimeConfig | None = None) -> None:
+        import torch
+
+        self.device = pick_device(cfg.device if cfg else "auto", torch.cuda.is_available())
+        self.threads = cfg.torch_threads if cfg else None
+        self._restore_threads: Callable[[], None] | None = None
+
+    def start(self, client_cls, config, env, train_x, train_y) -> None:
+        if self.threads:
+            self._restore_threads = pin_threads(self.threads)
+        self.client = client_cls(config, env)
+        self.train_x, self.train_y = train_x, train_y
+        self.data: dict[int, ClientData] = {}
+
+    def set_task(self, task: int, indices: tuple[np.ndarray, ...]) -> None:
+        self.data = {}  # the last task's data leaves the device first
+        self.data = {k: client_data(k, self.train_x[ix], self.train_y[ix], self.device) for k, ix in enumerate(indices)}
+
+    def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
+        return [timed_local_train(self.client, j.payload, self.data[j.client_id], j.ctx, self.device) for j in jobs]
+
+    def stop(self) -> None:
+        if self._restore_threads is not None:
+            self._restore_threads()
+            self._restore_threads = None
