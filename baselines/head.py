@@ -92,7 +92,7 @@ class HeadServer(Server):
         return self._payload
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
-        avg = self.combine(updates, [k for k in updates[0].arrays if k.startswith(HEAD)], reference=module_arrays(self.model, HEAD))
+        avg = self.combine(updates, [k for k in updates[0].arrays if k.startswith(HEAD)], reference=self.payload_for(0).arrays)  # the global model the round started from
         load_module_arrays(self.model, avg, HEAD)
         self._payload = None
 

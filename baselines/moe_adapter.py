@@ -280,7 +280,7 @@ class MoEAdapterFL(Server):
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
         keys = [k for k in updates[0].arrays if k.startswith("adapter.")]
-        load_module_arrays(self.clf.adapters, self.combine(updates, keys, reference=module_arrays(self.clf.adapters, "adapter.")), "adapter.")
+        load_module_arrays(self.clf.adapters, self.combine(updates, keys, reference=self.payload_for(0).arrays), "adapter.")
         self._payload = None
 
     @torch.no_grad()

@@ -280,12 +280,10 @@ def decision_counts(decided: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def attack_label(cfg: ExperimentConfig) -> str:
+def attack_label(cfg: ExperimentConfig, malicious: tuple[int, ...]) -> str:
     """E.g. "none", "sign_flip x1" (kind and malicious client count)."""
-    a = cfg.scenario.attack
-    if a.kind == "none":
-        return "none"
-    return f"{a.kind} x{len(malicious_clients(a, cfg.scenario.num_clients, cfg.seed))}"
+    kind = cfg.scenario.attack.kind
+    return "none" if kind == "none" else f"{kind} x{len(malicious)}"
 
 
 def run_row(
@@ -294,6 +292,7 @@ def run_row(
     cfg = spec.config
     tasks = cfg.scenario.tasks
     n_tasks = len(tasks) if tasks else (cfg.scenario.n_tasks or 1)
+    malicious = malicious_clients(cfg.scenario.attack, cfg.scenario.num_clients, cfg.seed)
     return {
         "run_id": spec.run_id,
         "sweep": spec.sweep,
@@ -308,8 +307,8 @@ def run_row(
         "local_epochs": cfg.training.local_epochs,
         "partition": cfg.scenario.partition,
         "aggregation": cfg.aggregation.rule,
-        "attack": attack_label(cfg),
-        "malicious": json.dumps(list(malicious_clients(cfg.scenario.attack, cfg.scenario.num_clients, cfg.seed))),
+        "attack": attack_label(cfg, malicious),
+        "malicious": json.dumps(list(malicious)),
         "backbone": f"{cfg.backbone.arch}/{cfg.backbone.variant}/{cfg.backbone.weights}",
         "executor": executor,
         "config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),

@@ -237,8 +237,6 @@ class FedAMEClient(Client):
         real_cls = ~replay.covers if cfg.replay_classes == "seen" else torch.ones(len(pos), dtype=torch.bool, device=dev)
         client_classes = max(1, int(((torch.bincount(y, minlength=len(pos)) > 0) & real_cls).sum()))
         replay_weight = replay.n / client_classes if cfg.balanced_replay else cfg.replay_ratio
-
-
         use_protos = cfg.prototype_weight > 0
         replaying = bool(replay.n) and cfg.replay_ratio > 0
 
@@ -485,8 +483,7 @@ class FedAME(Server):
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
         keys = [k for k in updates[0].arrays if k.startswith(("proj.", "router."))] + ["log_scale"]
-        current = {**module_arrays(self.proj, "proj."), **module_arrays(self.router, "router."), "log_scale": self.log_scale}
-        shared = self.combine(updates, keys, reference=current)
+        shared = self.combine(updates, keys, reference=self._shared_arrays())  # what this round's clients started from
         if not self.projector_frozen:
             load_module_arrays(self.proj, shared, "proj.")
         load_module_arrays(self.router, shared, "router.")

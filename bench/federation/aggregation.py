@@ -91,18 +91,14 @@ def _unflatten(flat: np.ndarray, keys: list[str], like: dict[str, np.ndarray]) -
 def _median(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(V)
     order = np.argsort(V, axis=0, kind="stable")
-    middle = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
-    shares = np.zeros(n)
-    for m in middle:
-        shares += np.bincount(order[m], minlength=n) / (V.shape[1] * len(middle))
-    return np.median(V, axis=0), shares
+    middle = order[n // 2 : n // 2 + 1] if n % 2 else order[n // 2 - 1 : n // 2 + 1]  # the one or two middle values
+    shares = np.bincount(middle.ravel(), minlength=n) / middle.size
+    return np.take_along_axis(V, middle, axis=0).mean(0), shares
 
 
 def _trimmed_mean(V: np.ndarray, trim: float) -> tuple[np.ndarray, np.ndarray]:
     n = len(V)
-    cut = int(np.floor(trim * n))
-    if n - 2 * cut < 1:
-        cut = (n - 1) // 2
+    cut = int(np.floor(trim * n))  # trim < 0.5 leaves at least one value
     order = np.argsort(V, axis=0, kind="stable")
     kept = order[cut : n - cut]
     shares = np.bincount(kept.ravel(), minlength=n) / kept.size

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bench.config import RuntimeConfig
 from bench.api import ClientData
+from bench.config import RuntimeConfig
 from bench.runtime.base import ClientJob, ClientResult, Executor, client_data, pick_device, pin_threads, timed_local_train
 
 
