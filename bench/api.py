@@ -13,6 +13,7 @@ zero-copy) and their size is what the runner reports as bytes down/up.
 
 from __future__ import annotations
 
+import pickle
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -234,6 +235,16 @@ class Server(ABC):
     def decisions(self) -> list[dict[str, Any]]:
         """Rows for the `decisions` table (FedAME); empty for most methods."""
         return []
+
+    def state(self) -> bytes:
+        """The global state after a task, for task-level resume (bench/checkpoint.py): by
+        default every attribute, pickled. An attribute that must not be written to disk (a
+        network client, an API key) is dropped by its own class's `__getstate__`."""
+        return pickle.dumps(self.__dict__, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def load_state(self, blob: bytes) -> None:
+        """Restore what `state()` returned (called after `setup()` on a fresh server)."""
+        self.__dict__.update(pickle.loads(blob))
 
 
 def derive_seed(*parts: int | str) -> int:

@@ -53,7 +53,7 @@ def user_errors(fn):
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted: completed runs are saved; rerun the same command to resume[/]")
+            console.print("[yellow]interrupted: completed runs and tasks are saved; rerun the same command to resume[/]")
             raise typer.Exit(130) from None
 
     return wrapper
@@ -143,9 +143,12 @@ def run(
         def label(spec) -> str:
             return f"{spec.method} a={spec.alpha:g} s={spec.seed}"
 
-        def start(spec):
+        def start(spec, resume):
             total = spec.config.training.rounds * (len(spec.config.scenario.tasks or []) or spec.config.scenario.n_tasks or 1)
-            run_jobs[spec.run_id] = bar.add_task(label(spec), total=total)
+            run_jobs[spec.run_id] = bar.add_task(label(spec), total=total, completed=len(resume.rounds_rows) if resume else 0)
+            if resume:
+                bar.console.print(f"{label(spec)}: resuming at task {resume.next_task} from {writer.out}/checkpoints/{spec.run_id}.pkl",
+                                  highlight=False, soft_wrap=True)
 
         def round_done(spec, row):
             acc = "" if row["acc_seen"] is None else f" acc={row['acc_seen']:.3f}"

@@ -49,6 +49,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("error", pa.string()),
             ("start_time", TS),
             ("end_time", TS),
+            ("resumed_at_task", pa.int64()),  # the task an interrupted run resumed at (null: ran in one go)
         ]
     ),
     "rounds": pa.schema(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from bench.api import MethodEnv, Server, TaskInfo, TrainContext, TrainSettings, derive_seed, get_method
+from bench.checkpoint import RunCheckpoint
 from bench.config import ExperimentConfig
 from bench.data import Dataset
 from bench.features import FeatureStore
@@ -134,15 +135,25 @@ def payload_manifests(jobs: list[ClientJob]) -> list[Any]:
 
 
 def execute_run(
-    spec: RunSpec, ds: Dataset, store: FeatureStore, executor: Executor, cache_dir: str, on_round=None, on_task_end=None
+    spec: RunSpec,
+    ds: Dataset,
+    store: FeatureStore,
+    executor: Executor,
+    cache_dir: str,
+    on_round=None,
+    on_task_end=None,
+    resume: RunCheckpoint | None = None,
+    save_checkpoint=None,
 ) -> RunOutput:
     """Run one spec to the end and return its table rows (the caller writes them).
 
     `on_round(row)` sees each rounds-table row; `on_task_end(server, task, scenario, train_x,
-    test_x)` sees the server after each task's last round (diagnostics, local executor)."""
+    test_x)` sees the server after each task's last round (diagnostics, local executor).
+    `save_checkpoint(RunCheckpoint)` is handed the run's state after every task but the last;
+    `resume` (such a checkpoint) starts the run at its next task with that state."""
     cfg = spec.config
-    started = datetime.now(timezone.utc)
-    t_start = time.perf_counter()
+    started = resume.started if resume else datetime.now(timezone.utc)
+    t_start = time.perf_counter() - (resume.elapsed if resume else 0.0)
     method_cls = get_method(spec.method)
     mcfg = cfg.method_config(spec.method)
     scenario = build_scenario(cfg.scenario, ds.train_y, ds.class_names, cfg.seed)
@@ -157,6 +168,8 @@ def execute_run(
     server = executor.make_server(method_cls, mcfg, env)
     try:
         server.setup()
+        if resume:
+            server.load_state(resume.server_state)
         executor.start(method_cls.ClientClass, mcfg, env, train_x, ds.train_y)
     except BaseException:
         executor.stop()  # a failed setup releases what it reserved (central actor, placement group)
@@ -168,10 +181,13 @@ def execute_run(
     rounds_rows: list[dict[str, Any]] = []
     gpu_seconds = 0.0
     ledger = WireLedger()  # bytes down: what clients do not hold yet (bench/wire.py)
+    if resume:
+        R, seen_acc, rounds_rows = resume.accuracy.copy(), resume.seen_acc.copy(), list(resume.rounds_rows)
+        gpu_seconds, ledger = resume.gpu_seconds, resume.ledger
     attack = cfg.scenario.attack
     malicious = set(malicious_clients(attack, cfg.scenario.num_clients, cfg.seed))
     try:
-        for t in range(T):
+        for t in range(resume.next_task if resume else 0, T):
             server.begin_task(
                 TaskInfo(t, scenario.tasks[t], scenario.seen_classes(t), scenario.client_classes(t, ds.train_y))
             )
@@ -225,6 +241,9 @@ def execute_run(
             server.end_task()
             if on_task_end is not None:
                 on_task_end(server, t, scenario, train_x, test_x)
+            if save_checkpoint is not None and t < T - 1:
+                save_checkpoint(RunCheckpoint(spec.run_id, t + 1, server.state(), R.copy(), seen_acc.copy(), list(rounds_rows),
+                                              gpu_seconds, ledger, time.perf_counter() - t_start, started))
         decided = server.decisions()  # before stop(): on Ray the server lives in an actor
     finally:
         executor.stop()
@@ -253,6 +272,7 @@ def execute_run(
         **decision_counts(decided),
     }
     runs_row = run_row(spec, ds.name, executor.name, "completed", None, started)
+    runs_row["resumed_at_task"] = resume.next_task if resume else None
     decisions = [{"run_id": spec.run_id, **d} for d in decided]
     tables = {
         "runs": [runs_row],

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.api import available_methods, get_method
+from bench.checkpoint import CheckpointStore
 from bench.config import ConfigError, ExperimentConfig
 from bench.data import Dataset, load_dataset, resolve_data_dir
 from bench.errors import UserError
@@ -107,11 +108,13 @@ def run_sweep(
     specs: list[RunSpec],
     prepared: Prepared,
     writer: ResultWriter,
-    on_run_start: Callable[[RunSpec], Any] | None = None,
+    on_run_start: Callable[[RunSpec, Any], Any] | None = None,
     on_round: Callable[[RunSpec, dict], Any] | None = None,
     on_run_end: Callable[[RunSpec, dict | None, str], Any] | None = None,
 ) -> list[dict]:
     """Run every spec not yet complete in `writer`; a failing run is recorded and the rest go on.
+    A run interrupted after a task resumes from its checkpoint (bench/checkpoint.py);
+    `on_run_start(spec, checkpoint or None)` says which.
 
     With the Ray executor and `runtime.max_concurrent_runs` > 1, that many runs share the
     cluster at once (each with its own client actors; Ray queues actors beyond its resources)."""
@@ -131,11 +134,14 @@ def run_sweep(
         if on_round:
             on_round(spec, row)
 
+    checkpoints = CheckpointStore(writer.out)
+
     def one(spec: RunSpec) -> dict | None:
         if stop.is_set():
             return None
+        resume = checkpoints.load(spec.run_id)
         if on_run_start:
-            on_run_start(spec)
+            on_run_start(spec, resume)
         started = datetime.now(timezone.utc)
         executor = make_executor(spec.config.runtime)
         try:
@@ -146,6 +152,8 @@ def run_sweep(
                 executor,
                 str(prepared.cache_dir),
                 on_round=lambda row, s=spec: round_done(s, row),
+                resume=resume,
+                save_checkpoint=checkpoints.save,
             )
         except (KeyboardInterrupt, UserError):
             raise
@@ -157,6 +165,7 @@ def run_sweep(
                 on_run_end(spec, None, f"failed: {err}")
             return None
         writer.write_run(spec.run_id, out.tables)
+        checkpoints.drop(spec.run_id)
         if on_run_end:
             on_run_end(spec, out.summary, "completed")
         return out.summary

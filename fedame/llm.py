@@ -104,6 +104,14 @@ class DecisionMaker:
         self._client = None
         self.fallback_reason: str | None = None  # the first reason the rule decided instead
 
+    def __getstate__(self) -> dict:
+        """A checkpoint (bench/checkpoint.py) holds neither the API key nor the network client."""
+        return {**self.__dict__, "api_key": None, "_client": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.api_key = os.environ.get(self.llm.api_key_env) if self.intended else None
+
     def fall_back(self, cls: int, experts: list[ExpertView], why: str, latency: float | None = None, digest: str | None = None) -> Decision:
         """The rule's decision where the LLM was meant to decide: recorded, or an error when required."""
         if self.llm.required:

@@ -1,5 +1,6 @@
-"""The Ray executor on a real local cluster (loopback, no dashboard; head node: 2 CPUs, 2 logical
-GPUs; multi-node tests add worker nodes)."""
+"""The Ray executor on a real local cluster (loopback; head node: 2 CPUs, 2 logical GPUs;
+multi-node tests add worker nodes). The dashboard runs (on loopback, a free port) because
+its state API and the node's metrics endpoint are tested here."""
 
 import os
 
@@ -23,8 +24,11 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False,
-                                                       "node_ip_address": "127.0.0.1", "object_store_memory": 1 << 30})
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 2, "node_ip_address": "127.0.0.1", "object_store_memory": 1 << 30,
+        "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": 0,
+        "_system_config": {"metrics_report_interval_ms": 1000},  # metrics reach the endpoint within a second
+    })
     ray.init(address=c.address, log_to_driver=False)
     yield c
     ray.shutdown()
@@ -112,6 +116,36 @@ def test_killed_actor_is_recovered_with_identical_results(cluster, tmp_path):
     assert sum(r["retries"] for r in remote.tables["rounds"]) >= 1  # the retry is on record
     rounds = [(r["task"], r["round"]) for r in remote.tables["rounds"]]
     assert len(rounds) == len(set(rounds)) == len(local.tables["rounds"])  # nothing lost or duplicated
+
+
+def test_a_run_interrupted_under_ray_resumes_from_its_checkpoint_with_the_same_numbers(cluster, tmp_path):
+    """The central actor's server state goes into the checkpoint and into a fresh central actor."""
+    from bench.checkpoint import CheckpointStore
+
+    spec, ds, store = smoke("fedame", tmp_path)
+    whole = run(spec, ds, store, LocalExecutor(), tmp_path)
+    checkpoints = CheckpointStore(tmp_path / "out")
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_task_1(server, task, *_):
+        if task == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        execute_run(spec, ds, store, RayExecutor(spec.config.runtime), str(tmp_path), on_task_end=stop_after_task_1,
+                    save_checkpoint=checkpoints.save)
+    ckpt = checkpoints.load(spec.run_id)  # task 0's checkpoint, read back from disk
+    assert ckpt.next_task == 1 and len(ckpt.rounds_rows) == spec.config.training.rounds
+    resumed = execute_run(spec, ds, store, RayExecutor(spec.config.runtime), str(tmp_path), resume=ckpt)
+    assert matrix(resumed) == matrix(whole)
+    assert resumed.summary["bytes_down"] == whole.summary["bytes_down"]  # the wire ledger went on where it was
+    def decided(out):
+        return [{k: v for k, v in d.items() if k != "latency_s"} for d in out.tables["decisions"]]
+
+    assert decided(resumed) == decided(whole) and decided(whole)  # task 0's decisions came back from the checkpoint
+    assert resumed.tables["runs"][0]["resumed_at_task"] == 1
 
 
 def test_failing_run_does_not_stop_the_sweep(cluster, tmp_path):
@@ -288,17 +322,43 @@ def test_setup_failure_releases_the_central_actor(cluster, tmp_path):
 
 
 def test_actors_are_named_after_their_run_and_role(cluster, tmp_path):
-    from ray._private.state import actors as actor_table
+    from ray.util.state import list_actors  # Ray's state API: what the dashboard's Actors view shows
 
     spec, ds, store = smoke("fedavg", tmp_path)
     seen: set[str] = set()
 
     def look(row):
-        seen.update(a["Name"] for a in actor_table().values() if a["State"] == "ALIVE" and a.get("Name"))
+        if row["task"] == 0 and row["round"] == 0:
+            seen.update(a.name for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.name)
 
     run(spec, ds, store, RayExecutor(spec.config.runtime), tmp_path, on_round=look)
     for role in ("central actor", "client actor 0", "client actor 1"):
         assert any(n.startswith(f"fedavg a=0.5 s=0 {role} [{spec.run_id} #") for n in seen), (role, seen)
+
+
+def test_progress_metrics_reach_the_nodes_metrics_endpoint_labelled_by_run(cluster, tmp_path):
+    """Scrape the node's Prometheus endpoint (what Ray's Prometheus/Grafana integration reads)
+    and find this run's counters under its own labels."""
+    import re
+    import time
+    import urllib.request
+
+    spec, ds, store = smoke("fedavg", tmp_path, "seed=7")  # a run id no other test in the module uses
+    out = run(spec, ds, store, RayExecutor(spec.config.runtime), tmp_path)
+    labels = f'alpha="0.5",method="fedavg",.*run_id="{spec.run_id}",seed="7"'
+    want = {"ray_fedame_rounds_completed_total": len(out.tables["rounds"]),
+            "ray_fedame_client_updates_total": sum(r["clients_used"] for r in out.tables["rounds"])}
+    ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
+    found: dict[str, float] = {}
+    deadline = time.monotonic() + 60
+    while found != want and time.monotonic() < deadline:
+        text = "".join(urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=5).read().decode() for p in ports)
+        for name in want:
+            hits = [float(v) for v in re.findall(rf"^{name}{{[^}}]*{labels}[^}}]*}} (\S+)$", text, re.M)]
+            found[name] = sum(hits) if hits else None
+        time.sleep(0.5)
+    assert found == want
+    assert re.search(rf"^ray_fedame_acc_seen{{[^}}]*{labels}[^}}]*}} 0\.\d+$", text, re.M)  # the latest accuracy gauge
 
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
@@ -382,3 +442,11 @@ def test_a_second_sweep_joins_the_running_cluster_with_address(cluster, tmp_path
     assert proc.returncode == 0, said[-2000:]
     assert "1 runs completed now" in said and "'GPU': 2.0" in said  # it ran on this cluster's two logical GPUs
     assert len(list((out / "summary").glob("*.parquet"))) == 1
+
+
+def test_the_dashboard_token_is_located_where_ray_reads_it(tmp_path):
+    from bench.runtime.ray_executor import token_location
+
+    assert "$RAY_AUTH_TOKEN" in token_location({"RAY_AUTH_TOKEN": "t", "RAY_AUTH_TOKEN_PATH": "/x"})  # Ray's order
+    assert "/x/token (`ray get-auth-token` prints it)" in token_location({"RAY_AUTH_TOKEN_PATH": "/x/token"})
+    assert token_location({}).endswith(f"{os.path.expanduser('~')}/.ray/auth_token (`ray get-auth-token` prints it)")

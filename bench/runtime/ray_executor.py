@@ -73,7 +73,27 @@ def _init_ray(ray, cfg: RuntimeConfig):
     from bench.progress import console
 
     console.print(f"[bold]ray[/] cluster resources {ray.cluster_resources()}; dashboard: {'http://' + url if url else 'not running'}")
+    if url and token_auth_on():
+        console.print(f"[bold]ray[/] the dashboard asks for a token: {token_location(os.environ)}", highlight=False, soft_wrap=True)
     return ray
+
+
+def token_auth_on() -> bool:
+    """Whether this Ray session uses token authentication (on by default for a cluster
+    `ray.init` starts since Ray 2.5x; `RAY_AUTH_MODE=disabled` turns it off)."""
+    try:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+    except ImportError:  # a Ray without token authentication
+        return False
+    return get_authentication_mode() == AuthenticationMode.TOKEN
+
+
+def token_location(environ: dict[str, str]) -> str:
+    """Where Ray reads the dashboard token from, in the order Ray looks."""
+    if environ.get("RAY_AUTH_TOKEN"):
+        return "it is the value of $RAY_AUTH_TOKEN"
+    path = environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    return f"it is in {path} (`ray get-auth-token` prints it)"
 
 
 FORWARDED_PREFIXES = ("FEDAME_", "HF_", "TRANSFORMERS_", "DEEPSEEK_", "OPENAI_")
@@ -275,6 +295,12 @@ class RemoteServer(Server):
 
     def decisions(self):
         return self._call("decisions")
+
+    def state(self) -> bytes:
+        return self._call("state")
+
+    def load_state(self, blob: bytes) -> None:
+        self._call("load_state", blob)
 
     def stop(self) -> None:
         self.ray.kill(self.actor)
