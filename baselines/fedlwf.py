@@ -26,7 +26,7 @@ class FedLwFClient(HeadClient):
         old = payload.arrays.get("old")
         if old is None or len(old) == 0 or self.config.weight == 0:
             return []
-        teacher = build_head(self.config, self.env)
+        teacher = build_head(self.config, self.env, init=False)
         load_module_arrays(teacher, payload.arrays, TEACHER)
         device = next(model.parameters()).device
         teacher.to(device)

@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed
-from bench.training import as_tensor, batched_argmax, load_module_arrays, masked_logits, module_arrays, torch_generator, train_epochs
+from bench.training import as_tensor, batched_argmax, class_mask, load_module_arrays, masked_logits, module_arrays, torch_generator, train_epochs
 
 LossTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y, logits) -> loss
 HEAD = "head."
@@ -28,13 +28,21 @@ class HeadConfig(MethodConfig):
     hidden: int = Field(256, ge=1)
 
 
-def build_head(cfg: HeadConfig, env: MethodEnv) -> nn.Module:
-    """The head, initialised from a seed derived from the run seed (same on every worker)."""
+def build_head(cfg: HeadConfig, env: MethodEnv, init: bool = True) -> nn.Module:
+    """The head, initialised from a seed derived from the run seed (same on every worker).
+    `init=False`: uninitialised memory for a head whose weights are loaded right after (a
+    client's copy of the global head), without paying for the random init and reseeding."""
+    def layers(device: str | None = None) -> nn.Module:
+        if cfg.head == "linear":
+            return nn.Linear(env.feature_dim, env.num_classes, device=device)
+        return nn.Sequential(nn.Linear(env.feature_dim, cfg.hidden, device=device), nn.ReLU(),
+                             nn.Linear(cfg.hidden, env.num_classes, device=device))
+
+    if not init:
+        return layers("meta").to_empty(device="cpu")
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(env.run_seed, "head"))
-        if cfg.head == "linear":
-            return nn.Linear(env.feature_dim, env.num_classes)
-        return nn.Sequential(nn.Linear(env.feature_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, env.num_classes))
+        return layers()
 
 
 def as_tensors(data: ClientData, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,14 +57,14 @@ class HeadClient(Client):
         return []
 
     def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
-        model = build_head(self.config, self.env)
+        model = build_head(self.config, self.env, init=False)
         load_module_arrays(model, payload.arrays, HEAD)
         model.to(ctx.device)  # before loss_terms: their tensors follow the model's device
-        seen = as_tensor(payload.arrays["seen"], ctx.device)
+        mask = class_mask(as_tensor(payload.arrays["seen"], ctx.device), self.env.num_classes, ctx.device)
         terms = self.loss_terms(payload, model)
 
         def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            logits = masked_logits(model(xb), seen)
+            logits = model(xb) + mask
             loss = F.cross_entropy(logits, yb)
             for term in terms:
                 loss = loss + term(xb, yb, logits)

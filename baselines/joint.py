@@ -19,7 +19,7 @@ from pydantic import Field
 from baselines.head import HeadConfig, build_head
 from baselines.statistics import StatisticsServer, statistics_report
 from bench.api import Client, ClientData, ClientUpdate, Message, TaskInfo, TrainContext, derive_seed, register
-from bench.training import batched_argmax, masked_logits, torch_generator, train_epochs
+from bench.training import batched_argmax, class_mask, masked_logits, torch_generator, train_epochs
 
 
 class JointConfig(HeadConfig):
@@ -67,8 +67,10 @@ class Joint(StatisticsServer):
         order = np.lexsort((key, stats["y"]))
         x, y = torch.from_numpy(stats["x"][order]), torch.from_numpy(stats["y"][order])
 
+        mask = class_mask(seen, self.env.num_classes, "cpu")
+
         def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(masked_logits(self.model(xb), seen), yb)
+            return F.cross_entropy(self.model(xb) + mask, yb)
 
         train_epochs(self.model.parameters(), x, y, ctx, loss_fn, torch_generator(derive_seed(self.env.run_seed, "joint", self.task)))
 

@@ -212,6 +212,11 @@ class Server(ABC):
     def payload_for(self, client_id: int) -> Message:
         """What client `client_id` downloads this round (only what it needs)."""
 
+    def payloads_for(self, client_ids: list[int]) -> list[Message]:
+        """The round's payloads for the clients sampled, in one call (a server living in
+        another process answers the whole round in one message); `payload_for` of each."""
+        return [self.payload_for(k) for k in client_ids]
+
     @abstractmethod
     def aggregate(self, updates: list[ClientUpdate]) -> None:
         """Fold the round's client updates into the global state."""

@@ -327,17 +327,29 @@ def diagnose(
 @app.command("bench-runtime")
 @user_errors
 def bench_runtime(
-    actors: Annotated[str, typer.Option("--actors", help="Ray actor counts to compare with local")] = "1,2,4",
+    actors: Annotated[Optional[str], typer.Option("--actors", help="Ray actor counts to compare with local (default 1,2,4; small rounds: Ray's defaults only)")] = None,
     clients: Annotated[int, typer.Option("--clients")] = 8,
     rounds: Annotated[int, typer.Option("--rounds")] = 4,
     hidden: Annotated[int, typer.Option("--hidden", help="MLP head width (client compute)")] = 2048,
     per_class: Annotated[int, typer.Option("--per-class", help="synthetic training images per class")] = 800,
     gpus: Annotated[float, typer.Option("--gpus", help="GPUs the actors share (each of n actors asks for gpus/n)")] = 0.0,
+    small_rounds: Annotated[bool, typer.Option("--small-rounds", help="Instead: the plain loop vs the executors on small rounds (5 clients, linear head)")] = False,
 ) -> None:
     """Benchmark the executors on a client-compute-bound workload and print the figures."""
-    from bench.runtime.benchmark import run_benchmark
+    from bench.runtime.benchmark import SMALL, run_benchmark, run_small_rounds
 
-    rows = run_benchmark([int(a) for a in actors.split(",") if a], clients, rounds, hidden, per_class, gpus)
+    if small_rounds:
+        table = Table("executor", "s/round", "x plain loop", "client compute (critical path) s", "server hooks ms",
+                      "dispatch + wait ms", "overhead ms",
+                      title=f"small rounds: {SMALL['clients']} clients x {SMALL['per_client']} samples, linear head, "
+                            f"{SMALL['epochs']} epoch of batch {SMALL['batch_size']}, median of rounds 2-{SMALL['rounds']}")
+        for r in run_small_rounds([int(a) for a in actors.split(",") if a] if actors else None):
+            table.add_row(r["executor"], f"{r['s_per_round']:.4f}", f"{r['vs_plain']:.2f}", f"{r['critical_s']:.4f}",
+                          f"{r['server_ms']:.1f}", f"{r['dispatch_ms']:.1f}", f"{r['overhead_ms']:.1f}")
+        console.print(table)
+        return
+
+    rows = run_benchmark([int(a) for a in (actors or "1,2,4").split(",") if a], clients, rounds, hidden, per_class, gpus)
     table = Table("executor", "s/round", "updates/s", "client compute s (sum)", "critical path s", "overhead ms",
                   "of which server ms", "overhead %", "MB/round", "GPU util %",
                   title=f"{clients} clients, FedAvg MLP({hidden}) head, median of rounds 2-{rounds}")

@@ -197,8 +197,8 @@ def execute_run(
                 t0 = time.perf_counter()
                 clients = sample_clients(cfg, t, r)
                 jobs = [
-                    ClientJob(k, server.payload_for(k), TrainContext(cfg.seed, t, r, k, env.train, attack=attack if k in malicious else None))
-                    for k in clients
+                    ClientJob(k, payload, TrainContext(cfg.seed, t, r, k, env.train, attack=attack if k in malicious else None))
+                    for k, payload in zip(clients, server.payloads_for(clients))
                 ]
                 bytes_down = sum(ledger.charge(j.client_id, m) for j, m in zip(jobs, payload_manifests(jobs)))
                 results = executor.train(jobs)

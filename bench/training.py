@@ -61,14 +61,16 @@ def train_epochs(
     opt = make_optimizer(params, ctx.train)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     count = 0
+    on_cpu = x.device.type == "cpu"
     for _ in range(ctx.train.local_epochs):
         for idx in minibatches(len(x), ctx.train.batch_size, gen):
-            idx = idx.to(x.device, non_blocking=True)
+            if not on_cpu:
+                idx = idx.to(x.device, non_blocking=True)
             loss = loss_fn(x[idx], y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.detach().double() * len(idx)
+            total.add_(loss.detach(), alpha=len(idx))  # exact product in float64, one rounding: as before
             count += len(idx)
     return float(total) / max(count, 1)
 
@@ -121,11 +123,17 @@ def _weighted_sum(arrays: list[np.ndarray], w: np.ndarray) -> np.ndarray:
     return out.reshape(arrays[0].shape)
 
 
+def class_mask(seen: torch.Tensor, num_classes: int, device: str | torch.device) -> torch.Tensor:
+    """0 for the classes seen, -inf for the others: added to logits (build it once per
+    local_train, not per minibatch)."""
+    mask = torch.full((num_classes,), float("-inf"), device=device)
+    mask[seen] = 0.0
+    return mask
+
+
 def masked_logits(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """Logits with every class not yet seen pushed to -inf (class-incremental prediction)."""
-    mask = torch.full((logits.shape[-1],), float("-inf"), device=logits.device)
-    mask[seen] = 0.0
-    return logits + mask
+    return logits + class_mask(seen, logits.shape[-1], logits.device)
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from bench.features import FeatureStore
 from bench.runner import RunSpec, execute_run
 from bench.runtime import Executor, make_executor
 
-SERVER_ROUND_HOOKS = ("payload_for", "aggregate", "stats", "predict")
+SERVER_ROUND_HOOKS = ("payloads_for", "aggregate", "stats", "predict")
 
 
 class _TimedServer:
@@ -74,7 +74,9 @@ class Instrumented(Executor):
         self.inner.set_task(task, indices)
 
     def train(self, jobs):
+        t0 = time.perf_counter()
         results = self.inner.train(jobs)
+        self.clock["train"] = time.perf_counter() - t0
         worker_of = getattr(self.inner, "actor_of", lambda k: 0)  # the local executor is one worker
         per_worker: dict[int, float] = defaultdict(float)
         for job, res in zip(jobs, results):
@@ -84,7 +86,7 @@ class Instrumented(Executor):
 
     def round_done(self, method: str, row: dict) -> None:
         self.inner.round_done(method, row)
-        self.rounds.append({"critical": self._critical, "server": self.clock["server"]})
+        self.rounds.append({"critical": self._critical, "server": self.clock["server"], "train": self.clock.get("train", 0.0)})
         self.clock["server"] = 0.0
 
     def stop(self) -> None:
@@ -154,7 +156,7 @@ def measure(cfg, cache_dir) -> dict:
     overhead = np.maximum(wall - critical, 0.0)
     n_actors = cfg.runtime.num_actors or cfg.scenario.num_clients
     return {
-        "executor": ex.name if ex.name == "local" else f"ray x{n_actors}",
+        "executor": ex.name if ex.name == "local" else f"ray x{getattr(ex.inner, 'n', n_actors)}",
         "s_per_round": float(np.median(wall)),
         "updates_per_s": float(np.median(cfg.scenario.num_clients / wall)),
         "client_compute_s": float(np.median([r["client_seconds"] for r in rows])),
@@ -165,6 +167,7 @@ def measure(cfg, cache_dir) -> dict:
         "bytes_per_round": np.median([r["bytes_up"] + r["bytes_down"] for r in rows]),
         "run_s": total,
         "gpu_util_pct": gpu.mean,
+        "dispatch_ms": float(1000 * np.median(np.maximum(np.array([t["train"] for t in timing]) - critical, 0.0))),
     }
 
 
@@ -186,3 +189,82 @@ def run_benchmark(actors: list[int], clients: int, rounds: int, hidden: int, per
         ])
         results.append(measure(cfg, Path(cache)))
     return results
+
+
+# ------------------------------------------------------------------ small rounds (issue #15)
+
+SMALL = {"clients": 5, "per_client": 2000, "classes": 10, "rounds": 20, "batch_size": 64, "epochs": 1}
+
+
+def small_workload(extra: list[str]):
+    """5 clients x 2,000 samples of 512-d features, a linear FedAvg head, 1 epoch of batch 64
+    per round, 20 rounds, no evaluation but the last: rounds where orchestration shows."""
+    w = SMALL
+    return load_config("smoke", [
+        f"data.synthetic.train_per_class={w['per_client'] * w['clients'] // w['classes']}",
+        f"data.synthetic.num_classes={w['classes']}", "data.synthetic.test_per_class=20", f"scenario.tasks=[{w['classes']}]",
+        f"scenario.num_clients={w['clients']}", "scenario.partition=iid", f"training.rounds={w['rounds']}",
+        f"training.local_epochs={w['epochs']}", f"training.batch_size={w['batch_size']}", "training.optimizer=sgd",
+        "eval.every=0", "methods.fedavg.head=linear", *extra,
+    ])
+
+
+def plain_loop(cfg, train_x: np.ndarray, train_y: np.ndarray, parts: tuple[np.ndarray, ...]) -> list[float]:
+    """The same FedAvg rounds written as one would without a harness: a loop over clients
+    training a linear head with torch, then a sample-weighted average. Seconds per round."""
+    import torch
+    import torch.nn.functional as F
+
+    t = cfg.training
+    data = [(torch.from_numpy(np.ascontiguousarray(train_x[ix])), torch.from_numpy(train_y[ix].astype(np.int64))) for ix in parts]
+    n_classes = int(train_y.max()) + 1
+    model = torch.nn.Linear(train_x.shape[1], n_classes)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    times = []
+    for _ in range(t.rounds):
+        t0 = time.perf_counter()
+        global_state = {k: v.clone() for k, v in model.state_dict().items()}
+        states, sizes = [], []
+        for x, y in data:
+            local = torch.nn.Linear(x.shape[1], n_classes)
+            local.load_state_dict(global_state)
+            opt = torch.optim.SGD(local.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+            for _ in range(t.local_epochs):
+                perm = torch.randperm(len(x), generator=gen)
+                for a in range(0, len(x), t.batch_size):
+                    idx = perm[a : a + t.batch_size]
+                    loss = F.cross_entropy(local(x[idx]), y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            states.append(local.state_dict())
+            sizes.append(len(x))
+        w = torch.tensor(sizes, dtype=torch.float32) / sum(sizes)
+        model.load_state_dict({k: sum(wi * s[k] for wi, s in zip(w, states)) for k in global_state})
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_small_rounds(actors: list[int] | None = None) -> list[dict]:
+    """The plain loop, the local executor and the Ray executor (its defaults, then each of
+    `actors`) on the small-round workload, one after another in this process."""
+    from bench.scenario import build_scenario
+    from bench.sweep import default_cache_dir
+
+    base = small_workload([])
+    cache = default_cache_dir(base)
+    ds = load_dataset(base.data, None)
+    store = FeatureStore(ds, base.backbone, cache)
+    train_x = np.asarray(store.features("train"))
+    scen = build_scenario(base.scenario, ds.train_y, ds.class_names, base.seed)
+    plain = plain_loop(base, train_x, ds.train_y, scen.client_indices[0])[1:]
+    rows = [{"executor": "plain loop", "s_per_round": float(np.median(plain)), "critical_s": float(np.median(plain)),
+             "server_ms": 0.0, "dispatch_ms": 0.0, "overhead_ms": 0.0}]
+    rows.append(measure(base, cache))
+    rows.append(measure(small_workload(["runtime.executor=ray"]), cache))
+    for n in actors or []:
+        rows.append(measure(small_workload(["runtime.executor=ray", f"runtime.num_actors={n}",
+                                            f"runtime.cpus_per_client={max((os.cpu_count() or 1) / n, 0.25)}"]), cache))
+    for r in rows:
+        r["vs_plain"] = r["s_per_round"] / rows[0]["s_per_round"]
+    return rows

@@ -118,9 +118,14 @@ def forwarded_environ(config: Any) -> dict[str, str]:
     }
 
 
+INLINE_BYTES = 64 * 1024  # arrays up to this size travel inside the call, not through the object store
+
+
 def put_once(messages: list[Message]) -> list[dict[str, Any]]:
-    """Object-store references for each message's arrays; an array shared by several
-    messages is put once. The caller keeps `messages` alive, so no id() can be reused."""
+    """For each message, name -> an object-store reference, or the array itself when it is
+    small (a ray.put costs about as much as a whole actor call, and a small head's rounds
+    are made of little else). An array shared by several messages is put once. The caller
+    keeps `messages` alive, so no id() can be reused."""
     import ray
 
     by_id: dict[int, Any] = {}
@@ -129,7 +134,7 @@ def put_once(messages: list[Message]) -> list[dict[str, Any]]:
         refs = {}
         for name, arr in msg.arrays.items():
             if id(arr) not in by_id:
-                by_id[id(arr)] = ray.put(arr)
+                by_id[id(arr)] = arr if arr.nbytes <= INLINE_BYTES else ray.put(arr)
             refs[name] = by_id[id(arr)]
         out.append(refs)
     return out
@@ -180,17 +185,23 @@ class ClientActor:
         return {"pid": os.getpid(), "device": self.device, "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "node": ray.get_runtime_context().get_node_id()}
 
-    def train(self, job: ClientJob, array_refs: dict[str, Any]) -> tuple[ClientResult, ClientUpdate]:
-        """Called with num_returns=2: a header for the driver and the update for the central actor."""
+    def train(self, jobs: list[ClientJob], array_refs: list[dict[str, Any]]) -> tuple:
+        """This actor's jobs of a round in one call (called with num_returns = 1 + len(jobs)):
+        the headers for the driver, then each update for the central actor. The payloads'
+        arrays are fetched once for all the jobs that share them."""
         import ray
 
-        names = list(array_refs)
-        values = ray.get([array_refs[n] for n in names]) if names else []
-        # private copies: the object store's arrays are read-only and training reads them as tensors
-        payload = Message({n: np.array(v) for n, v in zip(names, values)}, job.payload.meta)
-        res = timed_local_train(self.client, payload, self.data[job.client_id], job.ctx, self.device)
-        u = res.update
-        return ClientResult(RemoteUpdate(None, u.nbytes, u.num_samples, u.loss), res.seconds), u
+        unique = list({id(r): r for refs in array_refs for r in refs.values() if isinstance(r, ray.ObjectRef)}.values())
+        fetched = dict(zip(map(id, unique), ray.get(unique))) if unique else {}
+        headers, updates = [], []
+        for job, refs in zip(jobs, array_refs):
+            # private copies: the object store's arrays are read-only and training reads them as tensors
+            payload = Message({n: np.array(fetched.get(id(r), r)) for n, r in refs.items()}, job.payload.meta)
+            res = timed_local_train(self.client, payload, self.data[job.client_id], job.ctx, self.device)
+            u = res.update
+            headers.append(ClientResult(RemoteUpdate(None, u.nbytes, u.num_samples, u.loss), res.seconds))
+            updates.append(u)
+        return (headers, *updates)
 
 
 @dataclass
@@ -238,10 +249,13 @@ class ServerHost:
         msgs = [self.server.payload_for(k) for k in client_ids]
         return [RemotePayload(refs, m.meta, m.nbytes, man) for m, refs, man in zip(msgs, put_once(msgs), manifests(m.arrays for m in msgs))]
 
-    def aggregate(self, update_refs: list[Any]) -> None:
+    def aggregate(self, update_refs: list[Any]) -> tuple[dict, dict]:
+        """Aggregate straight from the client actors' outputs; the round's stats and
+        aggregation report come back in the same answer (one call per round, not three)."""
         import ray
 
-        self.server.aggregate(ray.get(update_refs))  # straight from the client actors' outputs
+        self.server.aggregate(ray.get(update_refs))
+        return self.server.stats(), self.server.aggregation_report()
 
 
 class RemoteServer(Server):
@@ -258,8 +272,7 @@ class RemoteServer(Server):
         self.actor = ray.remote(ServerHost).options(num_cpus=0, scheduling_strategy=here, name=name).remote(
             server_cls, config, env, forwarded_environ(config), threads
         )
-        self.n_clients = env.num_clients
-        self._round: dict[int, RemotePayload] = {}
+        self._after_aggregate: tuple[dict, dict] | None = None  # (stats, aggregation report) of the last round
 
     def _call(self, hook: str, *args):
         return self.ray.get(self.actor.call.remote(hook, *args))
@@ -269,17 +282,16 @@ class RemoteServer(Server):
 
     def begin_task(self, task) -> None:
         self._call("begin_task", task)
-        self._round = {}
 
     def payload_for(self, client_id: int):
-        if client_id not in self._round:  # one actor call serves the whole round's clients
-            ids = list(range(self.n_clients))
-            self._round = dict(zip(ids, self.ray.get(self.actor.payloads.remote(ids))))
-        return self._round[client_id]
+        return self.payloads_for([client_id])[0]
+
+    def payloads_for(self, client_ids: list[int]) -> list[RemotePayload]:
+        """One actor call for the round's sampled clients (never for clients not sampled)."""
+        return self.ray.get(self.actor.payloads.remote(list(client_ids)))
 
     def aggregate(self, updates: list[RemoteUpdate]) -> None:
-        self.ray.get(self.actor.aggregate.remote([u.ref for u in updates]))
-        self._round = {}
+        self._after_aggregate = self.ray.get(self.actor.aggregate.remote([u.ref for u in updates]))
 
     def predict(self, x):
         return self._call("predict", np.asarray(x))
@@ -288,9 +300,12 @@ class RemoteServer(Server):
         self._call("end_task")
 
     def stats(self):
-        return self._call("stats")
+        return self._after_aggregate[0] if self._after_aggregate else self._call("stats")
 
     def aggregation_report(self):
+        if self._after_aggregate:  # read once: the report covers the round since the last one
+            report, self._after_aggregate = self._after_aggregate[1], None
+            return report
         return self._call("aggregation_report")
 
     def decisions(self):
@@ -415,34 +430,41 @@ class RayExecutor(Executor):
         refs = iter(put_once(local))
         return [j.payload.refs if isinstance(j.payload, RemotePayload) else next(refs) for j in jobs]
 
-    def _submit(self, job: ClientJob, refs: dict[str, Any]):
-        light = ClientJob(job.client_id, Message({}, job.payload.meta), job.ctx)  # arrays travel as refs only
-        return self.actors[self.actor_of(job.client_id)].train.options(num_returns=2).remote(light, refs)
+    def _submit(self, a: int, jobs: list[ClientJob], refs: list[dict[str, Any]]) -> list:
+        """Actor `a`'s jobs of the round in one call: [headers ref, update ref per job]."""
+        light = [ClientJob(j.client_id, Message({}, j.payload.meta), j.ctx) for j in jobs]  # arrays travel as refs only
+        return self.actors[a].train.options(num_returns=1 + len(jobs)).remote(light, refs)
 
     def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
+        """One call per actor per round (its clients' jobs together); an actor that dies is
+        replaced and its jobs of the round are retried, each retry counted per job."""
         from ray.exceptions import RayActorError
 
         refs = self._put_arrays(jobs)
-        futures = [self._submit(j, r) for j, r in zip(jobs, refs)]
-        results: list[ClientResult] = []
-        for job, ref_map, fut in zip(jobs, refs, futures):
+        by_actor: dict[int, list[int]] = {}
+        for i, j in enumerate(jobs):
+            by_actor.setdefault(self.actor_of(j.client_id), []).append(i)
+        futures = {a: self._submit(a, [jobs[i] for i in ix], [refs[i] for i in ix]) for a, ix in by_actor.items()}
+        results: list[ClientResult | None] = [None] * len(jobs)
+        for a, ix in by_actor.items():
             retries = 0
             while True:
-                header_ref, update_ref = fut
+                headers_ref, *update_refs = futures[a]
                 try:
-                    res = self.ray.get(header_ref)
+                    headers = self.ray.get(headers_ref)
                     break
                 except RayActorError as e:
                     retries += 1
+                    clients = [jobs[i].client_id for i in ix]
                     if retries > self.cfg.max_retries:
-                        raise RuntimeError(f"client {job.client_id} failed {retries} times: {e}") from e
-                    log.warning("client %d: actor failed (%s); restoring and retrying (%d/%d)", job.client_id, type(e).__name__, retries, self.cfg.max_retries)
-                    a = self.actor_of(job.client_id)
+                        raise RuntimeError(f"clients {clients} failed {retries} times: {e}") from e
+                    log.warning("clients %s: actor failed (%s); restoring and retrying (%d/%d)", clients, type(e).__name__, retries, self.cfg.max_retries)
                     self._restore(a)
-                    fut = self._submit(job, ref_map)
-            res.retries = retries
-            res.update.ref = update_ref
-            results.append(res)
+                    futures[a] = self._submit(a, [jobs[i] for i in ix], [refs[i] for i in ix])
+            for i, res, update_ref in zip(ix, headers, update_refs):
+                res.retries = retries
+                res.update.ref = update_ref
+                results[i] = res
         return results
 
     def _restore(self, a: int) -> None:
