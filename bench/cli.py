@@ -334,10 +334,26 @@ def bench_runtime(
     per_class: Annotated[int, typer.Option("--per-class", help="synthetic training images per class")] = 800,
     gpus: Annotated[float, typer.Option("--gpus", help="GPUs the actors share (each of n actors asks for gpus/n)")] = 0.0,
     small_rounds: Annotated[bool, typer.Option("--small-rounds", help="Instead: the plain loop vs the executors on small rounds (5 clients, linear head)")] = False,
+    scale: Annotated[Optional[str], typer.Option("--scale", help="Instead: these client counts (e.g. 10,100,1000,10000) with --sampled per round, local and Ray")] = None,
+    sampled: Annotated[int, typer.Option("--sampled", help="With --scale: clients sampled per round")] = 10,
+    config: ConfigOpt = "cifar100_local",
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="With --scale: where the runs write their tables")] = Path("/tmp/fedame-bench-scale"),
 ) -> None:
     """Benchmark the executors on a client-compute-bound workload and print the figures."""
     from bench.runtime.benchmark import SMALL, run_benchmark, run_small_rounds
 
+    if scale:
+        from bench.runtime.benchmark import run_scale
+
+        counts = [int(c) for c in scale.split(",") if c]
+        rows = run_scale(counts, sampled, ["local", "ray"], config, list(set_ or []), Path(out))
+        table = Table("executor", "clients", "sampled / round", "s/round", "peak memory GB (process tree, PSS)", "run s",
+                      title=f"many clients: FedAvg, IID, {config}, median s/round")
+        for r in rows:
+            table.add_row(r["executor"], str(r["clients"]), str(r["sampled"]), f"{r['s_per_round']:.3f}", f"{r['peak_gb']:.2f}", f"{r['run_s']:.0f}")
+        console.print(table)
+        return
     if small_rounds:
         table = Table("executor", "s/round", "x plain loop", "client compute (critical path) s", "server hooks ms",
                       "dispatch + wait ms", "overhead ms",

@@ -129,6 +129,22 @@ def preflight_cluster(cfg: RuntimeConfig, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+class TaskData:
+    """A worker's clients' data for one task, built on first use: with thousands of clients
+    and a few sampled per round, only the clients that train get a ClientData (and, on a
+    GPU, a copy there, kept for the rest of the task)."""
+
+    def __init__(self, train_x: np.ndarray, train_y: np.ndarray, indices: dict[int, np.ndarray], device: str) -> None:
+        self.train_x, self.train_y, self.indices, self.device = train_x, train_y, indices, device
+        self.built: dict[int, ClientData] = {}
+
+    def __getitem__(self, client_id: int) -> ClientData:
+        if client_id not in self.built:
+            ix = self.indices[client_id]
+            self.built[client_id] = client_data(client_id, self.train_x[ix], self.train_y[ix], self.device)
+        return self.built[client_id]
+
+
 def client_data(client_id: int, x: np.ndarray, y: np.ndarray, device: str) -> ClientData:
     """One client's data for a task. On a GPU its inputs are copied there once, when the task
     starts, and stay for all its rounds; on the CPU they stay numpy (no copy)."""

@@ -268,3 +268,61 @@ def run_small_rounds(actors: list[int] | None = None) -> list[dict]:
     for r in rows:
         r["vs_plain"] = r["s_per_round"] / rows[0]["s_per_round"]
     return rows
+
+
+# ------------------------------------------------------------------ many clients (issue #15)
+
+
+def tree_pss_bytes(root_pid: int) -> int:
+    """Proportional set size of a process and all its descendants (Linux /proc): with Ray,
+    the driver, raylet, GCS, dashboard and every actor; shared pages (the object store's
+    features) are split among the processes that map them, so the sum counts them once."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children[int(fields[1])].append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def run_scale(clients: list[int], sampled: int, executors: list[str], config: str, extra: list[str], out: Path) -> list[dict]:
+    """`fedame-bench run` (FedAvg, IID) with N clients and `sampled` of them per round, under
+    each executor, each in its own process; the process tree's peak memory is sampled
+    every 0.2 s. Seconds per round: the rounds table's median."""
+    import sys
+
+    import pyarrow.parquet as pq
+
+    rows = []
+    for ex in executors:
+        for n in clients:
+            dest = out / f"{ex}-{n}"
+            cmd = [sys.executable, "-m", "bench", "run", "-c", config, "--methods", "fedavg", "--out", str(dest),
+                   "--executor", ex, "--set", f"scenario.num_clients={n}", "--set", f"training.client_fraction={sampled / n}",
+                   "--set", "scenario.partition=iid", *[a for e in extra for a in ("--set", e)]]
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            peak = 0
+            while proc.poll() is None:
+                peak = max(peak, tree_pss_bytes(proc.pid))
+                time.sleep(0.2)
+            err = proc.stderr.read().decode()
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed: {err[-2000:]}")
+            rounds = pq.read_table(dest / "rounds").to_pandas()
+            rows.append({"executor": ex, "clients": n, "sampled": int(rounds["clients_used"].iloc[0]),
+                         "s_per_round": float(rounds["wall_seconds"].median()), "peak_gb": peak / 1e9,
+                         "run_s": time.perf_counter() - t0})
+    return rows

@@ -6,9 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bench.api import ClientData
 from bench.config import RuntimeConfig
-from bench.runtime.base import ClientJob, ClientResult, Executor, client_data, pick_device, pin_threads, timed_local_train
+from bench.runtime.base import ClientJob, ClientResult, Executor, TaskData, pick_device, pin_threads, timed_local_train
 
 
 class LocalExecutor(Executor):
@@ -28,11 +27,11 @@ class LocalExecutor(Executor):
             self._restore_threads = pin_threads(self.threads)
         self.client = client_cls(config, env)
         self.train_x, self.train_y = train_x, train_y
-        self.data: dict[int, ClientData] = {}
+        self.data: TaskData | None = None
 
     def set_task(self, task: int, indices: tuple[np.ndarray, ...]) -> None:
-        self.data = {}  # the last task's data leaves the device first
-        self.data = {k: client_data(k, self.train_x[ix], self.train_y[ix], self.device) for k, ix in enumerate(indices)}
+        self.data = None  # the last task's data leaves the device first
+        self.data = TaskData(self.train_x, self.train_y, dict(enumerate(indices)), self.device)
 
     def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
         return [timed_local_train(self.client, j.payload, self.data[j.client_id], j.ctx, self.device) for j in jobs]

@@ -39,7 +39,7 @@ import numpy as np
 from bench.api import ClientData, ClientUpdate, Message, Server
 from bench.config import RuntimeConfig
 from bench.errors import UserError
-from bench.runtime.base import ClientJob, ClientResult, DeviceUnavailable, Executor, client_data, pick_device, pin_threads, timed_local_train
+from bench.runtime.base import ClientJob, ClientResult, DeviceUnavailable, Executor, TaskData, pick_device, pin_threads, timed_local_train
 from bench.wire import manifests
 
 log = logging.getLogger(__name__)
@@ -173,11 +173,11 @@ class ClientActor:
         self.device = pick_device(device, bool(ray.get_gpu_ids()) and torch.cuda.is_available())
         self.client = client_cls(config, env)
         self.train_x, self.train_y = train_x, train_y  # zero-copy views into the object store
-        self.data: dict[int, ClientData] = {}
+        self.data: TaskData | None = None
 
     def set_task(self, indices: dict[int, np.ndarray]) -> None:
-        self.data = {}  # the last task's data leaves the device first
-        self.data = {k: client_data(k, self.train_x[ix], self.train_y[ix], self.device) for k, ix in indices.items()}
+        self.data = None  # the last task's data leaves the device first
+        self.data = TaskData(self.train_x, self.train_y, indices, self.device)
 
     def describe(self) -> dict[str, Any]:
         import ray
