@@ -33,7 +33,7 @@ class FedLwFClient(HeadClient):
         old_t = as_tensor(old, device)
         cfg = self.config
 
-        def lwf(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        def lwf(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 target = teacher(x)[:, old_t]
             return cfg.weight * distillation(logits[:, old_t], target, cfg.temperature)

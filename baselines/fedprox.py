@@ -20,11 +20,11 @@ class FedProxClient(HeadClient):
     def loss_terms(self, payload: Message, model: torch.nn.Module) -> list[LossTerm]:
         if self.config.mu == 0:
             return []
-        anchors = [(p, as_tensor(payload.arrays[HEAD + n], p.device)) for n, p in model.named_parameters()]
+        anchors = [(n, as_tensor(payload.arrays[HEAD + n], p.device)) for n, p in model.named_parameters()]
         mu = self.config.mu
 
-        def proximal(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-            return 0.5 * mu * sum(((p - g) ** 2).sum() for p, g in anchors)
+        def proximal(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            return 0.5 * mu * sum(((params[n] - g) ** 2).sum() for n, g in anchors)
 
         return [proximal]
 

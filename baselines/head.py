@@ -15,11 +15,23 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from torch.func import functional_call
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed
-from bench.training import as_tensor, batched_argmax, class_mask, load_module_arrays, masked_logits, module_arrays, torch_generator, train_epochs
+from bench.training import (
+    ParamLossFn,
+    as_tensor,
+    batched_argmax,
+    class_mask,
+    load_module_arrays,
+    masked_logits,
+    module_arrays,
+    torch_generator,
+    train_epochs,
+    train_epochs_batched,
+)
 
-LossTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y, logits) -> loss
+LossTerm = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (params, x, y, logits) -> loss
 HEAD = "head."
 
 
@@ -50,29 +62,56 @@ def as_tensors(data: ClientData, device: str) -> tuple[torch.Tensor, torch.Tenso
 
 
 class HeadClient(Client):
+    """Local training of the head; `local_train_batch` trains many clients of a round in one
+    stacked computation (runtime.batch_clients) with each client's own data, minibatch
+    order and optimiser state."""
+
     config: HeadConfig
+    batched = True
 
     def loss_terms(self, payload: Message, model: nn.Module) -> list[LossTerm]:
-        """Extra loss terms beside cross-entropy; none for FedAvg."""
+        """Extra loss terms beside cross-entropy; none for FedAvg. A term reads the trained
+        parameters from its `params` argument (the batched path trains stacked copies)."""
         return []
 
-    def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
+    def start_model(self, payload: Message, device: str) -> nn.Module:
         model = build_head(self.config, self.env, init=False)
         load_module_arrays(model, payload.arrays, HEAD)
-        model.to(ctx.device)  # before loss_terms: their tensors follow the model's device
-        mask = class_mask(as_tensor(payload.arrays["seen"], ctx.device), self.env.num_classes, ctx.device)
+        return model.to(device)  # before loss_terms: their tensors follow the model's device
+
+    def head_loss(self, payload: Message, model: nn.Module, device: str, functional: bool) -> ParamLossFn:
+        """(params, x, y) -> loss: cross-entropy over the seen classes plus the method's terms.
+        `functional`: the head is evaluated with `params` (torch.func), not its own weights."""
+        mask = class_mask(as_tensor(payload.arrays["seen"], device), self.env.num_classes, device)
         terms = self.loss_terms(payload, model)
 
-        def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            logits = model(xb) + mask
+        def loss_fn(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            logits = (functional_call(model, params, (xb,)) if functional else model(xb)) + mask
             loss = F.cross_entropy(logits, yb)
             for term in terms:
-                loss = loss + term(xb, yb, logits)
+                loss = loss + term(params, xb, yb, logits)
             return loss
 
+        return loss_fn
+
+    def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
+        model = self.start_model(payload, ctx.device)
+        loss_fn, params = self.head_loss(payload, model, ctx.device, functional=False), dict(model.named_parameters())
         x, y = as_tensors(data, ctx.device)
-        loss = train_epochs(model.parameters(), x, y, ctx, loss_fn, torch_generator(ctx.seed))
+        loss = train_epochs(model.parameters(), x, y, ctx, lambda xb, yb: loss_fn(params, xb, yb), torch_generator(ctx.seed))
         return ClientUpdate(arrays=module_arrays(model, HEAD), num_samples=len(y), loss=loss)
+
+    def local_train_batch(self, payload: Message, datas: list[ClientData], ctxs: list[TrainContext]) -> list[ClientUpdate]:
+        """Every client of `datas` from the same payload, trained together (bench.training.train_epochs_batched)."""
+        device = ctxs[0].device
+        model = self.start_model(payload, device)
+        loss_fn = self.head_loss(payload, model, device, functional=True)
+        start = {k: v.detach() for k, v in model.named_parameters()}
+        finals, losses = train_epochs_batched(start, [as_tensors(d, device) for d in datas], ctxs, loss_fn)
+        return [
+            ClientUpdate(arrays={HEAD + k: v.cpu().numpy() for k, v in final.items()}, num_samples=len(d.y), loss=loss)
+            for final, d, loss in zip(finals, datas, losses)
+        ]
 
 
 class HeadServer(Server):

@@ -336,6 +336,7 @@ def bench_runtime(
     small_rounds: Annotated[bool, typer.Option("--small-rounds", help="Instead: the plain loop vs the executors on small rounds (5 clients, linear head)")] = False,
     scale: Annotated[Optional[str], typer.Option("--scale", help="Instead: these client counts (e.g. 10,100,1000,10000) with --sampled per round, local and Ray")] = None,
     sampled: Annotated[int, typer.Option("--sampled", help="With --scale: clients sampled per round")] = 10,
+    batched: Annotated[Optional[str], typer.Option("--batched", help="Instead: these clients-per-round counts (e.g. 5,50,500), one by one vs batched")] = None,
     config: ConfigOpt = "cifar100_local",
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="With --scale: where the runs write their tables")] = Path("/tmp/fedame-bench-scale"),
@@ -343,6 +344,18 @@ def bench_runtime(
     """Benchmark the executors on a client-compute-bound workload and print the figures."""
     from bench.runtime.benchmark import SMALL, run_benchmark, run_small_rounds
 
+    if batched:
+        from bench.runtime.benchmark import run_batched
+
+        rows = run_batched([int(c) for c in batched.split(",") if c])
+        table = Table("clients per round", "path", "s/round", "rounds/s", "x the 5-client time", "final acc",
+                      title="batched client simulation: FedAvg linear head, 10,000 samples IID over the clients, local executor")
+        base = {r["path"]: r["s_per_round"] for r in rows if r["clients"] == rows[0]["clients"]}
+        for r in rows:
+            table.add_row(str(r["clients"]), r["path"], f"{r['s_per_round']:.4f}", f"{r['rounds_per_s']:.1f}",
+                          f"{r['s_per_round'] / base[r['path']]:.2f}", f"{r['final_acc']:.4f}")
+        console.print(table)
+        return
     if scale:
         from bench.runtime.benchmark import run_scale
 

@@ -132,6 +132,10 @@ class RuntimeConfig(Section):
     # with one value everywhere do the executors give bit-identical numbers; None: the local
     # process keeps torch's default (all cores), a client actor uses floor(cpus_per_client)
     torch_threads: int | None = Field(None, ge=1)
+    # train a worker's sampled clients of a round together, as one stacked computation, where
+    # the method can (heads on frozen features: fedavg, fedprox, fedlwf); same data, minibatch
+    # order and seeds as one by one, numbers equal to float rounding (so a run of its own)
+    batch_clients: bool = False
 
 
 class SweepConfig(Section):

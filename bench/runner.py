@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +28,8 @@ from bench.runtime import ClientJob, Executor, executor_kind
 from bench.scenario import Scenario, build_scenario
 from bench.sysinfo import git_sha, hardware, versions
 from bench.wire import WireLedger, manifests
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class RunSpec:
             ident["torch_threads"] = threads
         elif executor_kind(self.config.runtime) != "local":  # thread counts differ between the local
             ident["executor"] = executor_kind(self.config.runtime)  # process and actors: not one run
+        if self.config.runtime.batch_clients and getattr(get_method(self.method).ClientClass, "batched", False):
+            ident["batch_clients"] = True  # equal to float rounding, not to the bit: its own run
         extra = get_method(self.method).identity(mcfg)
         if extra:  # only when present: run ids of methods without such facts stay as they were
             ident["method_identity"] = extra
@@ -164,6 +169,8 @@ def execute_run(
         train_x, test_x = store.images("train"), store.images("test")
         feature_dim = 0
     env = method_env(cfg, ds, feature_dim, cache_dir)
+    if cfg.runtime.batch_clients and not getattr(method_cls.ClientClass, "batched", False):
+        log.warning("%s has no batched client path: runtime.batch_clients is ignored, its clients train one by one", spec.method)
     executor.label_run({"run_id": spec.run_id, "method": spec.method, "alpha": f"{spec.alpha:g}", "seed": str(spec.seed)})
     server = executor.make_server(method_cls, mcfg, env)
     try:

@@ -146,3 +146,64 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     """Hinton's KD: KL(teacher_T || student_T) · T²."""
     t = temperature
     return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+
+
+# ------------------------------------------------------------------ batched clients
+
+ParamLossFn = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]  # (params, x, y) -> loss
+
+
+def train_epochs_batched(
+    start: dict[str, torch.Tensor],
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    ctxs: list[TrainContext],
+    loss_fn: ParamLossFn,
+) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+    """`train_epochs` for many clients at once: every client starts from the parameters
+    `start`, trains on its own data with its own minibatch order (its own seeded generator,
+    as in `train_epochs`) and its own optimiser state, and all of them take each step
+    together, as one stacked computation (torch.func.vmap over clients).
+
+    Parameters are stacked along a new first axis (one row per client) and updated by one
+    optimiser of the configured kind: SGD and Adam act elementwise, so each row follows
+    exactly its own client's trajectory. At step s the clients that still have a minibatch
+    are grouped by its size (a last minibatch may be smaller) and each group is one vmap
+    call; a client whose last step is done is copied out then, so the steps the others
+    still take cannot move it. The same arithmetic as the per-client loop, summed in
+    another order: results agree to float rounding (tests/test_batched.py states the
+    tolerance). Returns each client's final parameters and mean loss."""
+    from torch.func import vmap
+
+    n = len(data)
+    stacked = {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())).requires_grad_() for k, v in start.items()}
+    opt = make_optimizer(stacked.values(), ctxs[0].train)
+    schedules = []
+    for (x, _), ctx in zip(data, ctxs):
+        gen = torch_generator(ctx.seed)
+        schedules.append([idx for _ in range(ctx.train.local_epochs) for idx in minibatches(len(x), ctx.train.batch_size, gen)])
+    steps = max((len(s) for s in schedules), default=0)
+    totals = torch.zeros(n, dtype=torch.float64)
+    final: list[dict[str, torch.Tensor] | None] = [None] * n
+    per_client = vmap(loss_fn)
+    for s in range(steps):
+        groups: dict[int, list[int]] = {}
+        for k, sched in enumerate(schedules):
+            if s < len(sched):
+                groups.setdefault(len(sched[s]), []).append(k)
+        opt.zero_grad(set_to_none=True)
+        for rows in groups.values():
+            idx = torch.tensor(rows)
+            xb = torch.stack([data[k][0][schedules[k][s]] for k in rows])
+            yb = torch.stack([data[k][1][schedules[k][s]] for k in rows])
+            losses = per_client({name: p[idx] for name, p in stacked.items()}, xb, yb)
+            losses.sum().backward()  # rows are separate parameters: each gets its own gradient
+            totals[idx] += losses.detach().double() * xb.shape[1]
+        opt.step()
+        for k, sched in enumerate(schedules):
+            if s == len(sched) - 1:  # its last step: keep it before the others' steps move its row
+                final[k] = {name: p[k].detach().clone() for name, p in stacked.items()}
+    for k in range(n):
+        if final[k] is None:  # no data: the start, untouched
+            final[k] = {name: v.detach().clone() for name, v in start.items()}
+    counts = [sum(len(i) for i in sched) for sched in schedules]
+    return final, [float(totals[k]) / max(counts[k], 1) for k in range(n)]

@@ -174,6 +174,42 @@ def pin_threads(n: int) -> Callable[[], None]:
     return restore
 
 
+def train_jobs(client: Client, jobs: list[ClientJob], data: TaskData, device: str, batched: bool) -> list[ClientResult]:
+    """A worker's jobs of a round, in order. With `batched` (runtime.batch_clients) and a
+    client class that can (`batched = True`), the jobs that share a payload train together
+    in one stacked computation; otherwise one after another."""
+    if not (batched and getattr(client, "batched", False)):
+        return [timed_local_train(client, j.payload, data[j.client_id], j.ctx, device) for j in jobs]
+    groups: dict[int, list[int]] = {}
+    for i, j in enumerate(jobs):
+        groups.setdefault(id(j.payload), []).append(i)
+    results: list[ClientResult | None] = [None] * len(jobs)
+    for ix in groups.values():
+        for i, res in zip(ix, timed_local_train_batch(client, jobs[ix[0]].payload, [jobs[i] for i in ix], data, device)):
+            results[i] = res
+    return results
+
+
+def timed_local_train_batch(client: Client, payload: Message, jobs: list[ClientJob], data: TaskData, device: str) -> list[ClientResult]:
+    """`timed_local_train` for clients trained together: attacks applied per client as
+    there; the batch's time is split evenly among its clients."""
+    datas = [flip_labels(data[j.client_id]) if j.ctx.attack is not None and j.ctx.attack.kind == "label_flip" else data[j.client_id] for j in jobs]
+    t0 = time.perf_counter()
+    updates = client.local_train_batch(payload, datas, [dataclasses.replace(j.ctx, device=device) for j in jobs])
+    if device != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / max(len(jobs), 1)
+    out = []
+    for j, update in zip(jobs, updates):
+        if j.ctx.attack is not None:
+            update = attack_update(j.ctx.attack, payload, update, j.ctx.seed)
+        update.client_id = j.ctx.client_id
+        out.append(ClientResult(update, seconds))
+    return out
+
+
 def timed_local_train(client: Client, payload: Message, data: ClientData, ctx: TrainContext, device: str) -> ClientResult:
     """local_train on `device`, timed (a GPU's queued work is waited for, so the time is real)."""
     attack = ctx.attack

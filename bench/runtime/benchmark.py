@@ -326,3 +326,25 @@ def run_scale(clients: list[int], sampled: int, executors: list[str], config: st
                          "s_per_round": float(rounds["wall_seconds"].median()), "peak_gb": peak / 1e9,
                          "run_s": time.perf_counter() - t0})
     return rows
+
+
+# ------------------------------------------------------------------ batched clients (issue #15)
+
+
+def run_batched(counts: list[int], rounds: int = 6) -> list[dict]:
+    """The small-round workload's 10,000 samples split IID over N clients, every client
+    sampled each round, trained one by one and batched (runtime.batch_clients), local
+    executor: seconds per round (median of rounds 2..R) and rounds per second."""
+    from bench.sweep import default_cache_dir
+
+    rows = []
+    for n in counts:
+        for batched in (False, True):
+            cfg = small_workload([f"scenario.num_clients={n}", f"training.rounds={rounds}", f"runtime.batch_clients={batched}"])
+            ds = load_dataset(cfg.data, None)
+            store = FeatureStore(ds, cfg.backbone, default_cache_dir(cfg))
+            out = execute_run(RunSpec("fedavg", cfg), ds, store, make_executor(cfg.runtime), str(default_cache_dir(cfg)))
+            wall = float(np.median([r["wall_seconds"] for r in out.tables["rounds"][1:]]))
+            rows.append({"clients": n, "path": "batched" if batched else "per client", "s_per_round": wall,
+                         "rounds_per_s": 1 / wall, "final_acc": out.summary["final_acc"]})
+    return rows

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bench.config import RuntimeConfig
-from bench.runtime.base import ClientJob, ClientResult, Executor, TaskData, pick_device, pin_threads, timed_local_train
+from bench.runtime.base import ClientJob, ClientResult, Executor, TaskData, pick_device, pin_threads, train_jobs
 
 
 class LocalExecutor(Executor):
@@ -20,6 +20,7 @@ class LocalExecutor(Executor):
 
         self.device = pick_device(cfg.device if cfg else "auto", torch.cuda.is_available())
         self.threads = cfg.torch_threads if cfg else None
+        self.batched = bool(cfg and cfg.batch_clients)
         self._restore_threads: Callable[[], None] | None = None
 
     def start(self, client_cls, config, env, train_x, train_y) -> None:
@@ -34,7 +35,7 @@ class LocalExecutor(Executor):
         self.data = TaskData(self.train_x, self.train_y, dict(enumerate(indices)), self.device)
 
     def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
-        return [timed_local_train(self.client, j.payload, self.data[j.client_id], j.ctx, self.device) for j in jobs]
+        return train_jobs(self.client, jobs, self.data, self.device, self.batched)
 
     def stop(self) -> None:
         if self._restore_threads is not None:

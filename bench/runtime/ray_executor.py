@@ -39,7 +39,7 @@ import numpy as np
 from bench.api import ClientData, ClientUpdate, Message, Server
 from bench.config import RuntimeConfig
 from bench.errors import UserError
-from bench.runtime.base import ClientJob, ClientResult, DeviceUnavailable, Executor, TaskData, pick_device, pin_threads, timed_local_train
+from bench.runtime.base import ClientJob, ClientResult, DeviceUnavailable, Executor, TaskData, pick_device, pin_threads, train_jobs
 from bench.wire import manifests
 
 log = logging.getLogger(__name__)
@@ -162,11 +162,13 @@ class ClientActor:
     """Hosts the virtual clients assigned to it; built once per run."""
 
     def __init__(
-        self, client_cls, config, env, train_x: np.ndarray, train_y: np.ndarray, threads: int, device: str, environ: dict[str, str]
+        self, client_cls, config, env, train_x: np.ndarray, train_y: np.ndarray, threads: int, device: str, environ: dict[str, str],
+        batched: bool = False,
     ) -> None:
         import ray
         import torch
 
+        self.batched = batched
         os.environ.update(environ)
         pin_threads(max(1, threads))
         # Ray sets CUDA_VISIBLE_DEVICES to the granted GPU, so "cuda" is that one
@@ -193,15 +195,17 @@ class ClientActor:
 
         unique = list({id(r): r for refs in array_refs for r in refs.values() if isinstance(r, ray.ObjectRef)}.values())
         fetched = dict(zip(map(id, unique), ray.get(unique))) if unique else {}
-        headers, updates = [], []
+        payloads: dict[tuple, Message] = {}  # jobs given the same arrays share one payload (batched training groups by it)
+        full = []
         for job, refs in zip(jobs, array_refs):
-            # private copies: the object store's arrays are read-only and training reads them as tensors
-            payload = Message({n: np.array(fetched.get(id(r), r)) for n, r in refs.items()}, job.payload.meta)
-            res = timed_local_train(self.client, payload, self.data[job.client_id], job.ctx, self.device)
-            u = res.update
-            headers.append(ClientResult(RemoteUpdate(None, u.nbytes, u.num_samples, u.loss), res.seconds))
-            updates.append(u)
-        return (headers, *updates)
+            key = (tuple((n, id(r)) for n, r in refs.items()), repr(job.payload.meta))
+            if key not in payloads:
+                # private copies: the object store's arrays are read-only and training reads them as tensors
+                payloads[key] = Message({n: np.array(fetched.get(id(r), r)) for n, r in refs.items()}, job.payload.meta)
+            full.append(ClientJob(job.client_id, payloads[key], job.ctx))
+        results = train_jobs(self.client, full, self.data, self.device, self.batched)
+        headers = [ClientResult(RemoteUpdate(None, r.update.nbytes, r.update.num_samples, r.update.loss), r.seconds) for r in results]
+        return (headers, *(r.update for r in results))
 
 
 @dataclass
@@ -411,7 +415,7 @@ class RayExecutor(Executor):
             self.ray.remote(ClientActor)
             .options(num_cpus=self.cfg.cpus_per_client, num_gpus=self.cfg.gpus_per_client, max_restarts=0, scheduling_strategy=where,
                      name=self.actor_name(f"client actor {a}" + (f" restart {self._restarts[a]}" if self._restarts.get(a) else "")))
-            .remote(*self._ctor, threads, self.cfg.device, self._environ)
+            .remote(*self._ctor, threads, self.cfg.device, self._environ, self.cfg.batch_clients)
         )
 
     def actor_of(self, client_id: int) -> int:
