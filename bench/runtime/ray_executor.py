@@ -253,12 +253,12 @@ class ServerHost:
         msgs = [self.server.payload_for(k) for k in client_ids]
         return [RemotePayload(refs, m.meta, m.nbytes, man) for m, refs, man in zip(msgs, put_once(msgs), manifests(m.arrays for m in msgs))]
 
-    def aggregate(self, update_refs: list[Any]) -> tuple[dict, dict]:
-        """Aggregate straight from the client actors' outputs; the round's stats and
+    def aggregate(self, *updates: ClientUpdate) -> tuple[dict, dict]:
+        """Aggregate straight from the client actors' outputs (passed as top-level references,
+        so Ray hands them over resolved: large ones from the object store, small ones inline
+        from the driver that owns them, with no borrowing round trips); the round's stats and
         aggregation report come back in the same answer (one call per round, not three)."""
-        import ray
-
-        self.server.aggregate(ray.get(update_refs))
+        self.server.aggregate(list(updates))
         return self.server.stats(), self.server.aggregation_report()
 
 
@@ -295,7 +295,7 @@ class RemoteServer(Server):
         return self.ray.get(self.actor.payloads.remote(list(client_ids)))
 
     def aggregate(self, updates: list[RemoteUpdate]) -> None:
-        self._after_aggregate = self.ray.get(self.actor.aggregate.remote([u.ref for u in updates]))
+        self._after_aggregate = self.ray.get(self.actor.aggregate.remote(*[u.ref for u in updates]))
 
     def predict(self, x):
         return self._call("predict", np.asarray(x))
