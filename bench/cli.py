@@ -79,6 +79,10 @@ def _counts_table(scenario, ds) -> Table:
     table.add_column("total", justify="right")
     for t, row in enumerate(counts):
         table.add_row(str(t), str(len(scenario.tasks[t])), *map(str, row), str(int(row.sum())))
+    classes = [[len(c) for c in scenario.client_classes(t, ds.train_y).values()] for t in range(scenario.num_tasks)]
+    table.add_row("classes held", "", *(f"{min(col)}-{max(col)}" if min(col) != max(col) else str(col[0]) for col in zip(*classes)), "")
+    if scenario.noise_std is not None:
+        table.add_row("noise std", "", *(f"{s:g}" for s in scenario.noise_std), "")
     return table
 
 
@@ -101,9 +105,8 @@ def run(
 ) -> None:
     """Run a sweep (methods x alphas x seeds) and write Parquet results; resumes where it stopped."""
     from bench.config import load_config
-    from bench.data import load_dataset, resolve_data_dir
+    from bench.data import build_scenario, load_dataset, resolve_data_dir
     from bench.results import ResultWriter
-    from bench.scenario import build_scenario
     from bench.sweep import expand, parse_floats, parse_ints, parse_methods, prepare, run_sweep
 
     overrides = list(set_ or [])
@@ -114,6 +117,8 @@ def run(
     if require_llm:
         overrides.append("methods.fedame.llm.required=true")
     cfg = load_config(config, overrides)
+    if cfg.data.dataset == "imagefolder":  # the folder is the dataset: recorded in the config and the run id
+        cfg = load_config(config, [*overrides, f"data.root={resolve_data_dir(data_dir, cfg.data.root)}"])
     names = parse_methods(methods, cfg)
     alphas = parse_floats(alpha, cfg.sweep.alpha or [cfg.scenario.alpha], "alpha")
     seed_list = parse_ints(seeds, cfg.sweep.seeds or [cfg.seed], "seeds")

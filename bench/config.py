@@ -37,8 +37,11 @@ class SyntheticData(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["cifar10", "cifar100", "synthetic"] = "cifar10"
+    # imagefolder: any ROOT/<class>/<image> folder, ROOT/train + ROOT/test, or Tiny-ImageNet (bench/data/imagefolder.py)
+    dataset: Literal["cifar10", "cifar100", "synthetic", "imagefolder"] = "cifar10"
     root: str | None = None  # data dir; --data-dir and FEDAME_DATA_DIR override
+    image_size: int | None = Field(None, ge=8)  # imagefolder: resize to this square (None: the images' own size)
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # imagefolder with one pool of class folders: the test share
     max_train_per_class: int | None = Field(None, ge=1)
     max_test_per_class: int | None = Field(None, ge=1)
     synthetic: SyntheticData = SyntheticData()
@@ -71,10 +74,15 @@ class ScenarioConfig(Section):
     tasks: list[int] | None = None  # explicit task sizes, e.g. [4, 4, 2]
     n_tasks: int | None = Field(None, ge=1)  # or this many equal parts
     num_clients: int = Field(5, ge=1)
-    partition: Literal["dirichlet", "iid", "shards"] = "dirichlet"
+    # NIID-Bench's splits (bench/data/partitions.py): label skew (dirichlet), #C=k label
+    # quantity (label_quantity), quantity skew (quantity: sizes ~ Dir(alpha)), iid, shards
+    partition: Literal["dirichlet", "iid", "shards", "label_quantity", "quantity"] = "dirichlet"
     alpha: float = 0.5
-    min_samples: int = Field(2, ge=0)  # per client per task (dirichlet)
+    min_samples: int = Field(2, ge=0)  # per client per task (dirichlet, quantity)
     shards_per_client: int = Field(2, ge=1)
+    classes_per_client: int = Field(2, ge=1)  # label_quantity: k classes of each task per client
+    # feature-noise skew: client k's inputs get Gaussian noise of std feature_noise * k / (clients - 1)
+    feature_noise: float = Field(0.0, ge=0)
     attack: AttackConfig = AttackConfig()
 
     @model_validator(mode="after")

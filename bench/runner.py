@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,12 +21,11 @@ import numpy as np
 from bench.api import MethodEnv, Server, TaskInfo, TrainContext, TrainSettings, derive_seed, get_method
 from bench.checkpoint import RunCheckpoint
 from bench.config import ExperimentConfig
-from bench.data import Dataset
+from bench.data import Dataset, Scenario, build_scenario
 from bench.features import FeatureStore
 from bench.federation import malicious_clients
 from bench.metrics import average_incremental_accuracy, backward_transfer, final_accuracy, forgetting, task_accuracies
 from bench.runtime import ClientJob, Executor, executor_kind
-from bench.scenario import Scenario, build_scenario
 from bench.sysinfo import git_sha, hardware, versions
 from bench.wire import WireLedger, manifests
 
@@ -52,7 +52,18 @@ class RunSpec:
     def run_id(self) -> str:
         """Stable across executors and machines: a digest of what determines the numbers."""
         ident = self.config.model_dump(mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods", "aggregation"})
-        ident["data"].pop("root", None)
+        data = ident["data"]
+        root = data.pop("root", None)
+        if data["dataset"] == "imagefolder":  # the folder is the dataset: its name enters the id
+            data["folder"] = Path(root).name if root else None
+        else:  # fields added for folders: earlier run ids stay as they were
+            data.pop("image_size")
+            data.pop("test_fraction")
+        scen = ident["scenario"]  # fields added later enter only when used: earlier run ids stay as they were
+        if scen["partition"] != "label_quantity":
+            scen.pop("classes_per_client")
+        if not scen["feature_noise"]:
+            scen.pop("feature_noise")
         attack = ident["scenario"].pop("attack")  # only when used: run ids without one stay as they were
         if attack["kind"] != "none":
             ident["attack"] = attack
@@ -106,6 +117,13 @@ def method_env(cfg: ExperimentConfig, ds: Dataset, feature_dim: int, cache_dir: 
 
 def clients_per_round(cfg: ExperimentConfig) -> int:
     return min(cfg.scenario.num_clients, max(1, int(round(cfg.training.client_fraction * cfg.scenario.num_clients))))
+
+
+def client_noise(scenario: Scenario, seed: int, task: int) -> dict[int, tuple[float, int]] | None:
+    """Feature-noise skew: each client's noise std and the seed of its draw for this task."""
+    if scenario.noise_std is None:
+        return None
+    return {k: (std, derive_seed(seed, "feature_noise", task, k)) for k, std in enumerate(scenario.noise_std)}
 
 
 def sample_clients(cfg: ExperimentConfig, task: int, rnd: int) -> list[int]:
@@ -198,7 +216,7 @@ def execute_run(
             server.begin_task(
                 TaskInfo(t, scenario.tasks[t], scenario.seen_classes(t), scenario.client_classes(t, ds.train_y))
             )
-            executor.set_task(t, scenario.client_indices[t])
+            executor.set_task(t, scenario.client_indices[t], client_noise(scenario, cfg.seed, t))
             n_rounds = server.rounds_for_task(cfg.training.rounds, clients_per_round(cfg) == cfg.scenario.num_clients)
             for r in range(n_rounds):
                 t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from bench.results import ResultWriter
 from bench.runner import RunSpec, execute_run, run_row
 from bench.runtime import executor_kind, make_executor
 from bench.runtime.base import preflight_cluster, preflight_device
-from bench.scenario import build_scenario
+from bench.data import build_scenario
 
 
 def default_cache_dir(cfg: ExperimentConfig) -> Path:

@@ -26,7 +26,7 @@ def export(path: str) -> None:
     from bench.data import load_dataset
     from bench.features import FeatureStore
     from bench.runtime.benchmark import small_workload
-    from bench.scenario import build_scenario
+    from bench.data import build_scenario
     from bench.sweep import default_cache_dir
 
     cfg = small_workload([])

@@ -75,3 +75,40 @@ def cifar_root(tmp_path):
 
 def requires_shared_data():
     return pytest.mark.skipif(not (SHARED_DATA / "cifar-100-python" / "train").exists(), reason="../shared/data absent")
+
+
+def write_image_folder(root: Path, layout: str = "split", classes: int = 6, train: int = 12, test: int = 4,
+                       size: int = 40, seed: int = 0) -> Path:
+    """Small PNG folders: "split" (ROOT/train/<class>, ROOT/test/<class>), "pool" (ROOT/<class>)
+    or "tiny" (Tiny-ImageNet: train/<wnid>/images, val/images + val_annotations.txt, words.txt).
+    Each class is a coloured 4x4 pattern plus noise, the same pattern in every split."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    bases = rng.uniform(0, 255, (classes, 4, 4, 3))
+    names = [f"n0{1000 + c}" if layout == "tiny" else f"class_{c}" for c in range(classes)]
+
+    def image(c: int) -> Image.Image:
+        x = np.kron(bases[c], np.ones((size // 4, size // 4, 1))) + rng.normal(0, 30, (size, size, 3))
+        return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
+
+    for c, name in enumerate(names):
+        for split, n in (("train", train), ("test", test)):
+            if layout == "split":
+                folder = root / split / name
+            elif layout == "pool":
+                folder = root / name
+            elif split == "train":
+                folder = root / "train" / name / "images"
+            else:
+                folder = root / "val" / "images"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                fname = f"{name}_{split}_{i}.png"
+                image(c).save(folder / fname)
+                if layout == "tiny" and split == "test":
+                    with open(root / "val" / "val_annotations.txt", "a") as f:
+                        f.write(f"{fname}\t{name}\t0\t0\t{size}\t{size}\n")
+    if layout == "tiny":
+        (root / "words.txt").write_text("".join(f"{n}\tthing {c}, other name\n" for c, n in enumerate(names)))
+    return root

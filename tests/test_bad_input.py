@@ -3,7 +3,7 @@
 import pytest
 from typer.testing import CliRunner
 
-from bench import data as data_mod
+from bench.data import datasets as data_mod
 from bench.cli import app
 
 runner = CliRunner()

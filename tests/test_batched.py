@@ -10,7 +10,7 @@ from bench.data import load_dataset
 from bench.features import FeatureStore
 from bench.runner import RunSpec, execute_run, method_env
 from bench.runtime import LocalExecutor
-from bench.scenario import build_scenario
+from bench.data import build_scenario
 
 TOL = 1e-5  # absolute, on every trained weight: the stacked matmuls sum in another order
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bench import data as data_mod
+from bench.data import datasets as data_mod
 from bench.config import DataConfig
 from bench.data import DataError, load_dataset
 
@@ -91,3 +91,54 @@ def test_real_cifar100_run_with_shared_backbone(tmp_path):
     # 100 classes: chance is 1%; the backbone's frozen features make NCM far better than that
     assert s["fedncm"]["final_acc"] > 0.25
     assert s["fedavg"]["forgetting"] > s["fedncm"]["forgetting"]
+
+
+# ------------------------------------------------------------------ image folders
+
+from .conftest import write_image_folder  # noqa: E402
+
+
+def _folder_cfg(root, *extra):
+    from bench.config import load_config
+
+    return load_config("smoke", ["data.dataset=imagefolder", f"data.root={root}", *extra])
+
+
+def test_imagefolder_train_test_layout(tmp_path):
+    root = write_image_folder(tmp_path / "f", "split")
+    ds = load_dataset(_folder_cfg(root, "data.image_size=32").data, root)
+    assert ds.class_names == tuple(f"class_{c}" for c in range(6))
+    assert ds.train_x.shape == (72, 32, 32, 3) and ds.test_x.shape == (24, 32, 32, 3)
+    assert list(np.bincount(ds.train_y)) == [12] * 6 and list(np.bincount(ds.test_y)) == [4] * 6
+    own = load_dataset(_folder_cfg(root).data, root)  # no image_size: the images' own 40 px
+    assert own.train_x.shape[1:] == (40, 40, 3)
+
+
+def test_imagefolder_single_pool_is_split_per_class_deterministically(tmp_path):
+    root = write_image_folder(tmp_path / "p", "pool", train=8, test=2)
+    a = load_dataset(_folder_cfg(root, "data.test_fraction=0.25").data, root)
+    b = load_dataset(_folder_cfg(root, "data.test_fraction=0.25").data, root)
+    assert list(np.bincount(a.test_y)) == [round(0.25 * 10)] * 6 and len(a.train_y) == 60 - len(a.test_y)
+    assert np.array_equal(a.test_x, b.test_x) and a.digest("train") == b.digest("train")
+
+
+def test_tiny_imagenet_layout_with_val_annotations_and_words(tmp_path):
+    root = write_image_folder(tmp_path / "tiny-imagenet-200", "tiny", train=5, test=3, size=64)
+    ds = load_dataset(_folder_cfg(root).data, root)
+    assert ds.class_names[0] == "thing 0"  # from words.txt, first name
+    assert ds.train_x.shape == (30, 64, 64, 3) and list(np.bincount(ds.test_y)) == [3] * 6
+    # the val images are labelled by the annotations: each test image matches its class's pattern
+    means = np.stack([ds.train_x[ds.train_y == c].mean(0) for c in range(6)])
+    nearest = ((ds.test_x[:, None].astype(float) - means[None]) ** 2).sum((2, 3, 4)).argmin(1)
+    assert np.array_equal(nearest, ds.test_y)
+
+
+def test_imagefolder_errors_say_what_to_do(tmp_path):
+    root = write_image_folder(tmp_path / "f", "split")
+    from PIL import Image
+
+    Image.new("RGB", (20, 30)).save(root / "train" / "class_0" / "odd.png")
+    with pytest.raises(DataError, match="set data.image_size"):
+        load_dataset(_folder_cfg(root).data, root)
+    with pytest.raises(DataError, match="is not a folder"):
+        load_dataset(_folder_cfg(tmp_path / "absent").data, tmp_path / "absent")

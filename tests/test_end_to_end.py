@@ -151,3 +151,38 @@ def test_skips_say_where_and_the_executor_is_part_of_the_run_id(smoke_out):
     pinned = [expand(load_config("smoke", [f"runtime.executor={e}", "runtime.torch_threads=1"]), ["fedavg"], [0.5], [0])[0].run_id
               for e in ("local", "ray")]
     assert pinned[0] == pinned[1] != local  # one thread count: the executors agree, so one run
+
+
+def test_every_method_runs_on_an_image_folder(tmp_path):
+    from .conftest import write_image_folder
+
+    root = write_image_folder(tmp_path / "folder", "split", classes=6, train=16, test=6, size=32)
+    out = tmp_path / "r"
+    res = run_cli("run", "--config", "smoke", "--methods", "all", "--set", "data.dataset=imagefolder",
+                  "--set", f"data.root={root}", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    summary = read_table(out, "summary").to_pandas()
+    from bench.api import available_methods
+
+    assert set(summary["method"]) == set(available_methods())
+    assert summary.set_index("method").loc["fedncm", "final_acc"] > 0.5  # the classes are learnable: 1/6 is chance
+    runs = read_table(out, "runs").to_pandas()
+    assert (runs["dataset"] == "imagefolder-folder").all() and (runs["status"] == "completed").all()
+
+
+def test_label_quantity_and_feature_noise_scenarios_run_end_to_end(tmp_path):
+    out = tmp_path / "r"
+    res = run_cli("run", "--config", "smoke", "--methods", "fedavg,fedncm", "--set", "scenario.partition=label_quantity",
+                  "--set", "scenario.classes_per_client=1", "--set", "scenario.feature_noise=0.5", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    runs = read_table(out, "runs").to_pandas()
+    assert (runs["partition"] == "label_quantity").all()
+    clean = tmp_path / "c"
+    assert run_cli("run", "--config", "smoke", "--methods", "fedavg", "--set", "scenario.partition=label_quantity",
+                   "--set", "scenario.classes_per_client=1", "--out", str(clean)).exit_code == 0
+
+    def losses(folder):
+        r = read_table(folder, "rounds").to_pandas()
+        return r[r["method"] == "fedavg"].sort_values(["task", "round"])["loss"].to_numpy()
+
+    assert len(losses(out)) == len(losses(clean)) and (losses(out) != losses(clean)).all()  # the noise reached the clients

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from bench.config import ScenarioConfig
-from bench.scenario import ScenarioError, build_scenario
+from bench.data import ScenarioError, build_scenario
 
 NAMES = tuple(f"c{i}" for i in range(10))
 LABELS = np.repeat(np.arange(10), 100)
@@ -12,7 +12,7 @@ def scen(**kw):
     return ScenarioConfig(**{"tasks": [4, 4, 2], "num_clients": 5, **kw})
 
 
-@pytest.mark.parametrize("partition", ["dirichlet", "iid", "shards"])
+@pytest.mark.parametrize("partition", ["dirichlet", "iid", "shards", "label_quantity", "quantity"])
 def test_each_index_goes_to_exactly_one_client(partition):
     s = build_scenario(scen(partition=partition, alpha=0.3), LABELS, NAMES, seed=1)
     for t, classes in enumerate(s.tasks):
@@ -74,3 +74,45 @@ def test_more_clients_than_samples_is_an_error():
     few = np.repeat(np.arange(10), 2)
     with pytest.raises(ScenarioError, match="fewer than needed"):
         build_scenario(scen(num_clients=50, partition="iid"), few, NAMES, seed=0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_label_quantity_gives_each_client_k_classes_of_each_task(k):
+    s = build_scenario(scen(partition="label_quantity", classes_per_client=k), LABELS, NAMES, seed=2)
+    for t in range(3):
+        held = s.client_classes(t, LABELS)
+        assert all(len(c) == k for c in held.values()), held
+        assert set().union(*held.values()) == set(s.tasks[t])  # every class of the task is held by someone
+    again = build_scenario(scen(partition="label_quantity", classes_per_client=k), LABELS, NAMES, seed=2)
+    assert all(np.array_equal(a, b) for ta, tb in zip(s.client_indices, again.client_indices) for a, b in zip(ta, tb))
+    with pytest.raises(ScenarioError, match="classes_per_client=3"):
+        build_scenario(scen(partition="label_quantity", classes_per_client=3), LABELS, NAMES, seed=2)  # task 2 has 2
+
+
+def test_quantity_skew_varies_sizes_not_label_mix():
+    s = build_scenario(scen(partition="quantity", alpha=0.2, min_samples=5), LABELS, NAMES, seed=0)
+    sizes = s.counts(LABELS)[0]
+    assert sizes.max() > 3 * sizes.min() and sizes.min() >= 5  # skewed sizes ...
+    big = s.client_indices[0][int(np.argmax(sizes))]
+    shares = np.bincount(LABELS[big], minlength=10)[list(s.tasks[0])] / len(big)
+    assert np.all(np.abs(shares - 0.25) < 0.1)  # ... of IID contents (4 classes, about a quarter each)
+    near_even = build_scenario(scen(partition="quantity", alpha=1000.0), LABELS, NAMES, seed=0).counts(LABELS)[0]
+    assert near_even.max() < 1.3 * near_even.min()
+
+
+def test_feature_noise_grows_with_the_client_and_is_seeded():
+    from bench.runner import client_noise
+    from bench.runtime.base import TaskData
+
+    s = build_scenario(scen(partition="iid", feature_noise=0.4), LABELS, NAMES, seed=0)
+    assert s.noise_std == pytest.approx((0.0, 0.1, 0.2, 0.3, 0.4))
+    x = np.zeros((len(LABELS), 64), dtype=np.float32)
+    noise = client_noise(s, seed=0, task=0)
+    data = TaskData(x, LABELS, dict(enumerate(s.client_indices[0])), "cpu", noise)
+    measured = [float(np.std(data[k].x)) for k in range(5)]
+    assert measured[0] == 0 and np.allclose(measured[1:], [0.1, 0.2, 0.3, 0.4], rtol=0.05)
+    again = TaskData(x, LABELS, dict(enumerate(s.client_indices[0])), "cpu", client_noise(s, seed=0, task=0))
+    assert np.array_equal(again[3].x, data[3].x)
+    other = TaskData(x, LABELS, dict(enumerate(s.client_indices[0])), "cpu", client_noise(s, seed=1, task=0))
+    assert not np.array_equal(other[3].x, data[3].x)
+    assert build_scenario(scen(partition="iid"), LABELS, NAMES, seed=0).noise_std is None

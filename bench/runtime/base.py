@@ -44,7 +44,9 @@ class Executor(ABC):
     ) -> None: ...
 
     @abstractmethod
-    def set_task(self, task: int, indices: tuple[np.ndarray, ...]) -> None: ...
+    def set_task(self, task: int, indices: tuple[np.ndarray, ...], noise: dict[int, tuple[float, int]] | None = None) -> None:
+        """This task's client -> training indices; `noise` (feature-noise skew): client ->
+        (std, seed) of the Gaussian noise added to its inputs."""
 
     def make_server(self, server_cls: type[Server], config: MethodConfig, env: MethodEnv) -> Server:
         """Where the method's global state lives: in-process here, in a central actor on Ray."""
@@ -134,15 +136,32 @@ class TaskData:
     and a few sampled per round, only the clients that train get a ClientData (and, on a
     GPU, a copy there, kept for the rest of the task)."""
 
-    def __init__(self, train_x: np.ndarray, train_y: np.ndarray, indices: dict[int, np.ndarray], device: str) -> None:
+    def __init__(
+        self, train_x: np.ndarray, train_y: np.ndarray, indices: dict[int, np.ndarray], device: str,
+        noise: dict[int, tuple[float, int]] | None = None,
+    ) -> None:
         self.train_x, self.train_y, self.indices, self.device = train_x, train_y, indices, device
+        self.noise = noise or {}
         self.built: dict[int, ClientData] = {}
 
     def __getitem__(self, client_id: int) -> ClientData:
         if client_id not in self.built:
             ix = self.indices[client_id]
-            self.built[client_id] = client_data(client_id, self.train_x[ix], self.train_y[ix], self.device)
+            x = self.train_x[ix]
+            std, seed = self.noise.get(client_id, (0.0, 0))
+            if std > 0:
+                x = with_noise(np.asarray(x), std, seed)
+            self.built[client_id] = client_data(client_id, x, self.train_y[ix], self.device)
         return self.built[client_id]
+
+
+def with_noise(x: np.ndarray, std: float, seed: int) -> np.ndarray:
+    """NIID-Bench's feature-noise skew: x + N(0, std^2), from a seeded generator. Features get it
+    in their own units; uint8 images in units of the pixel range (std 0.1 = 25.5 levels), clipped."""
+    noise = np.random.default_rng(seed).normal(0.0, std, size=x.shape)
+    if x.dtype == np.uint8:
+        return np.clip(x + 255.0 * noise, 0, 255).astype(np.uint8)
+    return (x + noise).astype(x.dtype)
 
 
 def client_data(client_id: int, x: np.ndarray, y: np.ndarray, device: str) -> ClientData:

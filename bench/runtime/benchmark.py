@@ -70,8 +70,8 @@ class Instrumented(Executor):
     def start(self, client_cls, config, env, train_x, train_y) -> None:
         self.inner.start(client_cls, config, env, train_x, train_y)
 
-    def set_task(self, task, indices) -> None:
-        self.inner.set_task(task, indices)
+    def set_task(self, task, indices, noise=None) -> None:
+        self.inner.set_task(task, indices, noise)
 
     def train(self, jobs):
         t0 = time.perf_counter()
@@ -248,7 +248,7 @@ def plain_loop(cfg, train_x: np.ndarray, train_y: np.ndarray, parts: tuple[np.nd
 def run_small_rounds(actors: list[int] | None = None) -> list[dict]:
     """The plain loop, the local executor and the Ray executor (its defaults, then each of
     `actors`) on the small-round workload, one after another in this process."""
-    from bench.scenario import build_scenario
+    from bench.data import build_scenario
     from bench.sweep import default_cache_dir
 
     base = small_workload([])

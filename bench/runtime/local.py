@@ -30,9 +30,9 @@ class LocalExecutor(Executor):
         self.train_x, self.train_y = train_x, train_y
         self.data: TaskData | None = None
 
-    def set_task(self, task: int, indices: tuple[np.ndarray, ...]) -> None:
+    def set_task(self, task: int, indices: tuple[np.ndarray, ...], noise: dict[int, tuple[float, int]] | None = None) -> None:
         self.data = None  # the last task's data leaves the device first
-        self.data = TaskData(self.train_x, self.train_y, dict(enumerate(indices)), self.device)
+        self.data = TaskData(self.train_x, self.train_y, dict(enumerate(indices)), self.device, noise)
 
     def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
         return train_jobs(self.client, jobs, self.data, self.device, self.batched)

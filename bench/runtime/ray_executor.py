@@ -177,9 +177,9 @@ class ClientActor:
         self.train_x, self.train_y = train_x, train_y  # zero-copy views into the object store
         self.data: TaskData | None = None
 
-    def set_task(self, indices: dict[int, np.ndarray]) -> None:
+    def set_task(self, indices: dict[int, np.ndarray], noise: dict[int, tuple[float, int]] | None = None) -> None:
         self.data = None  # the last task's data leaves the device first
-        self.data = TaskData(self.train_x, self.train_y, indices, self.device)
+        self.data = TaskData(self.train_x, self.train_y, indices, self.device, noise)
 
     def describe(self) -> dict[str, Any]:
         import ray
@@ -333,6 +333,7 @@ class RayExecutor(Executor):
         self.ray = ensure_ray(cfg)
         self.actors: list[Any] = []
         self.indices: dict[int, np.ndarray] = {}
+        self.noise: dict[int, tuple[float, int]] = {}
         self._token = uuid.uuid4().hex[:4]
         self._restarts: dict[int, int] = {}
 
@@ -421,12 +422,14 @@ class RayExecutor(Executor):
     def actor_of(self, client_id: int) -> int:
         return client_id % self.n
 
-    def _clients_of(self, a: int) -> dict[int, np.ndarray]:
-        return {k: ix for k, ix in self.indices.items() if self.actor_of(k) == a}
+    def _clients_of(self, a: int) -> tuple[dict[int, np.ndarray], dict[int, tuple[float, int]]]:
+        """Actor `a`'s clients: their indices and (feature-noise skew) their noise."""
+        mine = {k: ix for k, ix in self.indices.items() if self.actor_of(k) == a}
+        return mine, {k: v for k, v in self.noise.items() if k in mine}
 
-    def set_task(self, task: int, indices: tuple[np.ndarray, ...]) -> None:
-        self.indices = dict(enumerate(indices))
-        self.ray.get([actor.set_task.remote(self._clients_of(a)) for a, actor in enumerate(self.actors)])
+    def set_task(self, task: int, indices: tuple[np.ndarray, ...], noise: dict[int, tuple[float, int]] | None = None) -> None:
+        self.indices, self.noise = dict(enumerate(indices)), noise or {}
+        self.ray.get([actor.set_task.remote(*self._clients_of(a)) for a, actor in enumerate(self.actors)])
 
     def _put_arrays(self, jobs: list[ClientJob]) -> list[dict[str, Any]]:
         """Each job's name -> reference; payloads served by the central actor are stored already."""
@@ -480,7 +483,7 @@ class RayExecutor(Executor):
             pass
         self._restarts[a] = self._restarts.get(a, 0) + 1
         self.actors[a] = self._new_actor(a)
-        self.ray.get(self.actors[a].set_task.remote(self._clients_of(a)), timeout=600)
+        self.ray.get(self.actors[a].set_task.remote(*self._clients_of(a)), timeout=600)
 
     def round_done(self, method: str, row: dict) -> None:
         """Export progress to the Ray dashboard's metrics (ray.util.metrics)."""

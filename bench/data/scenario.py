@@ -1,4 +1,4 @@
-"""Scenario: class order, task split and per-task label partition over clients.
+"""Scenario: class order, task split and per-task partition over clients (bench/data/partitions.py).
 
 A pure function of (scenario config, labels, seed): the same inputs give the same indices
 on every machine, so a Ray worker and a local run see identical client data.
@@ -12,11 +12,7 @@ import numpy as np
 
 from bench.api import derive_seed
 from bench.config import ScenarioConfig
-from bench.errors import UserError
-
-
-class ScenarioError(UserError, ValueError):
-    """The scenario cannot be built from this config; the message says what to change."""
+from bench.data.partitions import ScenarioError, partition
 
 
 @dataclass(frozen=True)
@@ -25,6 +21,7 @@ class Scenario:
     tasks: tuple[tuple[int, ...], ...]  # global label ids of each task's classes
     client_indices: tuple[tuple[np.ndarray, ...], ...]  # [task][client] -> train indices
     num_clients: int
+    noise_std: tuple[float, ...] | None = None  # feature-noise skew: std of the Gaussian added to client k's inputs
 
     @property
     def num_tasks(self) -> int:
@@ -79,62 +76,19 @@ def split_tasks(cfg: ScenarioConfig, order: tuple[int, ...]) -> tuple[tuple[int,
     return tuple(tuple(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
-def dirichlet_partition(
-    labels: np.ndarray, idx: np.ndarray, num_clients: int, alpha: float, min_samples: int, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """Label-skewed split: per class, proportions ~ Dir(alpha); resampled until every client
-    has at least `min_samples` (the classic NIID-Bench recipe, with its balancing cap)."""
-    n = len(idx)
-    for _ in range(1000):
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
-        for c in np.unique(labels[idx]):
-            ic = rng.permutation(idx[labels[idx] == c])
-            p = rng.dirichlet(np.full(num_clients, alpha))
-            p = p * np.array([len(part) < n / num_clients for part in parts])  # cap clients already full
-            p = p / p.sum() if p.sum() > 0 else np.full(num_clients, 1 / num_clients)
-            cuts = (np.cumsum(p) * len(ic)).astype(int)[:-1]
-            for k, chunk in enumerate(np.split(ic, cuts)):
-                parts[k].extend(chunk.tolist())
-        if min(len(part) for part in parts) >= min_samples:
-            return [np.sort(np.asarray(part, dtype=np.int64)) for part in parts]
-    raise ScenarioError(
-        f"could not give each of {num_clients} clients >= {min_samples} samples with alpha={alpha} "
-        f"from {n} samples; lower scenario.min_samples, raise alpha or use fewer clients"
-    )
-
-
-def iid_partition(idx: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
-    return [np.sort(p) for p in np.array_split(rng.permutation(idx), num_clients)]
-
-
-def shard_partition(
-    labels: np.ndarray, idx: np.ndarray, num_clients: int, shards_per_client: int, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """McMahan et al.'s pathological split: sort by label, cut shards, deal them out."""
-    by_label = idx[np.argsort(labels[idx], kind="stable")]
-    shards = np.array_split(by_label, num_clients * shards_per_client)
-    deal = rng.permutation(len(shards)).reshape(num_clients, shards_per_client)
-    return [np.sort(np.concatenate([shards[s] for s in row])) for row in deal]
-
-
 def build_scenario(cfg: ScenarioConfig, labels: np.ndarray, class_names: tuple[str, ...], seed: int) -> Scenario:
     order = resolve_class_order(cfg, class_names, seed)
     tasks = split_tasks(cfg, order)
     per_task = []
     for t, classes in enumerate(tasks):
         idx = np.flatnonzero(np.isin(labels, classes))
-        need = cfg.num_clients * max(1, cfg.min_samples if cfg.partition == "dirichlet" else 1)
+        need = cfg.num_clients * max(1, cfg.min_samples if cfg.partition in ("dirichlet", "quantity") else 1)
         if len(idx) < need:
             raise ScenarioError(
                 f"task {t} has {len(idx)} training samples, fewer than needed for {cfg.num_clients} clients "
                 f"({need}); use fewer clients or more data"
             )
         rng = np.random.default_rng(derive_seed(seed, "partition", t))
-        if cfg.partition == "dirichlet":
-            parts = dirichlet_partition(labels, idx, cfg.num_clients, cfg.alpha, cfg.min_samples, rng)
-        elif cfg.partition == "iid":
-            parts = iid_partition(idx, cfg.num_clients, rng)
-        else:
-            parts = shard_partition(labels, idx, cfg.num_clients, cfg.shards_per_client, rng)
-        per_task.append(tuple(parts))
-    return Scenario(order, tasks, tuple(per_task), cfg.num_clients)
+        per_task.append(tuple(partition(cfg, labels, idx, rng)))
+    noise = tuple(cfg.feature_noise * k / max(cfg.num_clients - 1, 1) for k in range(cfg.num_clients))
+    return Scenario(order, tasks, tuple(per_task), cfg.num_clients, noise if cfg.feature_noise else None)

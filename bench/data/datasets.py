@@ -1,4 +1,5 @@
-"""Datasets as plain arrays: CIFAR-10/100 from torchvision's on-disk format, or synthetic.
+"""Datasets as plain arrays: CIFAR-10/100 from torchvision's on-disk format, synthetic, or an
+image folder (bench/data/imagefolder.py).
 
 The CIFAR pickles are read directly (the format is tiny and stable) so that small test
 fixtures in the same format load too; torchvision is used to download them when the files
@@ -171,7 +172,12 @@ def _cap_per_class(x: np.ndarray, y: np.ndarray, cap: int | None) -> tuple[np.nd
 
 
 def load_dataset(cfg: DataConfig, data_dir: Path) -> Dataset:
-    ds = make_synthetic(cfg) if cfg.dataset == "synthetic" else load_cifar(data_dir, cfg.dataset)
+    if cfg.dataset == "imagefolder":
+        from bench.data.imagefolder import load_imagefolder
+
+        ds = load_imagefolder(Path(data_dir), cfg)
+    else:
+        ds = make_synthetic(cfg) if cfg.dataset == "synthetic" else load_cifar(data_dir, cfg.dataset)
     if cfg.max_train_per_class or cfg.max_test_per_class:
         tx, ty = _cap_per_class(ds.train_x, ds.train_y, cfg.max_train_per_class)
         vx, vy = _cap_per_class(ds.test_x, ds.test_y, cfg.max_test_per_class)
