@@ -242,7 +242,7 @@ def pretrain_backbone(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Train the configured backbone centrally on base classes (the B50 protocol) and save it."""
-    from bench.backbone import parse_classes, pretrain
+    from bench.features.protocols import parse_classes, pretrain
     from bench.config import load_config
     from bench.data import load_dataset, resolve_data_dir
 
@@ -265,7 +265,7 @@ def probe_backbone(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from bench.backbone import parse_classes, probe
+    from bench.features.protocols import parse_classes, probe
     from bench.config import load_config
     from bench.data import load_dataset, resolve_data_dir
     from bench.features import FeatureStore

@@ -99,7 +99,9 @@ class ScenarioConfig(Section):
 
 
 class BackboneConfig(Section):
-    arch: Literal["resnet18"] = "resnet18"
+    # resnet18, any torchvision classification model by name (resnet50, vit_b_16, ...), or
+    # hf:<model id or folder> (CLIP vision tower, ViT, DINOv2, ...): bench/features/backbones.py
+    arch: str = "resnet18"
     variant: Literal["torchvision", "cifar"] = "torchvision"
     weights: str = "none"  # imagenet | none | <path to a state dict>
     input_size: int = Field(32, ge=8)

@@ -112,3 +112,28 @@ def write_image_folder(root: Path, layout: str = "split", classes: int = 6, trai
     if layout == "tiny":
         (root / "words.txt").write_text("".join(f"{n}\tthing {c}, other name\n" for c, n in enumerate(names)))
     return root
+
+
+def write_tiny_hf_vision(root: Path, kind: str, image_size: int = 32) -> Path:
+    """A tiny randomly initialised Hugging Face vision model and its image processor, saved
+    to a folder (`backbone.arch: hf:<folder>`): vit, clip (a CLIP vision tower) or dinov2."""
+    import torch
+    from transformers import (
+        BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, ViTConfig,
+        ViTImageProcessor, ViTModel,
+    )
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=image_size, patch_size=8)
+    torch.manual_seed(0)
+    if kind == "vit":
+        model, proc = ViTModel(ViTConfig(**small)), ViTImageProcessor(size={"height": image_size, "width": image_size})
+    elif kind == "clip":
+        model = CLIPVisionModel(CLIPVisionConfig(**small))
+        proc = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    else:
+        model = Dinov2Model(Dinov2Config(**small))
+        proc = BitImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                                 image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    model.save_pretrained(root)
+    proc.save_pretrained(root)
+    return root

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bench.backbone import linear_probe_accuracy, ncm_accuracy, parse_classes
+from bench.features.protocols import linear_probe_accuracy, ncm_accuracy, parse_classes
 from bench.cli import app
 from bench.config import BackboneConfig
 from bench.features import load_backbone
@@ -59,7 +59,7 @@ def test_probe_cli_writes_parquet(tmp_path):
 
 def test_class_spec_parsing():
     assert parse_classes("0-2,5", 10) == [0, 1, 2, 5]
-    from bench.backbone import ClassSpecError
+    from bench.features.protocols import ClassSpecError
 
     with pytest.raises(ClassSpecError, match="out of range"):
         parse_classes("0-20", 10)

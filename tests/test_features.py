@@ -84,3 +84,56 @@ def test_imagenet_offline_fails_fast_with_alternatives(tmp_path, monkeypatch):
         load_backbone(BackboneConfig(weights="imagenet"))
     assert time.time() - t0 < 10
     assert "none" in str(e.value) and "TORCH_HOME" in str(e.value)
+
+
+# ------------------------------------------------------------------ other backbones
+
+from .conftest import write_tiny_hf_vision  # noqa: E402
+
+
+@pytest.mark.parametrize("kind,dim", [("vit", 32), ("clip", 32), ("dinov2", 32)])
+def test_hugging_face_backbones_build_a_feature_cache_and_a_run(tmp_path, kind, dim):
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from bench.config import load_config
+    from bench.features.backbones import HFFeatures
+
+    folder = write_tiny_hf_vision(tmp_path / kind, kind)
+    cfg = load_config("smoke", [f"backbone.arch=hf:{folder}"])
+    ds = load_dataset(cfg.data, None)
+    store = FeatureStore(ds, cfg.backbone, tmp_path / "cache")
+    assert store.cfg.input_size == 32  # from the model's own image processor
+    if kind == "dinov2":
+        assert store.cfg.mean == pytest.approx((0.485, 0.456, 0.406))
+    feats = store.features("train")
+    assert feats.shape == (len(ds.train_y), dim) and np.isfinite(feats).all() and feats.std() > 0
+    assert store.paths("train")[0].exists()
+    model, _ = load_backbone(cfg.backbone)
+    assert isinstance(model, HFFeatures) and not any(p.requires_grad for p in model.parameters())
+    res = CliRunner().invoke(app, ["run", "--config", "smoke", "--methods", "fedncm", "--set", f"backbone.arch=hf:{folder}",
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_torchvision_model_by_name_drops_its_classifier(tmp_path):
+    from bench.config import load_config
+
+    cfg = load_config("smoke", ["backbone.arch=mobilenet_v3_small", "backbone.weights=none"])
+    model, digest = load_backbone(cfg.backbone)
+    out = model(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, 1024) and digest == "random-init-seed0"  # the classifier's input, not 1000 logits
+    ds = load_dataset(cfg.data, None)
+    assert FeatureStore(ds, cfg.backbone, tmp_path).features("test").shape == (len(ds.test_y), 1024)
+
+
+def test_unknown_or_unavailable_backbones_are_one_clear_error(tmp_path, monkeypatch):
+    from bench.config import load_config
+
+    with pytest.raises(BackboneError, match="not a torchvision model"):
+        load_backbone(load_config("smoke", ["backbone.arch=resnet_9000"]).backbone)
+    from bench.hf import ModelUnavailable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailable, match="not in the Hugging Face cache"):
+        load_backbone(load_config("smoke", ["backbone.arch=hf:facebook/dinov2-small-not-cached"]).backbone)
