@@ -128,7 +128,7 @@ def run(
         ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
         for a in alphas:
             spec = next(s for s in specs if s.alpha == a)
-            scen = build_scenario(spec.config.scenario, ds.train_y, ds.class_names, spec.seed)
+            scen = build_scenario(spec.config.scenario, ds.train_y, ds.class_names, spec.seed, ds.train_domain, ds.domain_names)
             t = _counts_table(scen, ds)
             t.title = f"{t.title}, {cfg.scenario.partition} alpha={a}, seed={spec.seed}"
             console.print(t)

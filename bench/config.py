@@ -42,6 +42,7 @@ class DataConfig(Section):
     root: str | None = None  # data dir; --data-dir and FEDAME_DATA_DIR override
     image_size: int | None = Field(None, ge=8)  # imagefolder: resize to this square (None: the images' own size)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # imagefolder with one pool of class folders: the test share
+    domains: bool = False  # imagefolder: ROOT/<domain>/... holds one folder per domain (DomainNet, Digit-5 layouts)
     max_train_per_class: int | None = Field(None, ge=1)
     max_test_per_class: int | None = Field(None, ge=1)
     synthetic: SyntheticData = SyntheticData()
@@ -83,6 +84,9 @@ class ScenarioConfig(Section):
     classes_per_client: int = Field(2, ge=1)  # label_quantity: k classes of each task per client
     # feature-noise skew: client k's inputs get Gaussian noise of std feature_noise * k / (clients - 1)
     feature_noise: float = Field(0.0, ge=0)
+    # classes: class-incremental tasks; domain: one task per domain of the data (data.domains), all classes in each
+    tasks_by: Literal["classes", "domain"] = "classes"
+    domain_order: list[str] | None = None  # tasks_by=domain: the domains in task order (default: sorted names)
     attack: AttackConfig = AttackConfig()
 
     @model_validator(mode="after")
@@ -93,6 +97,8 @@ class ScenarioConfig(Section):
             raise ValueError(f"task sizes must be positive, got {self.tasks}")
         if self.tasks is not None and self.n_tasks is not None:
             raise ValueError("give either scenario.tasks or scenario.n_tasks, not both")
+        if self.tasks_by == "domain" and (self.tasks is not None or self.n_tasks is not None):
+            raise ValueError("scenario.tasks_by=domain makes one task per domain: set scenario.tasks and n_tasks to null")
         if self.attack.kind != "none" and self.attack.fraction is None and not 1 <= self.attack.clients <= self.num_clients:
             raise ValueError(f"attack.clients must be 1..{self.num_clients} (the clients), got {self.attack.clients}")
         return self

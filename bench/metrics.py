@@ -35,9 +35,9 @@ def backward_transfer(R: np.ndarray) -> float:
     return float(np.mean([R[T, j] - R[j, j] for j in range(T)]))
 
 
-def task_accuracies(pred: np.ndarray, y: np.ndarray, task_of_label: np.ndarray, n_tasks: int) -> tuple[float, list[float]]:
-    """All-seen accuracy and per-task accuracies from one batch of predictions."""
+def task_accuracies(pred: np.ndarray, y: np.ndarray, tasks: np.ndarray, n_tasks: int) -> tuple[float, list[float]]:
+    """All-seen accuracy and per-task accuracies from one batch of predictions; `tasks` is the
+    task of each sample (its class's task, or in a domain-incremental scenario its domain's)."""
     correct = pred == y
-    tasks = task_of_label[y]
     per_task = [float(correct[tasks == j].mean()) if np.any(tasks == j) else float("nan") for j in range(n_tasks)]
     return float(correct.mean()), per_task

@@ -59,11 +59,15 @@ class RunSpec:
         else:  # fields added for folders: earlier run ids stay as they were
             data.pop("image_size")
             data.pop("test_fraction")
+            data.pop("domains")
         scen = ident["scenario"]  # fields added later enter only when used: earlier run ids stay as they were
         if scen["partition"] != "label_quantity":
             scen.pop("classes_per_client")
         if not scen["feature_noise"]:
             scen.pop("feature_noise")
+        if scen["tasks_by"] == "classes":
+            scen.pop("tasks_by")
+            scen.pop("domain_order")
         attack = ident["scenario"].pop("attack")  # only when used: run ids without one stay as they were
         if attack["kind"] != "none":
             ident["attack"] = attack
@@ -136,19 +140,18 @@ def sample_clients(cfg: ExperimentConfig, task: int, rnd: int) -> list[int]:
 
 
 class Evaluator:
-    """Accuracy on the test data of all seen classes, and per task, from one predict call."""
+    """Accuracy on the test data of every task so far (their classes; in a domain-incremental
+    scenario their domains), and per task, from one predict call."""
 
-    def __init__(self, scenario: Scenario, test_x: np.ndarray, test_y: np.ndarray, num_classes: int) -> None:
+    def __init__(self, scenario: Scenario, test_x: np.ndarray, test_y: np.ndarray, test_domain: np.ndarray | None) -> None:
         self.scenario = scenario
-        self.task_of_label = np.full(num_classes, -1)
-        for t, classes in enumerate(scenario.tasks):
-            self.task_of_label[list(classes)] = t
+        self.test_task = scenario.test_tasks(test_y, test_domain)
         self.test_x, self.test_y = test_x, test_y
 
     def __call__(self, server: Server, task: int) -> tuple[float, list[float]]:
-        seen = np.isin(self.test_y, self.scenario.seen_classes(task))
+        seen = (self.test_task >= 0) & (self.test_task <= task)
         x, y = np.asarray(self.test_x[seen]), self.test_y[seen]
-        return task_accuracies(server.predict(x), y, self.task_of_label, self.scenario.num_tasks)
+        return task_accuracies(server.predict(x), y, self.test_task[seen], self.scenario.num_tasks)
 
 
 def payload_manifests(jobs: list[ClientJob]) -> list[Any]:
@@ -179,7 +182,7 @@ def execute_run(
     t_start = time.perf_counter() - (resume.elapsed if resume else 0.0)
     method_cls = get_method(spec.method)
     mcfg = cfg.method_config(spec.method)
-    scenario = build_scenario(cfg.scenario, ds.train_y, ds.class_names, cfg.seed)
+    scenario = build_scenario(cfg.scenario, ds.train_y, ds.class_names, cfg.seed, ds.train_domain, ds.domain_names)
     if method_cls.input == "features":
         train_x, test_x = store.features("train"), store.features("test")
         feature_dim = int(train_x.shape[1])
@@ -199,7 +202,7 @@ def execute_run(
     except BaseException:
         executor.stop()  # a failed setup releases what it reserved (central actor, placement group)
         raise
-    evaluate = Evaluator(scenario, test_x, ds.test_y, ds.num_classes)
+    evaluate = Evaluator(scenario, test_x, ds.test_y, ds.test_domain)
     T = scenario.num_tasks
     R = np.full((T, T), np.nan)
     seen_acc = np.zeros(T)
@@ -214,7 +217,7 @@ def execute_run(
     try:
         for t in range(resume.next_task if resume else 0, T):
             server.begin_task(
-                TaskInfo(t, scenario.tasks[t], scenario.seen_classes(t), scenario.client_classes(t, ds.train_y))
+                TaskInfo(t, scenario.new_classes(t), scenario.seen_classes(t), scenario.client_classes(t, ds.train_y))
             )
             executor.set_task(t, scenario.client_indices[t], client_noise(scenario, cfg.seed, t))
             n_rounds = server.rounds_for_task(cfg.training.rounds, clients_per_round(cfg) == cfg.scenario.num_clients)

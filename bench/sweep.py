@@ -93,7 +93,7 @@ def prepare(cfg: ExperimentConfig, specs: list[RunSpec], data_dir: str | None) -
     preflight_cluster(cfg.runtime)
     ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
     for spec in specs:
-        build_scenario(spec.config.scenario, ds.train_y, ds.class_names, spec.seed)
+        build_scenario(spec.config.scenario, ds.train_y, ds.class_names, spec.seed, ds.train_domain, ds.domain_names)
     cache_dir = default_cache_dir(cfg)
     store = FeatureStore(ds, cfg.backbone, cache_dir)
     if any(get_method(s.method).input == "features" for s in specs):

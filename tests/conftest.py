@@ -137,3 +137,11 @@ def write_tiny_hf_vision(root: Path, kind: str, image_size: int = 32) -> Path:
     model.save_pretrained(root)
     proc.save_pretrained(root)
     return root
+
+
+def write_domain_folders(root: Path, domains: int = 3, classes: int = 4, train: int = 10, test: int = 4, size: int = 32) -> Path:
+    """ROOT/<domain>/train/<class>/ and ROOT/<domain>/test/<class>/: every domain holds every
+    class, each domain with its own colour shift (a domain-incremental fixture)."""
+    for d in range(domains):
+        write_image_folder(root / f"domain_{d}", "split", classes=classes, train=train, test=test, size=size, seed=100 + d)
+    return root

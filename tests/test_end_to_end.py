@@ -186,3 +186,20 @@ def test_label_quantity_and_feature_noise_scenarios_run_end_to_end(tmp_path):
         return r[r["method"] == "fedavg"].sort_values(["task", "round"])["loss"].to_numpy()
 
     assert len(losses(out)) == len(losses(clean)) and (losses(out) != losses(clean)).all()  # the noise reached the clients
+
+
+def test_a_domain_incremental_scenario_runs_end_to_end(tmp_path):
+    from .conftest import write_domain_folders
+
+    root = write_domain_folders(tmp_path / "domains", domains=3, classes=4)
+    out = tmp_path / "r"
+    res = run_cli("run", "--config", "smoke", "--methods", "fedavg,fedncm", "--set", "data.dataset=imagefolder",
+                  "--set", f"data.root={root}", "--set", "data.domains=true", "--set", "scenario.tasks_by=domain",
+                  "--set", "scenario.tasks=null", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    acc = read_table(out, "accuracy").to_pandas()
+    ncm = acc[acc["method"] == "fedncm"].set_index(["after_task", "eval_task"])["accuracy"]
+    assert len(ncm) == 6  # three tasks (domains), each evaluated on its own domain's test images
+    assert all(ncm.loc[(t, t)] > 0.9 for t in range(3))  # each domain learnable (4 classes: chance is 0.25)
+    bad = run_cli("run", "--config", "smoke", "--set", "scenario.tasks_by=domain", "--out", str(tmp_path / "x"))
+    assert bad.exit_code == 2 and "set scenario.tasks and n_tasks to null" in bad.output

@@ -47,6 +47,6 @@ def test_task_accuracies_sample_weighted():
     task_of_label = np.array([0, 0, 1])
     y = np.array([0, 1, 1, 2])
     pred = np.array([0, 1, 0, 2])
-    acc, per_task = task_accuracies(pred, y, task_of_label, 2)
+    acc, per_task = task_accuracies(pred, y, task_of_label[y], 2)
     assert acc == pytest.approx(3 / 4)  # sample-weighted, not the mean of 2/3 and 1
     assert per_task == pytest.approx([2 / 3, 1.0])

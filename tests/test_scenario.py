@@ -116,3 +116,23 @@ def test_feature_noise_grows_with_the_client_and_is_seeded():
     other = TaskData(x, LABELS, dict(enumerate(s.client_indices[0])), "cpu", client_noise(s, seed=1, task=0))
     assert not np.array_equal(other[3].x, data[3].x)
     assert build_scenario(scen(partition="iid"), LABELS, NAMES, seed=0).noise_std is None
+
+
+def test_domain_incremental_tasks_are_domains_with_all_their_classes():
+    domains = np.repeat(np.arange(3), len(LABELS) // 3 + 1)[: len(LABELS)]
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(LABELS)  # every domain holds every class
+    names = ("sketch", "photo", "clipart")
+    s = build_scenario(ScenarioConfig(tasks_by="domain", domain_order=["photo", "sketch", "clipart"], num_clients=4),
+                       labels, NAMES, 0, domains, names)
+    assert s.domain_order == (1, 0, 2) and s.num_tasks == 3
+    assert all(set(t) == set(range(10)) for t in s.tasks)
+    assert s.new_classes(0) == s.tasks[0] and s.new_classes(1) == () and len(s.seen_classes(2)) == 10
+    for t, d in enumerate(s.domain_order):  # task t trains on domain d's samples only
+        assert np.array_equal(np.sort(np.concatenate(s.client_indices[t])), np.flatnonzero(domains == d))
+    test_domain = np.array([0, 1, 2, 1])
+    assert s.test_tasks(np.array([3, 3, 3, 3]), test_domain).tolist() == [1, 0, 2, 0]  # by domain, not by class
+    with pytest.raises(ScenarioError, match="unknown domains"):
+        build_scenario(ScenarioConfig(tasks_by="domain", domain_order=["paint"]), labels, NAMES, 0, domains, names)
+    with pytest.raises(ScenarioError, match="needs a dataset with domains"):
+        build_scenario(ScenarioConfig(tasks_by="domain"), labels, NAMES, 0)

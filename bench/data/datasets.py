@@ -13,7 +13,7 @@ import hashlib
 import os
 import pickle
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,9 @@ class Dataset:
     test_y: np.ndarray
     superclasses: tuple[int, ...] | None = None  # coarse label of each fine class
     superclass_names: tuple[str, ...] | None = None
+    train_domain: np.ndarray | None = None  # domain id of each sample (image folders with data.domains)
+    test_domain: np.ndarray | None = None
+    domain_names: tuple[str, ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -161,14 +164,12 @@ def make_synthetic(cfg: DataConfig, seed: int = 1234) -> Dataset:
     return Dataset("synthetic", names, train_x, train_y, test_x, test_y, groups, ("even", "odd"))
 
 
-def _cap_per_class(x: np.ndarray, y: np.ndarray, cap: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the first `cap` samples of every class (deterministic; order preserved)."""
-    if cap is None:
-        return x, y
+def _cap_per_class(y: np.ndarray, cap: int | None) -> np.ndarray:
+    """Which samples to keep: the first `cap` of every class (deterministic; order preserved)."""
     keep = np.zeros(len(y), dtype=bool)
     for c in np.unique(y):
         keep[np.flatnonzero(y == c)[:cap]] = True
-    return x[keep], y[keep]
+    return keep if cap is not None else np.ones(len(y), dtype=bool)
 
 
 def load_dataset(cfg: DataConfig, data_dir: Path) -> Dataset:
@@ -179,7 +180,8 @@ def load_dataset(cfg: DataConfig, data_dir: Path) -> Dataset:
     else:
         ds = make_synthetic(cfg) if cfg.dataset == "synthetic" else load_cifar(data_dir, cfg.dataset)
     if cfg.max_train_per_class or cfg.max_test_per_class:
-        tx, ty = _cap_per_class(ds.train_x, ds.train_y, cfg.max_train_per_class)
-        vx, vy = _cap_per_class(ds.test_x, ds.test_y, cfg.max_test_per_class)
-        ds = Dataset(ds.name, ds.class_names, tx, ty, vx, vy, ds.superclasses, ds.superclass_names)
+        tr, te = _cap_per_class(ds.train_y, cfg.max_train_per_class), _cap_per_class(ds.test_y, cfg.max_test_per_class)
+        dom = (ds.train_domain[tr], ds.test_domain[te]) if ds.train_domain is not None else (None, None)
+        ds = replace(ds, train_x=ds.train_x[tr], train_y=ds.train_y[tr], test_x=ds.test_x[te], test_y=ds.test_y[te],
+                     train_domain=dom[0], test_domain=dom[1])
     return ds

@@ -6,7 +6,10 @@ Recognised layouts under `data.root` (class names are the folder names):
 * root/<class>/*: one pool, split per class into train and test by `data.test_fraction`
   with a generator seeded from the file list (the same split on every machine);
 * Tiny-ImageNet: root/train/<wnid>/images/*, root/val/images/* labelled by
-  root/val/val_annotations.txt, class names from root/words.txt when present.
+  root/val/val_annotations.txt, class names from root/words.txt when present;
+* with `data.domains: true`, root/<domain>/ holds one of the layouts above per domain
+  (DomainNet's and Digit-5's folder layouts): each sample keeps its domain, and
+  `scenario.tasks_by: domain` makes one task per domain.
 
 Images are decoded with Pillow, converted to RGB and resized (bilinear) to
 `data.image_size` square; when it is not set, all images must share one size. The
@@ -111,9 +114,34 @@ def _decode(pairs: list[tuple[Path, str]], index: dict[str, int], size: int | No
     return x, np.array([index[c] for _, c in pairs], dtype=np.int64)
 
 
+def _domain_listing(root: Path, test_fraction: float):
+    """ROOT/<domain>/ each in one of the layouts above: the union of their classes, and each
+    split's (file, class, domain) triples."""
+    from bench.data.datasets import DataError
+
+    domains = [p.name for p in _class_folders(root)] if root.is_dir() else []
+    if not domains:
+        raise DataError(f"data.domains=true: no domain folders in {where(root)} (expected ROOT/<domain>/<class>/<image>)")
+    train, test, classes = [], [], set()
+    for d, name in enumerate(domains):
+        cls, tr, te = _listing(root / name, test_fraction)
+        classes.update(cls)
+        train += [(f, c, d) for f, c in tr]
+        test += [(f, c, d) for f, c in te]
+    return sorted(classes), domains, train, test
+
+
 def load_imagefolder(root: Path, cfg: DataConfig):
     from bench.data.datasets import DataError, Dataset
 
+    if cfg.domains:
+        classes, domains, train3, test3 = _domain_listing(root, cfg.test_fraction)
+        index = {c: i for i, c in enumerate(classes)}
+        train_x, train_y = _decode([(f, c) for f, c, _ in train3], index, cfg.image_size, "train")
+        test_x, test_y = _decode([(f, c) for f, c, _ in test3], index, cfg.image_size or train_x.shape[1], "test")
+        return Dataset(f"imagefolder-{root.name}", tuple(classes), train_x, train_y, test_x, test_y,
+                       train_domain=np.array([d for *_, d in train3], dtype=np.int64),
+                       test_domain=np.array([d for *_, d in test3], dtype=np.int64), domain_names=tuple(domains))
     classes, train, test = _listing(root, cfg.test_fraction)
     if not train or not test:
         raise DataError(f"data.dataset=imagefolder: {where(root)} has {len(train)} training and {len(test)} test images; "

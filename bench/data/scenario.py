@@ -22,13 +22,31 @@ class Scenario:
     client_indices: tuple[tuple[np.ndarray, ...], ...]  # [task][client] -> train indices
     num_clients: int
     noise_std: tuple[float, ...] | None = None  # feature-noise skew: std of the Gaussian added to client k's inputs
+    domain_order: tuple[int, ...] | None = None  # domain-incremental: the dataset's domain id of each task
 
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
 
     def seen_classes(self, task: int) -> tuple[int, ...]:
-        return tuple(c for t in self.tasks[: task + 1] for c in t)
+        return tuple(dict.fromkeys(c for t in self.tasks[: task + 1] for c in t))
+
+    def new_classes(self, task: int) -> tuple[int, ...]:
+        """The classes task `task` adds (all of its classes in a class-incremental scenario;
+        after the first domain of a domain-incremental one, usually none)."""
+        before = set(self.seen_classes(task - 1)) if task else set()
+        return tuple(c for c in self.tasks[task] if c not in before)
+
+    def test_tasks(self, test_y: np.ndarray, test_domain: np.ndarray | None) -> np.ndarray:
+        """The task each test sample belongs to (-1: none): its class's task, or its domain's."""
+        if self.domain_order is not None:
+            of_domain = np.full(int(test_domain.max()) + 1 if len(test_domain) else 0, -1)
+            of_domain[list(self.domain_order)] = np.arange(len(self.domain_order))
+            return of_domain[test_domain]
+        of_label = np.full(max(max(self.class_order), int(test_y.max(initial=0))) + 1, -1)  # -1: a class in no task
+        for t, classes in enumerate(self.tasks):
+            of_label[list(classes)] = t
+        return of_label[test_y]
 
     def counts(self, labels: np.ndarray) -> np.ndarray:
         """Samples per (task, client): the --dry-run table."""
@@ -76,12 +94,36 @@ def split_tasks(cfg: ScenarioConfig, order: tuple[int, ...]) -> tuple[tuple[int,
     return tuple(tuple(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
-def build_scenario(cfg: ScenarioConfig, labels: np.ndarray, class_names: tuple[str, ...], seed: int) -> Scenario:
+def domain_tasks(cfg: ScenarioConfig, order: tuple[int, ...], labels: np.ndarray, domains: np.ndarray | None,
+                 domain_names: tuple[str, ...] | None) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """Domain-incremental: the domains in task order, and each task's classes (those present in
+    its domain, in the class order)."""
+    if domains is None or domain_names is None:
+        raise ScenarioError("scenario.tasks_by=domain needs a dataset with domains: data.dataset=imagefolder with "
+                            "data.domains=true and ROOT/<domain>/<class>/ folders")
+    names = cfg.domain_order or sorted(domain_names)
+    unknown = [n for n in names if n not in domain_names]
+    if unknown:
+        raise ScenarioError(f"scenario.domain_order: unknown domains {unknown}; the data has {list(domain_names)}")
+    ids = tuple(domain_names.index(n) for n in names)
+    tasks = tuple(tuple(c for c in order if np.any((domains == d) & (labels == c))) for d in ids)
+    return ids, tasks
+
+
+def build_scenario(
+    cfg: ScenarioConfig, labels: np.ndarray, class_names: tuple[str, ...], seed: int,
+    domains: np.ndarray | None = None, domain_names: tuple[str, ...] | None = None,
+) -> Scenario:
     order = resolve_class_order(cfg, class_names, seed)
-    tasks = split_tasks(cfg, order)
+    domain_ids = None
+    if cfg.tasks_by == "domain":
+        domain_ids, tasks = domain_tasks(cfg, order, labels, domains, domain_names)
+    else:
+        tasks = split_tasks(cfg, order)
     per_task = []
     for t, classes in enumerate(tasks):
-        idx = np.flatnonzero(np.isin(labels, classes))
+        mask = np.isin(labels, classes) if domain_ids is None else domains == domain_ids[t]
+        idx = np.flatnonzero(mask)
         need = cfg.num_clients * max(1, cfg.min_samples if cfg.partition in ("dirichlet", "quantity") else 1)
         if len(idx) < need:
             raise ScenarioError(
@@ -91,4 +133,4 @@ def build_scenario(cfg: ScenarioConfig, labels: np.ndarray, class_names: tuple[s
         rng = np.random.default_rng(derive_seed(seed, "partition", t))
         per_task.append(tuple(partition(cfg, labels, idx, rng)))
     noise = tuple(cfg.feature_noise * k / max(cfg.num_clients - 1, 1) for k in range(cfg.num_clients))
-    return Scenario(order, tasks, tuple(per_task), cfg.num_clients, noise if cfg.feature_noise else None)
+    return Scenario(order, tasks, tuple(per_task), cfg.num_clients, noise if cfg.feature_noise else None, domain_ids)
