@@ -276,7 +276,8 @@ class RemoteServer(Server):
         self.actor = ray.remote(ServerHost).options(num_cpus=0, scheduling_strategy=here, name=name).remote(
             server_cls, config, env, forwarded_environ(config), threads
         )
-        self._after_aggregate: tuple[dict, dict] | None = None  # (stats, aggregation report) of the last round
+        self._stats: dict | None = None  # the last aggregation's stats (until an evaluation may change them)
+        self._report: dict | None = None  # and its aggregation report (until read)
 
     def _call(self, hook: str, *args):
         return self.ray.get(self.actor.call.remote(hook, *args))
@@ -295,20 +296,23 @@ class RemoteServer(Server):
         return self.ray.get(self.actor.payloads.remote(list(client_ids)))
 
     def aggregate(self, updates: list[RemoteUpdate]) -> None:
-        self._after_aggregate = self.ray.get(self.actor.aggregate.remote(*[u.ref for u in updates]))
+        self._stats, self._report = self.ray.get(self.actor.aggregate.remote(*[u.ref for u in updates]))
 
     def predict(self, x):
+        self._stats = None  # a method may count what its evaluation saw (MoE-Adapter's DDAS share)
         return self._call("predict", np.asarray(x))
 
     def end_task(self) -> None:
         self._call("end_task")
 
     def stats(self):
-        return self._after_aggregate[0] if self._after_aggregate else self._call("stats")
+        if self._stats is not None:  # as the aggregation left them, unless an evaluation came since
+            return self._stats
+        return self._call("stats")
 
     def aggregation_report(self):
-        if self._after_aggregate:  # read once: the report covers the round since the last one
-            report, self._after_aggregate = self._after_aggregate[1], None
+        if self._report is not None:  # read once: the report covers the round since the last one
+            report, self._report = self._report, None
             return report
         return self._call("aggregation_report")
 
