@@ -101,6 +101,9 @@ def prepare(cfg: ExperimentConfig, specs: list[RunSpec], data_dir: str | None) -
         store.features("test")
     for spec in specs:  # methods check their own inputs (anchors, model weights) up front
         get_method(spec.method).preflight(spec.config.method_config(spec.method), ds, cache_dir)
+    if all(get_method(s.method).input == "features" for s in specs):  # pixels are not needed again
+        store.drop_images()
+        ds = store.dataset
     return Prepared(ds, store, cache_dir)
 
 

@@ -91,7 +91,15 @@ class FeatureStore:
         return self._loaded[split]
 
     def images(self, split: str) -> np.ndarray:
+        if self.dataset.images_dropped:
+            raise RuntimeError("the dataset's images were dropped (a sweep of feature methods); keep them for image methods")
         return self.dataset.train_x if split == "train" else self.dataset.test_x
+
+    def drop_images(self) -> None:
+        """Keep the features only (their cache keys, already computed, stay valid)."""
+        for split in ("train", "test"):
+            self.key(split)
+        self.dataset = self.dataset.without_images()
 
     def _build(self, split: str, npy: Path, meta: Path) -> None:
         model = self._backbone()
