@@ -4,7 +4,7 @@ killed in its ninth task restarts from its eighth, not from task 0.
 What a run needs to go on is small and has no random state in it: clients are stateless
 (`bench.api.Client`), and every random draw derives from (run seed, task, round, client),
 so the server's state (`Server.state()`) plus what the driver has gathered so far (the
-rounds rows, the accuracy matrix, the wire ledger, time spent) is all of it. A resumed run
+rounds rows, the accuracy matrix, the wire ledger: bench.runner.RunProgress; time spent) is all of it. A resumed run
 writes the same tables as an uninterrupted one, apart from wall times.
 
 Layout: OUT/checkpoints/<run_id>.pkl (a pickle: load only checkpoints you wrote). The
@@ -21,13 +21,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from bench.wire import WireLedger
-
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bumped when the fields below change: an older checkpoint is then not used
+FORMAT = 2  # bumped when the fields below change: an older checkpoint is then not used
 
 
 @dataclass
@@ -35,11 +31,7 @@ class RunCheckpoint:
     run_id: str
     next_task: int  # the first task still to run
     server_state: bytes  # Server.state() after the last completed task
-    accuracy: np.ndarray  # the accuracy matrix R so far (NaN where not yet measured)
-    seen_acc: np.ndarray
-    rounds_rows: list[dict[str, Any]]
-    gpu_seconds: float
-    ledger: WireLedger  # what each client holds: bytes down go on exactly as uninterrupted
+    progress: Any  # bench.runner.RunProgress: accuracy matrix, rounds rows, GPU seconds, wire ledger
     elapsed: float  # wall seconds spent before the interruption
     started: datetime
     format: int = FORMAT

@@ -6,6 +6,7 @@ The runner knows the method only through the contract in bench.api; it never nam
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -160,6 +161,85 @@ def payload_manifests(jobs: list[ClientJob]) -> list[Any]:
     return [j.payload.manifest if hasattr(j.payload, "manifest") else next(local) for j in jobs]
 
 
+@dataclass
+class RunProgress:
+    """What a run has gathered so far: the accuracy matrix, the rounds rows, GPU seconds and
+    the wire ledger. Checkpointed after each task (bench/checkpoint.py)."""
+
+    R: np.ndarray  # R[i, j]: accuracy on task j's test data after task i (NaN until measured)
+    seen_acc: np.ndarray  # accuracy on everything seen, after each task
+    rounds_rows: list[dict[str, Any]] = field(default_factory=list)
+    gpu_seconds: float = 0.0
+    ledger: WireLedger = field(default_factory=WireLedger)  # bytes down: what clients do not hold yet (bench/wire.py)
+
+    @classmethod
+    def empty(cls, num_tasks: int) -> RunProgress:
+        return cls(np.full((num_tasks, num_tasks), np.nan), np.zeros(num_tasks))
+
+
+class RunLoop:
+    """One run's template loop: tasks of rounds of select -> payloads -> train -> aggregate
+    -> evaluate, each round's row appended to `progress`."""
+
+    def __init__(self, spec: RunSpec, server: Server, executor: Executor, scenario: Scenario, env: MethodEnv,
+                 evaluate: Evaluator, progress: RunProgress) -> None:
+        self.spec, self.cfg, self.server, self.executor = spec, spec.config, server, executor
+        self.scenario, self.env, self.evaluate, self.progress = scenario, env, evaluate, progress
+        self.attack = self.cfg.scenario.attack
+        self.malicious = set(malicious_clients(self.attack, self.cfg.scenario.num_clients, self.cfg.seed))
+
+    def begin_task(self, t: int, labels: np.ndarray) -> int:
+        """The server and the workers learn task t; returns its number of rounds."""
+        sc, cfg = self.scenario, self.cfg
+        self.server.begin_task(TaskInfo(t, sc.new_classes(t), sc.seen_classes(t), sc.client_classes(t, labels)))
+        self.executor.set_task(t, sc.client_indices[t], client_noise(sc, cfg.seed, t))
+        return self.server.rounds_for_task(cfg.training.rounds, clients_per_round(cfg) == cfg.scenario.num_clients)
+
+    def play_round(self, t: int, r: int, last: bool) -> dict[str, Any]:
+        cfg, server, progress = self.cfg, self.server, self.progress
+        t0 = time.perf_counter()
+        clients = sample_clients(cfg, t, r)
+        jobs = [
+            ClientJob(k, payload, TrainContext(cfg.seed, t, r, k, self.env.train, attack=self.attack if k in self.malicious else None))
+            for k, payload in zip(clients, server.payloads_for(clients))
+        ]
+        bytes_down = sum(progress.ledger.charge(j.client_id, m) for j, m in zip(jobs, payload_manifests(jobs)))
+        results = self.executor.train(jobs)
+        server.aggregate([res.update for res in results])
+        acc = None
+        if last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
+            acc, per_task = self.evaluate(server, t)
+            if last:
+                progress.R[t, : t + 1] = per_task[: t + 1]
+                progress.seen_acc[t] = acc
+        client_seconds = sum(res.seconds for res in results)
+        progress.gpu_seconds += client_seconds * cfg.runtime.gpus_per_client
+        stats = server.stats()
+        agg = server.aggregation_report()
+        shares = {int(k): v for k, v in agg["shares"].items()}
+        row = {
+            "run_id": self.spec.run_id,
+            "method": self.spec.method,
+            "task": t,
+            "round": r,
+            "acc_seen": acc,
+            "loss": float(np.mean([res.update.loss for res in results])),
+            "wall_seconds": time.perf_counter() - t0,
+            "client_seconds": client_seconds,
+            "bytes_up": sum(res.update.nbytes for res in results),
+            "bytes_down": bytes_down,
+            "clients_used": len(results),
+            "retries": sum(res.retries for res in results),
+            "stats": json.dumps(stats, sort_keys=True) if stats else None,
+            "agg_shares": json.dumps(shares, sort_keys=True) if shares else None,
+            "malicious_share": sum(v for k, v in shares.items() if k in self.malicious) if self.malicious and shares else None,
+            "agg_fallbacks": agg["fallbacks"],
+        }
+        progress.rounds_rows.append(row)
+        self.executor.round_done(self.spec.method, row)
+        return row
+
+
 def execute_run(
     spec: RunSpec,
     ds: Dataset,
@@ -202,112 +282,61 @@ def execute_run(
     except BaseException:
         executor.stop()  # a failed setup releases what it reserved (central actor, placement group)
         raise
-    evaluate = Evaluator(scenario, test_x, ds.test_y, ds.test_domain)
     T = scenario.num_tasks
-    R = np.full((T, T), np.nan)
-    seen_acc = np.zeros(T)
-    rounds_rows: list[dict[str, Any]] = []
-    gpu_seconds = 0.0
-    ledger = WireLedger()  # bytes down: what clients do not hold yet (bench/wire.py)
-    if resume:
-        R, seen_acc, rounds_rows = resume.accuracy.copy(), resume.seen_acc.copy(), list(resume.rounds_rows)
-        gpu_seconds, ledger = resume.gpu_seconds, resume.ledger
-    attack = cfg.scenario.attack
-    malicious = set(malicious_clients(attack, cfg.scenario.num_clients, cfg.seed))
+    progress = resume.progress if resume else RunProgress.empty(T)
+    loop = RunLoop(spec, server, executor, scenario, env, Evaluator(scenario, test_x, ds.test_y, ds.test_domain), progress)
     try:
         for t in range(resume.next_task if resume else 0, T):
-            server.begin_task(
-                TaskInfo(t, scenario.new_classes(t), scenario.seen_classes(t), scenario.client_classes(t, ds.train_y))
-            )
-            executor.set_task(t, scenario.client_indices[t], client_noise(scenario, cfg.seed, t))
-            n_rounds = server.rounds_for_task(cfg.training.rounds, clients_per_round(cfg) == cfg.scenario.num_clients)
+            n_rounds = loop.begin_task(t, ds.train_y)
             for r in range(n_rounds):
-                t0 = time.perf_counter()
-                clients = sample_clients(cfg, t, r)
-                jobs = [
-                    ClientJob(k, payload, TrainContext(cfg.seed, t, r, k, env.train, attack=attack if k in malicious else None))
-                    for k, payload in zip(clients, server.payloads_for(clients))
-                ]
-                bytes_down = sum(ledger.charge(j.client_id, m) for j, m in zip(jobs, payload_manifests(jobs)))
-                results = executor.train(jobs)
-                server.aggregate([res.update for res in results])
-                last = r == n_rounds - 1
-                every = cfg.eval.every
-                acc = None
-                if last or (every and (r + 1) % every == 0):
-                    acc, per_task = evaluate(server, t)
-                    if last:
-                        R[t, : t + 1] = per_task[: t + 1]
-                        seen_acc[t] = acc
-                client_seconds = sum(res.seconds for res in results)
-                gpu_seconds += client_seconds * cfg.runtime.gpus_per_client
-                stats = server.stats()
-                agg = server.aggregation_report()
-                shares = {int(k): v for k, v in agg["shares"].items()}
-                row = {
-                    "run_id": spec.run_id,
-                    "method": spec.method,
-                    "task": t,
-                    "round": r,
-                    "acc_seen": acc,
-                    "loss": float(np.mean([res.update.loss for res in results])),
-                    "wall_seconds": time.perf_counter() - t0,
-                    "client_seconds": client_seconds,
-                    "bytes_up": sum(res.update.nbytes for res in results),
-                    "bytes_down": bytes_down,
-                    "clients_used": len(results),
-                    "retries": sum(res.retries for res in results),
-                    "stats": json.dumps(stats, sort_keys=True) if stats else None,
-                    "agg_shares": json.dumps(shares, sort_keys=True) if shares else None,
-                    "malicious_share": sum(v for k, v in shares.items() if k in malicious) if malicious and shares else None,
-                    "agg_fallbacks": agg["fallbacks"],
-                }
-                rounds_rows.append(row)
-                executor.round_done(spec.method, row)
+                row = loop.play_round(t, r, last=r == n_rounds - 1)
                 if on_round is not None:
                     on_round(row)
             server.end_task()
             if on_task_end is not None:
                 on_task_end(server, t, scenario, train_x, test_x)
             if save_checkpoint is not None and t < T - 1:
-                save_checkpoint(RunCheckpoint(spec.run_id, t + 1, server.state(), R.copy(), seen_acc.copy(), list(rounds_rows),
-                                              gpu_seconds, ledger, time.perf_counter() - t_start, started))
+                save_checkpoint(RunCheckpoint(spec.run_id, t + 1, server.state(), copy.deepcopy(progress), time.perf_counter() - t_start, started))
         decided = server.decisions()  # before stop(): on Ray the server lives in an actor
     finally:
         executor.stop()
+    runs_row = run_row(spec, ds.name, executor.name, "completed", None, started)
+    runs_row["resumed_at_task"] = resume.next_task if resume else None
+    return run_tables(spec, ds.name, progress, decided, runs_row, time.perf_counter() - t_start)
 
+
+def run_tables(spec: RunSpec, dataset: str, progress: RunProgress, decided: list[dict[str, Any]], runs_row: dict[str, Any],
+               wall: float) -> RunOutput:
+    """A finished run's rows for every table, and its summary."""
+    R, T = progress.R, len(progress.seen_acc)
     accuracy_rows = [
         {"run_id": spec.run_id, "method": spec.method, "after_task": i, "eval_task": j, "accuracy": float(R[i, j])}
         for i in range(T)
         for j in range(i + 1)
     ]
-    wall = time.perf_counter() - t_start
     summary = {
         "run_id": spec.run_id,
         "method": spec.method,
-        "dataset": ds.name,
+        "dataset": dataset,
         "alpha": spec.alpha,
         "seed": spec.seed,
         "num_tasks": T,
-        "final_acc": final_accuracy(seen_acc),
-        "avg_acc": average_incremental_accuracy(seen_acc),
+        "final_acc": final_accuracy(progress.seen_acc),
+        "avg_acc": average_incremental_accuracy(progress.seen_acc),
         "forgetting": forgetting(R),
         "bwt": backward_transfer(R),
         "wall_seconds": wall,
-        "gpu_seconds": gpu_seconds,
-        "bytes_up": int(sum(r["bytes_up"] for r in rounds_rows)),
-        "bytes_down": int(sum(r["bytes_down"] for r in rounds_rows)),
+        "gpu_seconds": progress.gpu_seconds,
+        "bytes_up": int(sum(r["bytes_up"] for r in progress.rounds_rows)),
+        "bytes_down": int(sum(r["bytes_down"] for r in progress.rounds_rows)),
         **decision_counts(decided),
     }
-    runs_row = run_row(spec, ds.name, executor.name, "completed", None, started)
-    runs_row["resumed_at_task"] = resume.next_task if resume else None
-    decisions = [{"run_id": spec.run_id, **d} for d in decided]
     tables = {
         "runs": [runs_row],
-        "rounds": rounds_rows,
+        "rounds": progress.rounds_rows,
         "accuracy": accuracy_rows,
         "summary": [summary],
-        "decisions": decisions,
+        "decisions": [{"run_id": spec.run_id, **d} for d in decided],
     }
     return RunOutput(tables, summary)
 

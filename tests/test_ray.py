@@ -137,7 +137,7 @@ def test_a_run_interrupted_under_ray_resumes_from_its_checkpoint_with_the_same_n
         execute_run(spec, ds, store, RayExecutor(spec.config.runtime), str(tmp_path), on_task_end=stop_after_task_1,
                     save_checkpoint=checkpoints.save)
     ckpt = checkpoints.load(spec.run_id)  # task 0's checkpoint, read back from disk
-    assert ckpt.next_task == 1 and len(ckpt.rounds_rows) == spec.config.training.rounds
+    assert ckpt.next_task == 1 and len(ckpt.progress.rounds_rows) == spec.config.training.rounds
     resumed = execute_run(spec, ds, store, RayExecutor(spec.config.runtime), str(tmp_path), resume=ckpt)
     assert matrix(resumed) == matrix(whole)
     assert resumed.summary["bytes_down"] == whole.summary["bytes_down"]  # the wire ledger went on where it was
