@@ -148,6 +148,15 @@ def test_a_run_interrupted_under_ray_resumes_from_its_checkpoint_with_the_same_n
     assert resumed.tables["runs"][0]["resumed_at_task"] == 1
 
 
+def test_client_actors_batch_their_clients_like_the_local_executor(cluster, tmp_path):
+    """runtime.batch_clients under Ray: each actor trains its clients of the round together."""
+    spec, ds, store = smoke("fedprox", tmp_path, "runtime.batch_clients=true", "scenario.num_clients=4", "runtime.num_actors=2")
+    local = run(spec, ds, store, LocalExecutor(spec.config.runtime), tmp_path)  # all 4 clients in one batch
+    remote = run(spec, ds, store, RayExecutor(spec.config.runtime), tmp_path)  # 2 clients per actor
+    np.testing.assert_allclose([a for *_, a in matrix(remote)], [a for *_, a in matrix(local)], atol=1 / 40)
+    np.testing.assert_allclose([r["loss"] for r in remote.tables["rounds"]], [r["loss"] for r in local.tables["rounds"]], atol=1e-5)
+
+
 def test_failing_run_does_not_stop_the_sweep(cluster, tmp_path):
     from baselines.head import HeadServer
     from bench.api import register
