@@ -210,21 +210,15 @@ class FedAMEClient(Client):
         x = as_tensor(data.x, dev, torch.float32)
         owner_pos = t(a["owner_pos"], dev)  # per seen class: its owner's column among all experts
 
-        proj = build_projector(cfg, self.env, A.shape[1])
-        load_module_arrays(proj, a, "proj.")
-        proj.to(dev)
         frozen = bool(a["proj_frozen"])
+        proj = self._projector(a, "proj.", A.shape[1], dev)
         proj.requires_grad_(not frozen)
         moe = build_moe(cfg, a, "", A)
         params = [*([] if frozen else proj.parameters()), *moe.parameters()]
 
         old_pos = t(a["old_pos"], dev)
         teacher = build_moe(cfg, a, "teacher.", A[old_pos]) if "teacher.held" in a and len(old_pos) else None
-        teacher_proj = None
-        if teacher is not None:
-            teacher_proj = build_projector(cfg, self.env, A.shape[1])
-            load_module_arrays(teacher_proj, a, "teacher.proj.")
-            teacher_proj.to(dev)
+        teacher_proj = self._projector(a, "teacher.proj.", A.shape[1], dev) if teacher is not None else None
         prompt_pos = t(np.array([pos[int(c)] for c in a["prompt_classes"]], dtype=np.int64), dev)
         mu, var = t(a["prompt_mu"], dev), t(a["prompt_var"], dev)
         prompt_of = torch.full((len(pos),), -1, dtype=torch.long, device=dev)
@@ -292,8 +286,21 @@ class FedAMEClient(Client):
         # minibatches of sample indices: the loss looks up labels and cached teacher logits
         loss = train_epochs(params, x, torch.arange(len(y), device=dev), replace(ctx, train=own), loss_fn, gen)
 
+        return self._update(a, proj, moe, frozen, x, y, len(pos), loss, meta={"client_id": data.client_id, "replayed": replay.drawn})
+
+    def _projector(self, a: dict[str, np.ndarray], prefix: str, dim: int, dev: str) -> Projector:
+        """The projector of a payload (the current one, or the teacher's), on `dev`."""
+        proj = build_projector(self.config, self.env, dim)
+        load_module_arrays(proj, a, prefix)
+        return proj.to(dev)
+
+    def _update(self, a: dict[str, np.ndarray], proj: Projector, moe: AnchorMoE, frozen: bool, x: torch.Tensor,
+                y: torch.Tensor, n_seen: int, loss: float, meta: dict[str, Any]) -> ClientUpdate:
+        """What the client sends: its trained arrays (projector unless frozen, router, scale, its
+        experts), per-class statistics of its projected features, the backbone-feature report
+        once per task, and how many of its samples trained each expert."""
         with torch.no_grad():
-            counts, sums, sumsq = class_statistics(proj(x), y, len(pos))
+            counts, sums, sumsq = class_statistics(proj(x), y, n_seen)
         arrays = {} if frozen else module_arrays(proj, "proj.")
         arrays.update(module_arrays(moe.router, "router."))
         arrays["log_scale"] = moe.log_scale.detach().cpu().numpy().copy()
@@ -301,15 +308,14 @@ class FedAMEClient(Client):
             arrays.update(module_arrays(ex, f"expert.{int(e)}."))
         arrays.update({"stat_count": counts, "stat_sum": sums, "stat_sumsq": sumsq})
         if bool(a.get("want_feature_stats", False)):  # features are frozen: once per client per task
-            arrays.update(client_report(x, y, len(pos), cfg.prompt_rank))
+            arrays.update(client_report(x, y, n_seen, self.config.prompt_rank))
         samples_per_expert = {int(e): 0 for e in a["held"]}
         all_ids = a["all_experts"]
         for c_pos, n_c in enumerate(counts):
             owner = int(all_ids[int(a["owner_pos"][c_pos])])
             if n_c > 0 and owner in samples_per_expert:
                 samples_per_expert[owner] += int(n_c)
-        meta = {"expert_samples": samples_per_expert, "client_id": data.client_id, "replayed": replay.drawn}
-        return ClientUpdate(arrays=arrays, meta=meta, num_samples=len(y), loss=loss)
+        return ClientUpdate(arrays=arrays, meta={"expert_samples": samples_per_expert, **meta}, num_samples=len(y), loss=loss)
 
     def _replay_source(self, a: dict[str, np.ndarray], pos: dict[int, int], is_old: torch.Tensor, dev: str) -> Replay:
         """The prompts this client replays (none with replay off)."""
