@@ -37,6 +37,17 @@ def test_more_clients_than_samples(tmp_path):
     fails(tmp_path, "--config", "smoke", "--set", "scenario.num_clients=500", match="fewer than needed")
 
 
+def test_a_dirichlet_split_that_cannot_be_had_fails_in_seconds(tmp_path):
+    """As many clients as samples: feasible by count, never drawn; the attempts shrink with the
+    clients, so the error comes in seconds (it took minutes for 10,000 clients)."""
+    import time
+
+    t0 = time.monotonic()
+    fails(tmp_path, "--config", "smoke", "--set", "data.synthetic.train_per_class=2000", "--set", "scenario.num_clients=4000",
+          "--set", "scenario.min_samples=1", match="could not give each of 4000 clients")
+    assert time.monotonic() - t0 < 60
+
+
 def test_unwritable_output_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
