@@ -361,7 +361,7 @@ def train_autoencoder(clf: CLIPClassifier, images: torch.Tensor, task: int, ctx:
             opt.step()
     with torch.no_grad():
         ae.train_error.fill_(float(((ae(feats) - feats) ** 2).mean()))
-    return {k: v for k, v in module_arrays(clf.autoencoders, "ddas.").items() if k.startswith(f"ddas.task{task}.")}
+    return module_arrays(ae, f"ddas.task{task}.")
 
 
 @register
@@ -409,11 +409,10 @@ class MoEAdapterFL(Server):
         reference = self.payload_for(0).arrays
         keys = [k for k in updates[0].arrays if k.startswith("adapter.")]
         load_module_arrays(self.clf.adapters, self.combine(updates, keys, reference=reference), "adapter.")
-        if self.config.ddas:  # this task's autoencoder (its training error too), by samples
-            from bench.training import weighted_average
-
-            current = weighted_average(updates, [k for k in updates[0].arrays if k.startswith("ddas.")])
-            load_module_arrays(self.clf.autoencoders, {**module_arrays(self.clf.autoencoders, "ddas."), **current}, "ddas.")
+        if self.config.ddas:  # this task's autoencoder (its training error too), by the run's rule like the adapters
+            ae = self.clf.autoencoders[f"task{self.task}"]
+            prefix = f"ddas.task{self.task}."
+            load_module_arrays(ae, self.combine(updates, [k for k in updates[0].arrays if k.startswith(prefix)], reference=reference), prefix)
         self._payload = None
 
     @torch.no_grad()

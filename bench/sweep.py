@@ -16,14 +16,13 @@ from typing import Any
 from bench.api import available_methods, get_method
 from bench.checkpoint import CheckpointStore
 from bench.config import ConfigError, ExperimentConfig
-from bench.data import Dataset, load_dataset, resolve_data_dir
+from bench.data import Dataset, build_scenario, load_dataset, resolve_data_dir
 from bench.errors import UserError
 from bench.features import FeatureStore
 from bench.results import ResultWriter
 from bench.runner import RunSpec, execute_run, run_row
 from bench.runtime import executor_kind, make_executor
 from bench.runtime.base import preflight_cluster, preflight_device
-from bench.data import build_scenario
 
 
 def default_cache_dir(cfg: ExperimentConfig) -> Path:

@@ -182,7 +182,8 @@ def train_epochs_batched(
         gen = torch_generator(ctx.seed)
         schedules.append([idx for _ in range(ctx.train.local_epochs) for idx in minibatches(len(x), ctx.train.batch_size, gen)])
     steps = max((len(s) for s in schedules), default=0)
-    totals = torch.zeros(n, dtype=torch.float64)
+    device = next(iter(start.values())).device
+    totals = torch.zeros(n, dtype=torch.float64, device=device)  # beside the losses (a GPU's, when training there)
     final: list[dict[str, torch.Tensor] | None] = [None] * n
     per_client = vmap(loss_fn)
     for s in range(steps):
@@ -192,7 +193,7 @@ def train_epochs_batched(
                 groups.setdefault(len(sched[s]), []).append(k)
         opt.zero_grad(set_to_none=True)
         for rows in groups.values():
-            idx = torch.tensor(rows)
+            idx = torch.tensor(rows, device=device)
             xb = torch.stack([data[k][0][schedules[k][s]] for k in rows])
             yb = torch.stack([data[k][1][schedules[k][s]] for k in rows])
             losses = per_client({name: p[idx] for name, p in stacked.items()}, xb, yb)

@@ -37,7 +37,10 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _tiny_imagenet(root: Path) -> tuple[list[str], list[tuple[Path, str]], list[tuple[Path, str]]] | None:
+Pairs = list[tuple[Path, str]]  # (image file, class folder name)
+
+
+def _tiny_imagenet(root: Path) -> tuple[list[str], list[str], Pairs, Pairs] | None:
     ann = root / "val" / "val_annotations.txt"
     if not (ann.exists() and (root / "train").is_dir()):
         return None
@@ -48,7 +51,7 @@ def _tiny_imagenet(root: Path) -> tuple[list[str], list[tuple[Path, str]], list[
         parts = line.split("\t")
         if len(parts) >= 2:
             test.append((root / "val" / "images" / parts[0], parts[1]))
-    return wnids, train, test
+    return wnids, _word_names(root, wnids), train, test
 
 
 def _word_names(root: Path, wnids: list[str]) -> list[str]:
@@ -59,8 +62,8 @@ def _word_names(root: Path, wnids: list[str]) -> list[str]:
     return [table.get(w, w).split(",")[0].strip() for w in wnids]
 
 
-def _listing(root: Path, test_fraction: float) -> tuple[list[str], list[tuple[Path, str]], list[tuple[Path, str]]]:
-    """Class names and the (file, class) pairs of each split."""
+def _listing(root: Path, test_fraction: float) -> tuple[list[str], list[str], Pairs, Pairs]:
+    """The class folders, their display names, and the (file, class) pairs of each split."""
     from bench.data.datasets import DataError
 
     if not root.is_dir():
@@ -73,7 +76,7 @@ def _listing(root: Path, test_fraction: float) -> tuple[list[str], list[tuple[Pa
         classes = [p.name for p in _class_folders(root / "train")]
         train = [(f, c) for c in classes for f in _images_in(root / "train" / c)]
         test = [(f, c.name) for c in _class_folders(test_dir) for f in _images_in(c)]
-        return classes, train, test
+        return classes, classes, train, test
     classes = [p.name for p in _class_folders(root)]
     if not classes:
         raise DataError(f"data.dataset=imagefolder: no class folders in {where(root)} (expected ROOT/<class>/<image> "
@@ -86,7 +89,7 @@ def _listing(root: Path, test_fraction: float) -> tuple[list[str], list[tuple[Pa
         n_test = int(round(test_fraction * len(files)))
         test += [(files[i], c) for i in sorted(order[:n_test])]
         train += [(files[i], c) for i in sorted(order[n_test:])]
-    return classes, train, test
+    return classes, classes, train, test
 
 
 def _decode(pairs: list[tuple[Path, str]], index: dict[str, int], size: int | None, label: str) -> tuple[np.ndarray, np.ndarray]:
@@ -115,8 +118,8 @@ def _decode(pairs: list[tuple[Path, str]], index: dict[str, int], size: int | No
 
 
 def _domain_listing(root: Path, test_fraction: float):
-    """ROOT/<domain>/ each in one of the layouts above: the union of their classes, and each
-    split's (file, class, domain) triples."""
+    """ROOT/<domain>/ each in one of the layouts above: the domains, the union of their
+    classes, and each split's (file, class, domain) triples."""
     from bench.data.datasets import DataError
 
     domains = [p.name for p in _class_folders(root)] if root.is_dir() else []
@@ -124,30 +127,31 @@ def _domain_listing(root: Path, test_fraction: float):
         raise DataError(f"data.domains=true: no domain folders in {where(root)} (expected ROOT/<domain>/<class>/<image>)")
     train, test, classes = [], [], set()
     for d, name in enumerate(domains):
-        cls, tr, te = _listing(root / name, test_fraction)
+        cls, _, tr, te = _listing(root / name, test_fraction)
         classes.update(cls)
         train += [(f, c, d) for f, c in tr]
         test += [(f, c, d) for f, c in te]
-    return sorted(classes), domains, train, test
+    return domains, sorted(classes), train, test
 
 
 def load_imagefolder(root: Path, cfg: DataConfig):
     from bench.data.datasets import DataError, Dataset
 
     if cfg.domains:
-        classes, domains, train3, test3 = _domain_listing(root, cfg.test_fraction)
-        index = {c: i for i, c in enumerate(classes)}
-        train_x, train_y = _decode([(f, c) for f, c, _ in train3], index, cfg.image_size, "train")
-        test_x, test_y = _decode([(f, c) for f, c, _ in test3], index, cfg.image_size or train_x.shape[1], "test")
-        return Dataset(f"imagefolder-{root.name}", tuple(classes), train_x, train_y, test_x, test_y,
-                       train_domain=np.array([d for *_, d in train3], dtype=np.int64),
-                       test_domain=np.array([d for *_, d in test3], dtype=np.int64), domain_names=tuple(domains))
-    classes, train, test = _listing(root, cfg.test_fraction)
+        domains, classes, train, test = _domain_listing(root, cfg.test_fraction)
+        names = classes
+    else:
+        classes, names, pairs_train, pairs_test = _listing(root, cfg.test_fraction)
+        domains, train, test = None, [(f, c, 0) for f, c in pairs_train], [(f, c, 0) for f, c in pairs_test]
     if not train or not test:
         raise DataError(f"data.dataset=imagefolder: {where(root)} has {len(train)} training and {len(test)} test images; "
                         "both splits need images (set data.test_fraction for a single folder)")
     index = {c: i for i, c in enumerate(classes)}
-    train_x, train_y = _decode(train, index, cfg.image_size, "train")
-    test_x, test_y = _decode(test, index, cfg.image_size or train_x.shape[1], "test")
-    names = _word_names(root, classes) if _tiny_imagenet(root) is not None else classes
-    return Dataset(f"imagefolder-{root.name}", tuple(names), train_x, train_y, test_x, test_y)
+    train_x, train_y = _decode([(f, c) for f, c, _ in train], index, cfg.image_size, "train")
+    test_x, test_y = _decode([(f, c) for f, c, _ in test], index, cfg.image_size or train_x.shape[1], "test")
+
+    def domain_ids(triples) -> np.ndarray | None:
+        return np.array([d for *_, d in triples], dtype=np.int64) if domains else None
+
+    return Dataset(f"imagefolder-{root.name}", tuple(names), train_x, train_y, test_x, test_y,
+                   train_domain=domain_ids(train), test_domain=domain_ids(test), domain_names=tuple(domains) if domains else None)

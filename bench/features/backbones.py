@@ -66,20 +66,24 @@ def resnet18(variant: str, num_classes: int = 1000) -> nn.Module:
     return model
 
 
+def _require_cached_or_network(weights, advice: str) -> None:
+    """A torchvision weights enum's file must be in the torch hub cache, or the download host
+    reachable; otherwise one error in seconds (torchvision would retry, then fail deep inside)."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if cached.exists():
+        return
+    try:
+        socket.create_connection(("download.pytorch.org", 443), timeout=3).close()
+    except OSError:
+        raise BackboneError(f"the weights {weights} are not cached ({cached}) and there is no network to download them; {advice}") from None
+
+
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     from torchvision.models import ResNet18_Weights
 
     weights = ResNet18_Weights.IMAGENET1K_V1
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-    if not cached.exists():
-        try:
-            socket.create_connection(("download.pytorch.org", 443), timeout=3).close()
-        except OSError:
-            raise BackboneError(
-                f"ImageNet ResNet-18 weights are not cached ({cached}) and there is no network to download them; "
-                "use backbone.weights=none, a path to a state dict (e.g. one from `fedame-bench pretrain-backbone`), "
-                "or set TORCH_HOME to a directory whose hub/checkpoints holds resnet18-f37072fd.pth"
-            ) from None
+    _require_cached_or_network(weights, "use backbone.weights=none, a path to a state dict (e.g. one from `fedame-bench "
+                               "pretrain-backbone`), or set TORCH_HOME to a directory whose hub/checkpoints holds resnet18-f37072fd.pth")
     return weights.get_state_dict(progress=True)
 
 
@@ -187,13 +191,7 @@ def _load_torchvision(cfg: BackboneConfig) -> nn.Module:
 
     weights = _torchvision_weights(cfg.arch)  # validates the name
     if cfg.weights == "imagenet":
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-        if not cached.exists():
-            try:
-                socket.create_connection(("download.pytorch.org", 443), timeout=3).close()
-            except OSError:
-                raise BackboneError(f"{cfg.arch} weights {weights.name} are not cached ({cached}) and there is no network "
-                                    "to download them; use backbone.weights=none or a state dict path, or set TORCH_HOME") from None
+        _require_cached_or_network(weights, "use backbone.weights=none or a state dict path, or set TORCH_HOME")
         model = get_model(cfg.arch, weights=weights)
     else:
         with torch.random.fork_rng():

@@ -198,50 +198,52 @@ def train_jobs(client: Client, jobs: list[ClientJob], data: TaskData, device: st
     client class that can (`batched = True`), the jobs that share a payload train together
     in one stacked computation; otherwise one after another."""
     if not (batched and getattr(client, "batched", False)):
-        return [timed_local_train(client, j.payload, data[j.client_id], j.ctx, device) for j in jobs]
+        return [timed_local_train(client, j, data, device) for j in jobs]
     groups: dict[int, list[int]] = {}
     for i, j in enumerate(jobs):
         groups.setdefault(id(j.payload), []).append(i)
     results: list[ClientResult | None] = [None] * len(jobs)
     for ix in groups.values():
-        for i, res in zip(ix, timed_local_train_batch(client, jobs[ix[0]].payload, [jobs[i] for i in ix], data, device)):
+        for i, res in zip(ix, timed_local_train_batch(client, [jobs[i] for i in ix], data, device)):
             results[i] = res
     return results
 
 
-def timed_local_train_batch(client: Client, payload: Message, jobs: list[ClientJob], data: TaskData, device: str) -> list[ClientResult]:
-    """`timed_local_train` for clients trained together: attacks applied per client as
-    there; the batch's time is split evenly among its clients."""
-    datas = [flip_labels(data[j.client_id]) if j.ctx.attack is not None and j.ctx.attack.kind == "label_flip" else data[j.client_id] for j in jobs]
-    t0 = time.perf_counter()
-    updates = client.local_train_batch(payload, datas, [dataclasses.replace(j.ctx, device=device) for j in jobs])
-    if device != "cpu":
-        import torch
-
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / max(len(jobs), 1)
-    out = []
-    for j, update in zip(jobs, updates):
-        if j.ctx.attack is not None:
-            update = attack_update(j.ctx.attack, payload, update, j.ctx.seed)
-        update.client_id = j.ctx.client_id
-        out.append(ClientResult(update, seconds))
-    return out
-
-
-def timed_local_train(client: Client, payload: Message, data: ClientData, ctx: TrainContext, device: str) -> ClientResult:
+def timed_local_train(client: Client, job: ClientJob, data: TaskData, device: str) -> ClientResult:
     """local_train on `device`, timed (a GPU's queued work is waited for, so the time is real)."""
-    attack = ctx.attack
-    if attack is not None and attack.kind == "label_flip":
-        data = flip_labels(data)
     t0 = time.perf_counter()
-    update = client.local_train(payload, data, dataclasses.replace(ctx, device=device))
+    update = client.local_train(job.payload, _job_data(job, data), dataclasses.replace(job.ctx, device=device))
+    return _result(job, update, _elapsed(t0, device))
+
+
+def timed_local_train_batch(client: Client, jobs: list[ClientJob], data: TaskData, device: str) -> list[ClientResult]:
+    """`timed_local_train` for clients that share a payload, trained together; the batch's
+    time is split evenly among its clients."""
+    t0 = time.perf_counter()
+    updates = client.local_train_batch(
+        jobs[0].payload, [_job_data(j, data) for j in jobs], [dataclasses.replace(j.ctx, device=device) for j in jobs]
+    )
+    seconds = _elapsed(t0, device) / max(len(jobs), 1)
+    return [_result(j, update, seconds) for j, update in zip(jobs, updates)]
+
+
+def _job_data(job: ClientJob, data: TaskData) -> ClientData:
+    """The client's data, its labels flipped when it is a label-flipping attacker."""
+    attack = job.ctx.attack
+    return flip_labels(data[job.client_id]) if attack is not None and attack.kind == "label_flip" else data[job.client_id]
+
+
+def _elapsed(t0: float, device: str) -> float:
     if device != "cpu":
         import torch
 
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    if attack is not None:
-        update = attack_update(attack, payload, update, ctx.seed)
-    update.client_id = ctx.client_id
+    return time.perf_counter() - t0
+
+
+def _result(job: ClientJob, update: ClientUpdate, seconds: float) -> ClientResult:
+    """The update as sent: changed by the client's attack, if any, and marked with its sender."""
+    if job.ctx.attack is not None:
+        update = attack_update(job.ctx.attack, job.payload, update, job.ctx.seed)
+    update.client_id = job.ctx.client_id
     return ClientResult(update, seconds)

@@ -337,13 +337,15 @@ def run_batched(counts: list[int], rounds: int = 6) -> list[dict]:
     executor: seconds per round (median of rounds 2..R) and rounds per second."""
     from bench.sweep import default_cache_dir
 
+    base = small_workload([])  # the data and backbone every count shares: loaded once
+    cache = default_cache_dir(base)
+    ds = load_dataset(base.data, None)
+    store = FeatureStore(ds, base.backbone, cache)
     rows = []
     for n in counts:
         for batched in (False, True):
             cfg = small_workload([f"scenario.num_clients={n}", f"training.rounds={rounds}", f"runtime.batch_clients={batched}"])
-            ds = load_dataset(cfg.data, None)
-            store = FeatureStore(ds, cfg.backbone, default_cache_dir(cfg))
-            out = execute_run(RunSpec("fedavg", cfg), ds, store, make_executor(cfg.runtime), str(default_cache_dir(cfg)))
+            out = execute_run(RunSpec("fedavg", cfg), ds, store, make_executor(cfg.runtime), str(cache))
             wall = float(np.median([r["wall_seconds"] for r in out.tables["rounds"][1:]]))
             rows.append({"clients": n, "path": "batched" if batched else "per client", "s_per_round": wall,
                          "rounds_per_s": 1 / wall, "final_acc": out.summary["final_acc"]})

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.api import ClientData, ClientUpdate, Message, Server
+from bench.api import ClientUpdate, Message, Server
 from bench.config import RuntimeConfig
 from bench.errors import UserError
 from bench.runtime.base import ClientJob, ClientResult, DeviceUnavailable, Executor, TaskData, pick_device, pin_threads, train_jobs
