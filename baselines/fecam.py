@@ -30,6 +30,21 @@ def transform(x: np.ndarray, beta: float | None) -> np.ndarray:
     return x if beta is None else np.sign(x) * np.abs(x) ** beta
 
 
+def class_gaussian(n: float, total: np.ndarray, outer: np.ndarray, cfg: FeCAMConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, shrunk precision) of one class from its count, sum and sum of outer products."""
+    mu = total / n
+    return mu, shrunk_precision((outer - n * np.outer(mu, mu)) / (n - 1), cfg)
+
+
+def distances(q: np.ndarray, means: list[np.ndarray], precisions: list[np.ndarray]) -> np.ndarray:
+    """(n, k) squared Mahalanobis distances of the (transformed) rows of q to k classes."""
+    dist = np.empty((len(q), len(means)))
+    for i, (mu, prec) in enumerate(zip(means, precisions)):
+        diff = q - mu
+        dist[:, i] = ((diff @ prec) * diff).sum(1)
+    return dist
+
+
 def shrunk_precision(cov: np.ndarray, cfg: FeCAMConfig) -> np.ndarray:
     d = len(cov)
     off = ~np.eye(d, dtype=bool)
@@ -83,16 +98,10 @@ class FeCAM(StatisticsServer):
         for c in sorted(changed):
             if stats["count"][c] < 2:
                 continue
-            n = stats["count"][c]
-            mu = stats["sum"][c] / n
-            cov = (stats["outer"][c] - n * np.outer(mu, mu)) / (n - 1)
-            self.means[int(c)], self.precisions[int(c)] = mu, shrunk_precision(cov, self.config)
+            self.means[int(c)], self.precisions[int(c)] = class_gaussian(stats["count"][c], stats["sum"][c], stats["outer"][c], self.config)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         q = transform(x, self.config.tukey_beta)
         have = [c for c in self.seen.tolist() if c in self.means]
-        dist = np.empty((len(q), len(have)))
-        for i, c in enumerate(have):
-            diff = q - self.means[c]
-            dist[:, i] = ((diff @ self.precisions[c]) * diff).sum(1)
+        dist = distances(q, [self.means[c] for c in have], [self.precisions[c] for c in have])
         return np.asarray(have)[np.argmin(dist, axis=1)]

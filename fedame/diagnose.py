@@ -2,7 +2,8 @@
 
 Per task: accuracy on the task's new classes and on the old ones; routing accuracy (share of
 test samples whose top-1 expert is the one that owns their class) and accuracy split by
-routed right / wrong; per-expert accuracy (on the test samples of the classes it owns); and
+routed right / wrong; the accuracy of the mixture alone and of the prompts' Gaussian scores
+alone (the two parts of the classifier); per-expert accuracy (on the test samples of the classes it owns); and
 prompt quality: a linear classifier trained only on samples drawn from the distribution
 prompts against the same classifier trained on the real training features, both tested on
 the real test features. `fedame-bench diagnose` runs this (docs/fedame.md).
@@ -72,6 +73,9 @@ def diagnose_task(server: FedAME, task: int, new: list[int], train: tuple[np.nda
     tx, ty = torch.from_numpy(np.asarray(tx[m], dtype=np.float32)), ty[m]
     pred = server.predict(tx.numpy())
     correct = pred == ty
+    mixture_only = float((server.predict(tx.numpy(), gaussian=False) == ty).mean())
+    has_feature_prompts = bool(server.feature_prompts.mean)
+    gaussian_only = float((server.predict(tx.numpy(), mixture=False, gaussian=True) == ty).mean()) if has_feature_prompts else float("nan")
     is_new = np.isin(ty, new)
     owner = np.asarray([server.pool.owner[int(c)] for c in ty])
     routed = routing(server, tx)
@@ -94,6 +98,8 @@ def diagnose_task(server: FedAME, task: int, new: list[int], train: tuple[np.nda
         "acc_all": float(correct.mean()),
         "acc_new": float(correct[is_new].mean()),
         "acc_old": float(correct[~is_new].mean()) if np.any(~is_new) else float("nan"),
+        "acc_mixture_only": mixture_only,
+        "acc_gaussian_only": gaussian_only,
         "route_acc": float(right.mean()),
         "acc_routed_right": float(correct[right].mean()) if right.any() else float("nan"),
         "acc_routed_wrong": float(correct[~right].mean()) if (~right).any() else float("nan"),

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed, register
 from bench.config import Section
@@ -28,6 +28,7 @@ from bench.training import as_tensor, batched_argmax, distillation, load_module_
 
 from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, class_anchors, config_clusters, kmeans_clusters
 from fedame.feature_prompts import FeaturePromptBank, client_report, sample_features
+from fedame.gaussian import mahalanobis
 from fedame.experts import Expert, anchor_logits, contrastive_loss, mix
 from fedame.llm import Decision, DecisionMaker, LLMConfig, LLMRequiredError, RuleConfig, ask_clusters
 from fedame.pool import ExpertPool
@@ -63,7 +64,7 @@ class FedAMEConfig(MethodConfig):
     # projector; "anchor" draws from the anchor-space prompts (valid only while the projector
     # is frozen)
     prompt_space: Literal["anchor", "feature"] = "feature"
-    prompt_rank: int = Field(16, ge=0)  # covariance rank of a feature-space prompt
+    prompt_rank: int = Field(32, ge=0)  # covariance rank of a feature-space prompt
     # which classes the classification terms (CE, routing) learn from prompts: "old" replays
     # earlier tasks' classes next to the real data of the current ones; "seen" learns every
     # class that has a prompt from its prompt, so old and new classes are seen through the
@@ -74,6 +75,19 @@ class FedAMEConfig(MethodConfig):
     # radius (in feature mode: the feature prompt's mean through the current projector). The
     # second term does not depend on routing. 0: anchors only (the old behaviour)
     prototype_weight: float = Field(1.0, ge=0)
+    # class logits at evaluation += w * (-1/2 Mahalanobis distance to the class's feature prompt,
+    # covariance shrunk by `gaussian_shrink` as FeCAM does): the log-likelihood of the prompt's
+    # Gaussian, so w = 1 multiplies the mixture's class probabilities by the prompts'. The
+    # prompts are exact summaries of frozen features, so this term does not forget and does not
+    # depend on routing. 0: the mixture alone (the behaviour before; needs no feature prompts)
+    gaussian_weight: float = Field(1.0, ge=0)
+    gaussian_shrink: float = Field(1.0, ge=0)
+    # which samples the contrastive term (InfoNCE to the class anchors) sees: "replay" the same
+    # samples and weights as CE (old classes through their prompts, so old and new classes are
+    # pulled to their anchors alike); "real" only the current task's real samples (the behaviour
+    # before: it sharpens the current classes alone, and they are over-predicted until the next
+    # task arrives; measured in docs/fedame.md)
+    contrast_samples: Literal["replay", "real"] = "replay"
     balanced_replay: bool = True  # weigh replay so old and new classes count alike
     prompt_radius: float = Field(0.5, gt=0)
     single_expert: bool = False  # ablation: one shared expert owns every class
@@ -85,6 +99,13 @@ class FedAMEConfig(MethodConfig):
     # freeze the projector after this task so prompts stay valid (-1: from the start; None: never)
     freeze_projector_after: int | None = Field(None, ge=-1)
     projector_init: Literal["default", "orthogonal"] = "default"
+
+    @model_validator(mode="after")
+    def _gaussian_needs_feature_prompts(self) -> "FedAMEConfig":
+        if self.gaussian_weight > 0 and self.prompt_space != "feature":
+            raise ValueError("gaussian_weight > 0 scores test features against the feature-space prompts: "
+                             "set prompt_space: feature, or gaussian_weight: 0")
+        return self
 
 
 # ------------------------------------------------------------------------------ shared model pieces
@@ -272,7 +293,11 @@ class FedAMEClient(Client):
             route_l = (routing_loss(scores, owner_pos[y_all], "none") * weight).sum()
             loss = ce / n + lam.route * route_l / n
             if lam.contrast > 0 and not frozen:
-                loss = loss + lam.contrast * contrastive_loss(u, A, yb, cfg.contrast_temperature)
+                if cfg.contrast_samples == "real":
+                    loss = loss + lam.contrast * contrastive_loss(u, A, yb, cfg.contrast_temperature)
+                else:
+                    con = contrastive_loss(u_all, A, y_all, cfg.contrast_temperature, reduction="none")
+                    loss = loss + lam.contrast * (con * weight).sum() / n
             if teacher_logits is not None:
                 loss = loss + lam.forget * distillation(logits[:, old_pos], teacher_logits[ib], cfg.kd_temperature)
             if lam.dist > 0 and len(prompt_pos) and not frozen:
@@ -525,17 +550,40 @@ class FedAME(Server):
         self._teacher_experts = {f"teacher.expert.{e}.{k}": v.copy() for e in alive for k, v in self.pool.params[e].items()}
 
     # -------------------------------------------------------------- evaluation
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        alive = self.pool.alive
-        arrays = {f"expert.{e}.{k}": v for e in alive for k, v in self.pool.params[e].items()}
-        d = self.anchors.shape[1]
-        moe = AnchorMoE(
-            self.config, self.router, load_experts(arrays, np.asarray(alive), "", d, self.config.expert_hidden),
-            list(range(len(alive))), t(self.pool.expert_anchors(alive)), t(self.anchors[self.seen]), t(self.log_scale),
-        )
-        protos = self.class_prototypes()
-        idx = batched_argmax(lambda xb: moe(self.proj(xb), protos)[0], x)
+    def predict(self, x: np.ndarray, mixture: bool = True, gaussian: bool | None = None) -> np.ndarray:
+        """Seen class of each row: argmax of the mixture's logits plus the prompts' Gaussian
+        scores (when `gaussian_weight` > 0). `mixture` / `gaussian` switch either part off
+        (the diagnosis measures each alone; the Gaussian alone needs feature prompts)."""
+        gaussian = self.config.gaussian_weight > 0 if gaussian is None else gaussian
+        parts = []
+        if mixture:
+            alive = self.pool.alive
+            arrays = {f"expert.{e}.{k}": v for e in alive for k, v in self.pool.params[e].items()}
+            moe = AnchorMoE(
+                self.config, self.router, load_experts(arrays, np.asarray(alive), "", self.anchors.shape[1], self.config.expert_hidden),
+                list(range(len(alive))), t(self.pool.expert_anchors(alive)), t(self.anchors[self.seen]), t(self.log_scale),
+            )
+            protos = self.class_prototypes()
+            parts.append(lambda xb: moe(self.proj(xb), protos)[0])
+        if gaussian:
+            parts.append(self.gaussian_scores(self.config.gaussian_weight or 1.0))
+        idx = batched_argmax(lambda xb: sum(p(xb) for p in parts), x)
         return np.asarray(self.seen)[idx]
+
+    def gaussian_scores(self, weight: float) -> Any:
+        """x -> (n, seen) weighted prompt log-likelihoods (-weight/2 Mahalanobis distance to each
+        class's feature prompt); a class without a prompt yet gets the lowest score of the row."""
+        arrays = self.feature_prompts.arrays(self.seen, self.env.feature_dim)
+        pos = {c: i for i, c in enumerate(self.seen)}
+        cols = torch.tensor([pos[int(c)] for c in arrays["fp_classes"]], dtype=torch.long)
+        mu, L, sd = t(arrays["fp_mu"]), t(arrays["fp_L"]), t(arrays["fp_sd"])
+
+        def score(xb: torch.Tensor) -> torch.Tensor:
+            d = -0.5 * weight * mahalanobis(xb, mu, L, sd, self.config.gaussian_shrink).float()
+            low = d.min(1, keepdim=True).values if len(cols) else torch.zeros(len(xb), 1)
+            return low.expand(len(xb), len(self.seen)).clone().index_copy_(1, cols, d)
+
+        return score
 
     def replay_prompts(self) -> tuple[bool, np.ndarray, dict[str, np.ndarray]]:
         """(feature space?, classes with a prompt, their arrays): the prompts replay draws from."""

@@ -60,16 +60,34 @@ def test_fedame_learns_every_task_and_replay_keeps_old_ones(with_replay):
     chance = 1 / (TASKS * PER_TASK)
     assert min(acc) > 0.8, acc  # every task, including the first two, well above chance
     assert sum(u.meta["replayed"] for u in updates) > 0
-    no_replay, _, updates_off = run(replay=False)
+    # replay acts on the mixture: measured with the prompts' Gaussian scores off on both sides
+    mixture, _, _ = run(gaussian_weight=0)
+    no_replay, _, updates_off = run(replay=False, gaussian_weight=0)
     assert sum(u.meta["replayed"] for u in updates_off) == 0  # the switch draws no prompt sample
     # without replay only the KL to the previous model and the prototype term protect old
     # classes: the first task, two models back, loses much of what it had
-    assert acc[0] > no_replay[0] + 0.2, (acc, no_replay)
-    assert np.mean(acc[:-1]) > np.mean(no_replay[:-1]) and chance < 0.2
+    assert mixture[0] > no_replay[0] + 0.2, (mixture, no_replay)
+    assert np.mean(mixture[:-1]) > np.mean(no_replay[:-1]) and chance < 0.2
+
+
+def test_gaussian_scores_keep_old_classes_without_replay():
+    """The prompts' Gaussian term does not forget: with replay off it alone keeps task 0."""
+    off, _, _ = run(replay=False, gaussian_weight=0)
+    on, server, _ = run(replay=False)
+    assert on[0] > off[0] + 0.2, (on, off)
+    (_, _), (xte, yte) = _data()
+    gaussian_only = server.predict(xte, mixture=False, gaussian=True)
+    assert (gaussian_only == yte).mean() > 0.9  # separable Gaussian classes: the prompts classify them
+    assert not np.array_equal(server.predict(xte, gaussian=False), server.predict(xte))  # the switch changes predictions
+
+
+def test_gaussian_weight_needs_feature_prompts():
+    with pytest.raises(ValueError, match="prompt_space: feature"):
+        FedAMEConfig(prompt_space="anchor")
 
 
 def test_old_behaviour_is_reachable_and_shows_the_frozen_projector_limit(with_replay):
-    acc, server, _ = run(prompt_space="anchor", freeze_projector_after=0, replay_classes="old")
+    acc, server, _ = run(prompt_space="anchor", freeze_projector_after=0, replay_classes="old", gaussian_weight=0)
     assert not server.feature_prompts.mean  # the old behaviour keeps no feature-space prompt
     assert acc[0] > 0.4, acc  # learnt while the projector trained
     # docs/fedame.md's diagnosis: new classes cannot be placed through the frozen projector
@@ -131,3 +149,23 @@ def test_diagnosis_measures_routing_and_prompt_quality(with_replay):
     assert d["acc_new"] == pytest.approx(float((pred == yte)[yte >= 4].mean()))
     # Gaussian prompts of Gaussian classes are as good as the real data to train a classifier on
     assert d["probe_on_real"] > 0.9 and d["probe_on_prompts"] > d["probe_on_real"] - 0.05
+
+
+def test_contrastive_term_on_replayed_samples_keeps_old_classes_at_their_anchors(with_replay):
+    """contrast_samples: replay pulls old classes' prompt samples to their anchors too, so after
+    the last task the first task's real features sit closer to their anchors than when the
+    term sees only the current task's real samples."""
+    import torch.nn.functional as F
+
+    (xtr, ytr), _ = _data()
+    first = np.isin(ytr, range(PER_TASK))
+
+    def closeness(server):
+        with torch.no_grad():
+            u = server.proj(torch.from_numpy(xtr[first]))
+            a = torch.from_numpy(server.anchors[ytr[first]])
+            return float(F.cosine_similarity(u, a).mean())
+
+    _, replayed, _ = with_replay
+    _, real_only, _ = run(contrast_samples="real")
+    assert closeness(replayed) > closeness(real_only) + 0.05, (closeness(replayed), closeness(real_only))

@@ -107,3 +107,24 @@ def test_fedncm_under_partial_participation_uses_every_client_that_reported(tmp_
     assert len(full.tables["rounds"]) == 3 and len(partial.tables["rounds"]) == 36
     # 12 rounds of 2 of 3 clients: every client reports in every task, so the means are the full ones
     assert [r["accuracy"] for r in partial.tables["accuracy"]] == [r["accuracy"] for r in full.tables["accuracy"]]
+
+
+def test_joint_adds_the_pooled_class_gaussians_to_its_head():
+    """joint's Gaussians are FeCAM's on the pooled data; gaussian_weight 0 is the head alone, and
+    a large weight turns joint into FeCAM's nearest class."""
+    from baselines.fecam import FeCAMConfig
+    from baselines.joint import JointConfig
+
+    rng = np.random.default_rng(3)
+    x, y = _data(rng)
+    x = np.abs(x)
+    fecam = federate("fecam", FeCAMConfig(), x, y, [10, 30])
+    joint = federate("joint", JointConfig(), x, y, [10, 30])
+    for c in range(K):
+        np.testing.assert_allclose(joint.gaussians[c][0], fecam.means[c], rtol=1e-9)
+        np.testing.assert_allclose(joint.gaussians[c][1], fecam.precisions[c], rtol=1e-7, atol=1e-9)
+    head_only = federate("joint", JointConfig(gaussian_weight=0), x, y, [10, 30])
+    assert not head_only.gaussians
+    dominated = federate("joint", JointConfig(gaussian_weight=1e6), x, y, [10, 30])
+    np.testing.assert_array_equal(dominated.predict(x), fecam.predict(x))
+    assert (joint.predict(x) == y).mean() >= (head_only.predict(x) == y).mean() - 0.05
