@@ -36,17 +36,23 @@ def shrunk_factors(L: torch.Tensor, sd: torch.Tensor, shrink: float) -> tuple[to
     return scale, a, U, sign
 
 
-def mahalanobis(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, sd: torch.Tensor, shrink: float) -> torch.Tensor:
+def mahalanobis(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, sd: torch.Tensor, shrink: float, chunk: int = 25) -> torch.Tensor:
     """(n, k) squared distances of x (n, d) to k prompts under their shrunk, normalised covariance.
 
     Normalised: N = D^-1 C' D^-1 with D = diag(scale), so diff^T N^-1 diff = v^T C'^-1 v with
-    v = D diff, and C'^-1 = (I - U (a S^-1 + U^T U)^-1 U^T) / a (Woodbury)."""
+    v = D diff, and C'^-1 = (I - U (a S^-1 + U^T U)^-1 U^T) / a (Woodbury). Computed for
+    `chunk` classes at a time as matrix products over all samples (float64)."""
     scale, a, U, sign = shrunk_factors(L, sd, shrink)
     x, mu = x.double(), mu.double()
+    s2 = scale**2
+    inner_inv = torch.linalg.inv(torch.diag_embed(a[:, None] / sign) + U.transpose(1, 2) @ U)  # (k, r+1, r+1)
     out = torch.empty(len(x), len(mu), dtype=torch.float64, device=x.device)
-    for c in range(len(mu)):
-        v = (x - mu[c]) * scale[c]
-        p = v @ U[c]
-        inner = torch.diag(a[c] / sign[c]) + U[c].T @ U[c]
-        out[:, c] = ((v * v).sum(1) - (p * torch.linalg.solve(inner, p.T).T).sum(1)) / a[c]
+    for c in range(0, len(mu), chunk):
+        sl = slice(c, c + chunk)
+        # |v|^2 = sum_d s^2 (x - mu)^2, expanded into products over all samples at once
+        vv = (x * x) @ s2[sl].T - 2 * x @ (mu[sl] * s2[sl]).T + (mu[sl] ** 2 * s2[sl]).sum(1)
+        W = scale[sl, :, None] * U[sl]  # p = U^T v = W^T x - W^T mu
+        p = torch.einsum("nd,kdr->nkr", x, W) - torch.einsum("kd,kdr->kr", mu[sl], W)
+        quad = torch.einsum("nkr,krs,nks->nk", p, inner_inv[sl], p)
+        out[:, sl] = (vv - quad) / a[sl]
     return out

@@ -25,3 +25,11 @@ def test_low_rank_distance_equals_the_dense_fecam_distance(shrink, offset):
         cov = (L[c] @ L[c].T).numpy() + float(sd[c]) ** 2 * np.eye(d)
         diff = (x - mu[c]).numpy()
         np.testing.assert_allclose(got[:, c], ((diff @ shrunk_precision(cov, cfg)) * diff).sum(1), rtol=1e-8)
+
+
+def test_class_chunks_do_not_change_the_distances():
+    g = torch.Generator().manual_seed(1)
+    k, d, r = 7, 12, 3
+    L, sd = torch.randn(k, d, r, generator=g, dtype=torch.float64), torch.rand(k, generator=g, dtype=torch.float64) + 0.1
+    mu, x = torch.randn(k, d, generator=g, dtype=torch.float64), torch.randn(5, d, generator=g, dtype=torch.float64)
+    np.testing.assert_allclose(mahalanobis(x, mu, L, sd, 1.0, chunk=2).numpy(), mahalanobis(x, mu, L, sd, 1.0).numpy(), rtol=1e-12)
