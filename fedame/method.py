@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -570,7 +570,7 @@ class FedAME(Server):
         idx = batched_argmax(lambda xb: sum(p(xb) for p in parts), x)
         return np.asarray(self.seen)[idx]
 
-    def gaussian_scores(self, weight: float) -> Any:
+    def gaussian_scores(self, weight: float) -> Callable[[torch.Tensor], torch.Tensor]:
         """x -> (n, seen) weighted prompt log-likelihoods (-weight/2 Mahalanobis distance to each
         class's feature prompt); a class without a prompt yet gets the lowest score of the row."""
         arrays = self.feature_prompts.arrays(self.seen, self.env.feature_dim)
