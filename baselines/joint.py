@@ -84,19 +84,28 @@ class Joint(StatisticsServer):
 
         train_epochs(self.model.parameters(), x, y, ctx, loss_fn, torch_generator(derive_seed(self.env.run_seed, "joint", self.task)))
         if cfg.gaussian_weight > 0:
+            # classes with data in this task's reports; earlier classes' pooled data, and so
+            # their Gaussians, did not change
+            fresh = np.unique(np.concatenate([r["y"] for r in self.reports.values()]))
             q = transform(stats["x"], cfg.gaussian.tukey_beta)
-            for c in np.unique(stats["y"]).tolist():  # a class's data are complete once pooled
+            for c in fresh.tolist():
                 xc = q[stats["y"] == c]
                 if len(xc) > 1:
                     self.gaussians[c] = class_gaussian(len(xc), xc.sum(0), xc.T @ xc, cfg.gaussian)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        seen = torch.from_numpy(self.seen)
-        if self.config.gaussian_weight == 0:
+        w = self.config.gaussian_weight
+        if w == 0:
+            seen = torch.from_numpy(self.seen)
             return batched_argmax(lambda xb: masked_logits(self.model(xb), seen), x)
         have = [c for c in self.seen.tolist() if c in self.gaussians]
-        dist = distances(transform(x, self.config.gaussian.tukey_beta), *zip(*(self.gaussians[c] for c in have)))
-        with torch.no_grad():
-            logits = torch.cat([self.model(torch.from_numpy(np.asarray(x[i : i + 8192], dtype=np.float32))) for i in range(0, len(x), 8192)])
-        score = logits[:, have].double().numpy() - 0.5 * self.config.gaussian_weight * dist
-        return np.asarray(have)[score.argmax(1)]
+        cols = torch.tensor(have, dtype=torch.long)
+        means, precisions = [self.gaussians[c][0] for c in have], [self.gaussians[c][1] for c in have]
+
+        def score(xb: torch.Tensor) -> torch.Tensor:
+            out = masked_logits(self.model(xb), cols).double()
+            dist = distances(transform(xb.numpy(), self.config.gaussian.tukey_beta), means, precisions)
+            out[:, cols] -= 0.5 * w * torch.from_numpy(dist)
+            return out
+
+        return batched_argmax(score, x)
