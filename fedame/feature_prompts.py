@@ -12,8 +12,9 @@ Each prompt is mean + low-rank covariance: Sigma ~= L L^T + s^2 I with L of rank
 A diagonal covariance loses the correlations that separate classes in a 512-d feature space
 (measured in docs/fedame.md); a full one costs d^2 per class on the wire.
 
-Federation: for every class it holds, a client reports its count, feature sum, the top
-`rank` scaled singular vectors of its centred features and the energy they leave out. The
+Federation: for every class it holds (and only those), a client reports its count, feature
+sum, the top `rank` scaled singular vectors of its centred features and the energy they
+leave out. The
 server merges the reports exactly up to that truncation (between-client mean shifts
 included) and keeps one low-rank prompt per class.
 """
@@ -27,26 +28,40 @@ import torch
 
 
 def client_report(x: torch.Tensor, y_pos: torch.Tensor, n_classes: int, rank: int) -> dict[str, np.ndarray]:
-    """Per class: count, sum, `rank` x d factor F with F^T F ~= centred scatter, left-out energy."""
+    """For each class the client holds (`fp_pos`: positions among the `n_classes` seen ones;
+    the others are not sent): count, sum, `rank` x d factor F with F^T F ~= centred scatter,
+    and the energy F leaves out."""
     d = x.shape[1]
     x = x.detach().double()
     counts = torch.bincount(y_pos, minlength=n_classes).double()
-    sums = torch.zeros(n_classes, d, dtype=torch.float64, device=x.device).index_add_(0, y_pos, x)
-    factors = torch.zeros(n_classes, rank, d, dtype=torch.float64, device=x.device)
-    rest = torch.zeros(n_classes, dtype=torch.float64, device=x.device)
-    for c in torch.nonzero(counts > 1).flatten().tolist():
+    held = torch.nonzero(counts > 0).flatten()
+    sums = torch.zeros(n_classes, d, dtype=torch.float64, device=x.device).index_add_(0, y_pos, x)[held]
+    factors = torch.zeros(len(held), rank, d, dtype=torch.float64, device=x.device)
+    rest = torch.zeros(len(held), dtype=torch.float64, device=x.device)
+    for i, c in enumerate(held.tolist()):
+        if counts[c] < 2:
+            continue
         xc = x[y_pos == c]
         centred = xc - xc.mean(0)
         _, s, vh = torch.linalg.svd(centred, full_matrices=False)
         k = min(rank, len(s))
-        factors[c, :k] = s[:k, None] * vh[:k]
-        rest[c] = (s[k:] ** 2).sum()
+        factors[i, :k] = s[:k, None] * vh[:k]
+        rest[i] = (s[k:] ** 2).sum()
     return {
-        "fp_count": counts.cpu().numpy(),
+        "fp_pos": held.cpu().numpy(),
+        "fp_count": counts[held].cpu().numpy(),
         "fp_sum": sums.cpu().numpy(),
         "fp_factor": factors.float().cpu().numpy(),
         "fp_rest": rest.cpu().numpy(),
     }
+
+
+def scatter_rows(pos: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """A client's per-class rows (at positions `pos`) as a dense n x ... array, zeros elsewhere
+    (a class a client does not hold contributes nothing to a pooled statistic)."""
+    dense = np.zeros((n, *rows.shape[1:]), dtype=rows.dtype)
+    dense[pos] = rows
+    return dense
 
 
 def merge_class(counts: np.ndarray, sums: np.ndarray, factors: np.ndarray, rest: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:

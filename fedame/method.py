@@ -27,7 +27,7 @@ from bench.config import Section
 from bench.training import as_tensor, batched_argmax, distillation, load_module_arrays, module_arrays, torch_generator, train_epochs
 
 from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, class_anchors, config_clusters, kmeans_clusters
-from fedame.feature_prompts import FeaturePromptBank, client_report, sample_features
+from fedame.feature_prompts import FeaturePromptBank, client_report, sample_features, scatter_rows
 from fedame.gaussian import mahalanobis
 from fedame.experts import Expert, anchor_logits, contrastive_loss, mix
 from fedame.llm import Decision, DecisionMaker, LLMConfig, LLMRequiredError, RuleConfig, ask_clusters
@@ -50,7 +50,14 @@ class FedAMEConfig(MethodConfig):
     llm: LLMConfig = LLMConfig()
     rule: RuleConfig = RuleConfig()
     projector_hidden: int = Field(0, ge=0)
-    expert_hidden: int = Field(128, ge=1)
+    # lightweight experts: a residual MLP d -> expert_hidden -> d each. 32 costs a quarter of
+    # 128's bytes and arithmetic at the same accuracy (measured in docs/fedame.md, "Cost")
+    expert_hidden: int = Field(32, ge=1)
+    # route on the projected feature itself (false: the plain anchor-based router; the
+    # projector learns to route through the routing loss) or on a learned d x d map of it
+    # (true). The map matters only when the projector is frozen (`freeze_projector_after`);
+    # otherwise it costs as much as the projector in arithmetic and bytes for no accuracy
+    router_map: bool = False
     top_k: int = Field(2, ge=1)
     route_temperature: float = Field(0.1, gt=0)
     contrast_temperature: float = Field(0.1, gt=0)
@@ -96,6 +103,9 @@ class FedAMEConfig(MethodConfig):
     # the SGD the linear-head baselines use); null falls back to the training section
     optimizer: Literal["sgd", "adam", "adamw"] | None = "adam"
     lr: float | None = Field(1e-3, gt=0)
+    # FedAME's own minibatch size (null: the training section's). Its steps cost mostly per-op
+    # overhead on a CPU, so 128 halves the time of 64 at the same accuracy (docs/fedame.md)
+    batch_size: int | None = Field(128, ge=1)
     # freeze the projector after this task so prompts stay valid (-1: from the start; None: never)
     freeze_projector_after: int | None = Field(None, ge=-1)
     projector_init: Literal["default", "orthogonal"] = "default"
@@ -185,7 +195,7 @@ def build_moe(cfg: FedAMEConfig, a: dict[str, np.ndarray], prefix: str, class_an
     if len(held) == 0:
         return None
     d, dev = class_anchors.shape[1], class_anchors.device
-    router = RouterHead(d)
+    router = RouterHead(d, cfg.router_map)
     load_module_arrays(router, a, f"{prefix}router.")
     experts = load_experts(a, held, prefix, d, cfg.expert_hidden, dev)
     log_scale = torch.nn.Parameter(t(a[f"{prefix}log_scale"], dev).clone())
@@ -307,7 +317,8 @@ class FedAMEClient(Client):
                     loss = loss + lam.dist * distribution_loss(u[has], mu[k], var[k])
             return loss
 
-        own = replace(ctx.train, optimizer=cfg.optimizer or ctx.train.optimizer, lr=cfg.lr or ctx.train.lr)
+        own = replace(ctx.train, optimizer=cfg.optimizer or ctx.train.optimizer, lr=cfg.lr or ctx.train.lr,
+                      batch_size=cfg.batch_size or ctx.train.batch_size)
         # minibatches of sample indices: the loss looks up labels and cached teacher logits
         loss = train_epochs(params, x, torch.arange(len(y), device=dev), replace(ctx, train=own), loss_fn, gen)
 
@@ -331,7 +342,8 @@ class FedAMEClient(Client):
         arrays["log_scale"] = moe.log_scale.detach().cpu().numpy().copy()
         for e, ex in zip(a["held"], moe.experts):
             arrays.update(module_arrays(ex, f"expert.{int(e)}."))
-        arrays.update({"stat_count": counts, "stat_sum": sums, "stat_sumsq": sumsq})
+        have = np.flatnonzero(counts > 0)  # statistics of the classes this client holds, only
+        arrays.update({"stat_pos": have, "stat_count": counts[have], "stat_sum": sums[have], "stat_sumsq": sumsq[have]})
         if bool(a.get("want_feature_stats", False)):  # features are frozen: once per client per task
             arrays.update(client_report(x, y, n_seen, self.config.prompt_rank))
         samples_per_expert = {int(e): 0 for e in a["held"]}
@@ -399,7 +411,7 @@ class FedAME(Server):
         self.dm.cluster_of = self.cluster_of
         self.pool = ExpertPool(self.anchors, cfg.expert_hidden, env.run_seed)
         self.proj = build_projector(cfg, env, self.anchors.shape[1])
-        self.router = RouterHead(self.anchors.shape[1])
+        self.router = RouterHead(self.anchors.shape[1], cfg.router_map)
         self.log_scale = np.array(np.log(cfg.init_scale), dtype=np.float32)
         self.prompts = PromptBank(self.anchors, cfg.prompt_radius)
         self.feature_prompts = FeaturePromptBank(cfg.prompt_rank)
@@ -527,11 +539,14 @@ class FedAME(Server):
             keys = [k for k in carriers[0].arrays if k.startswith(f"expert.{e}.")]
             avg = self.combine(carriers, keys, weights, reference={f"expert.{e}.{k}": v for k, v in self.pool.params[e].items()})
             self.pool.params[e] = {k.removeprefix(f"expert.{e}."): v for k, v in avg.items()}
-        stats = [sum(u.arrays[k] for u in updates) for k in ("stat_count", "stat_sum", "stat_sumsq")]
+        n = len(self.seen)
+        stats = [sum(scatter_rows(u.arrays["stat_pos"], u.arrays[k], n) for u in updates) for k in ("stat_count", "stat_sum", "stat_sumsq")]
         self.prompts.update(np.asarray(self.seen), *stats)
         fresh = [u for u in updates if "fp_count" in u.arrays]
         for u in fresh:
-            self.feature_reports[int(u.meta["client_id"])] = {k: v for k, v in u.arrays.items() if k.startswith("fp_")}
+            self.feature_reports[int(u.meta["client_id"])] = {
+                k: scatter_rows(u.arrays["fp_pos"], v, n) for k, v in u.arrays.items() if k.startswith("fp_") and k != "fp_pos"
+            }
         if fresh:  # only this task's classes: earlier tasks' prompts were final when their task ended
             current = [i for i, c in enumerate(self.seen) if c not in self.old]
             reports = [{k: v[current] for k, v in r.items()} for r in self.feature_reports.values()]

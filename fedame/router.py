@@ -26,16 +26,20 @@ class Projector(nn.Module):
 
 
 class RouterHead(nn.Module):
-    """A learned map inside the anchor space used only for routing (identity at the start),
-    so routing keeps learning when the projector is frozen."""
+    """What the router scores: the projected feature itself (`learned=False`: the plain
+    anchor-based router, no parameters), or a learned map inside the anchor space used only
+    for routing (identity at the start), so routing keeps learning when the projector is
+    frozen. The map is a d x d matrix: as much arithmetic per sample as the projector and as
+    many bytes per round."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, learned: bool = True) -> None:
         super().__init__()
-        self.map = nn.Linear(dim, dim, bias=False)
-        nn.init.eye_(self.map.weight)
+        self.map = nn.Linear(dim, dim, bias=False) if learned else None
+        if self.map is not None:
+            nn.init.eye_(self.map.weight)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.map(u), dim=-1)
+        return u if self.map is None else F.normalize(self.map(u), dim=-1)
 
 
 def route(

@@ -145,7 +145,7 @@ def test_sentence_anchors_without_the_optional_model_say_how_to_get_it(monkeypat
 def test_teacher_identical_to_the_model_at_a_task_start_costs_only_references_on_the_wire():
     from bench.wire import REF_BYTES, MIN_CHUNK_BYTES, WireLedger, manifests
 
-    cfg = FedAMEConfig(anchors=AnchorConfig(source="random", dim=64), expert_hidden=8)
+    cfg = FedAMEConfig(anchors=AnchorConfig(source="random", dim=64), expert_hidden=8, router_map=True)  # every model part
     server = FedAME(cfg, _env(dim=32))
     server.setup()
     server.begin_task(TaskInfo(0, (0, 2, 4), (0, 2, 4), {0: (0, 2), 1: (4,)}))

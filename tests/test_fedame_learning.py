@@ -22,7 +22,10 @@ def _data(seed: int = 0, n: int = 60):
 
 
 def run(**overrides):
-    """Trains 3 tasks x 2 classes; returns (per-task accuracy after the last task, server, updates)."""
+    """Trains 3 tasks x 2 classes; returns (per-task accuracy after the last task, server, updates).
+    Minibatches are the environment's 16 unless overridden: a client holds 60 samples, which
+    FedAME's default of 128 would train in one step per epoch."""
+    overrides = {"batch_size": None, **overrides}
     torch.manual_seed(0)
     names = tuple(f"c{i}" for i in range(TASKS * PER_TASK))
     env = MethodEnv(feature_dim=DIM, num_classes=len(names), class_names=names, dataset="synthetic", run_seed=0,
@@ -169,3 +172,48 @@ def test_contrastive_term_on_replayed_samples_keeps_old_classes_at_their_anchors
     _, replayed, _ = with_replay
     _, real_only, _ = run(contrast_samples="real")
     assert closeness(replayed) > closeness(real_only) + 0.05, (closeness(replayed), closeness(real_only))
+
+
+def test_router_map_switch_sends_the_map_only_when_it_routes(with_replay):
+    """router_map: false routes on the projected feature itself: no map crosses the wire either
+    way, and FedAME still learns; router_map: true trains a d x d map and sends it."""
+    acc, server, updates = with_replay
+    mapped_acc, mapped, mapped_updates = run(router_map=True)
+    assert not any(k.startswith("router.") for k in server.payload_for(0).arrays)
+    assert not any(k.startswith("router.") for u in updates for k in u.arrays)
+    assert "router.map.weight" in mapped.payload_for(0).arrays
+    assert all("router.map.weight" in u.arrays for u in mapped_updates)
+    assert not np.allclose(mapped.router.map.weight.detach().numpy(), np.eye(DIM))  # the map was trained
+    assert min(acc) > 0.8 and min(mapped_acc) > 0.8, (acc, mapped_acc)
+
+
+def test_updates_carry_statistics_of_the_clients_own_classes_only(with_replay):
+    """A client sends per-class statistics and its once-per-task feature report for the classes
+    it holds, not zero rows for every seen class (bytes up); the server's prompts still equal
+    the pooled data (test_feature_prompts_match_the_data_they_summarise)."""
+    _, _, updates = with_replay
+    reports = [u for u in updates if "fp_count" in u.arrays]
+    assert len(reports) == TASKS * 2  # once per client per task
+    for u in updates:
+        assert len(u.arrays["stat_pos"]) == 1 and u.arrays["stat_sum"].shape == (1, 16)  # each client holds one class
+    for u in reports:
+        assert len(u.arrays["fp_pos"]) == 1 and u.arrays["fp_factor"].shape[0] == 1
+        np.testing.assert_array_equal(u.arrays["fp_pos"], u.arrays["stat_pos"])
+
+
+def test_fedame_batch_size_is_its_own_minibatch(monkeypatch):
+    import bench.training
+
+    sizes = []
+    real = bench.training.minibatches
+
+    def spy(n, batch_size, gen):
+        sizes.append(batch_size)
+        return real(n, batch_size, gen)
+
+    monkeypatch.setattr(bench.training, "minibatches", spy)
+    run(batch_size=7)
+    assert sizes and set(sizes) == {7}
+    sizes.clear()
+    run(batch_size=None)  # null: the training section's (16 in this test's environment)
+    assert set(sizes) == {16}
