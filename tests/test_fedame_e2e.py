@@ -43,3 +43,22 @@ def test_llm_decisions_flow_into_the_results(tmp_path, monkeypatch):
     assert {d["source"] for d in decisions} == {"llm"} and {d["action"] for d in decisions} == {"new_expert"}
     assert all(d["response_digest"] for d in decisions)
     assert stats_column(read_table(out, "rounds").to_pandas(), "experts_alive").max() == 6
+
+
+def test_profile_script_replays_a_captured_client_update():
+    """scripts/profile_fedame_step.py: the captured update is the one asked for, replayed and
+    profiled; a job past the end of the run is one clear line."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_fedame_step.py"
+    run = lambda *a: subprocess.run([sys.executable, str(script), *a], capture_output=True, text=True, timeout=300)
+    res = run("--job", "8", "--repeats", "1", "--rows", "3", "--", "-c", "smoke")
+    assert res.returncode == 0, res.stderr
+    # smoke: 3 clients per round, so update 8 is the third round's second client of task 0
+    assert re.search(r"client update 8: task 0, round 2, client 1: \d+ samples, \d+ experts held", res.stdout), res.stdout
+    assert "aten::" in res.stdout and re.search(r"without the experts' dispatch: \d+ ms \(\d+% of the update\)", res.stdout)
+    res = run("--job", "100000", "--", "-c", "smoke")
+    assert res.returncode != 0 and "choose --job <= " in res.stderr
