@@ -80,9 +80,22 @@ def module_arrays(module: nn.Module, prefix: str = "") -> dict[str, np.ndarray]:
     return {prefix + k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
 
 
-def load_module_arrays(module: nn.Module, arrays: dict[str, np.ndarray], prefix: str = "") -> None:
+def load_module_arrays(module: nn.Module, arrays: dict[str, np.ndarray], prefix: str = "", assign: bool = False) -> None:
+    """Copy the arrays at `prefix` into `module` (`assign`: make copies of them its tensors)."""
     state = {k[len(prefix) :]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith(prefix)}
-    module.load_state_dict(state)
+    module.load_state_dict(state, assign=assign)
+
+
+def module_from_arrays(build: Callable[[], nn.Module], arrays: dict[str, np.ndarray], prefix: str = "",
+                       device: str | torch.device = "cpu") -> nn.Module:
+    """`build()`'s module holding (copies of) the arrays at `prefix`, on `device`. Built on the
+    meta device, so its random initialisation, overwritten anyway, is never computed: a
+    client that rebuilds a model from every payload spent more on initialising it than on
+    loading it."""
+    with torch.device("meta"):
+        module = build()
+    load_module_arrays(module, arrays, prefix, assign=True)
+    return module.to(device)
 
 
 def weighted_average(

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed, register
 from bench.config import Section
-from bench.training import as_tensor, batched_argmax, distillation, load_module_arrays, module_arrays, torch_generator, train_epochs
+from bench.training import as_tensor, batched_argmax, distillation, load_module_arrays, module_arrays, module_from_arrays, torch_generator, train_epochs
 
 from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, class_anchors, config_clusters, kmeans_clusters
 from fedame.feature_prompts import FeaturePromptBank, client_report, sample_features, scatter_rows
@@ -136,12 +136,7 @@ def build_projector(cfg: FedAMEConfig, env: MethodEnv, anchor_dim: int) -> Proje
 def load_experts(
     arrays: dict[str, np.ndarray], ids: np.ndarray, prefix: str, dim: int, hidden: int, device: str = "cpu"
 ) -> list[Expert]:
-    experts = []
-    for e in ids:
-        ex = Expert(dim, hidden)
-        load_module_arrays(ex, arrays, f"{prefix}expert.{int(e)}.")
-        experts.append(ex.to(device))
-    return experts
+    return [module_from_arrays(lambda: Expert(dim, hidden), arrays, f"{prefix}expert.{int(e)}.", device) for e in ids]
 
 
 def t(a: np.ndarray, device: str = "cpu") -> torch.Tensor:
@@ -195,12 +190,11 @@ def build_moe(cfg: FedAMEConfig, a: dict[str, np.ndarray], prefix: str, class_an
     if len(held) == 0:
         return None
     d, dev = class_anchors.shape[1], class_anchors.device
-    router = RouterHead(d, cfg.router_map)
-    load_module_arrays(router, a, f"{prefix}router.")
+    router = module_from_arrays(lambda: RouterHead(d, cfg.router_map), a, f"{prefix}router.", dev)
     experts = load_experts(a, held, prefix, d, cfg.expert_hidden, dev)
     log_scale = torch.nn.Parameter(t(a[f"{prefix}log_scale"], dev).clone())
     expert_anchors = t(a[f"{prefix}expert_anchors"], dev)
-    return AnchorMoE(cfg, router.to(dev), experts, a[f"{prefix}held_pos"].tolist(), expert_anchors, class_anchors, log_scale)
+    return AnchorMoE(cfg, router, experts, a[f"{prefix}held_pos"].tolist(), expert_anchors, class_anchors, log_scale)
 
 
 # ------------------------------------------------------------------------------ client
@@ -309,12 +303,12 @@ class FedAMEClient(Client):
                     con = contrastive_loss(u_all, A, y_all, cfg.contrast_temperature, reduction="none")
                     loss = loss + lam.contrast * (con * weight).sum() / n
             if teacher_logits is not None:
-                loss = loss + lam.forget * distillation(logits[:, old_pos], teacher_logits[ib], cfg.kd_temperature)
+                loss = loss + lam.forget * distillation(logits.index_select(1, old_pos), teacher_logits[ib], cfg.kd_temperature)
             if lam.dist > 0 and len(prompt_pos) and not frozen:
-                has = prompt_of[yb] >= 0
-                if has.any():
-                    k = prompt_of[yb[has]]
-                    loss = loss + lam.dist * distribution_loss(u[has], mu[k], var[k])
+                has = torch.nonzero(prompt_of[yb] >= 0).flatten()
+                if len(has):
+                    k = prompt_of[yb[has]]  # index_select: its backward is an index_add, not an index_put
+                    loss = loss + lam.dist * distribution_loss(u.index_select(0, has), mu[k], var[k])
             return loss
 
         own = replace(ctx.train, optimizer=cfg.optimizer or ctx.train.optimizer, lr=cfg.lr or ctx.train.lr,
@@ -326,9 +320,7 @@ class FedAMEClient(Client):
 
     def _projector(self, a: dict[str, np.ndarray], prefix: str, dim: int, dev: str) -> Projector:
         """The projector of a payload (the current one, or the teacher's), on `dev`."""
-        proj = build_projector(self.config, self.env, dim)
-        load_module_arrays(proj, a, prefix)
-        return proj.to(dev)
+        return module_from_arrays(lambda: Projector(self.env.feature_dim, dim, self.config.projector_hidden), a, prefix, dev)
 
     def _update(self, a: dict[str, np.ndarray], proj: Projector, moe: AnchorMoE, frozen: bool, x: torch.Tensor,
                 y: torch.Tensor, n_seen: int, loss: float, meta: dict[str, Any]) -> ClientUpdate:

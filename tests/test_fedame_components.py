@@ -118,18 +118,44 @@ def test_shared_clip_anchor_file_loads_in_dataset_order(tmp_path):
     assert a[0] @ a[1] > a[1] @ a[2]
 
 
-def test_sparse_mix_equals_dense_mixture():
+def test_sparse_mix_equals_dense_mixture_in_value_and_gradient():
+    """The grouped dispatch computes each sample's gate-weighted mixture of its top-k experts,
+    and trains each expert from exactly the samples routed to it; a held expert that gets no
+    sample in a batch (the last one here) is skipped and gets no gradient."""
     from fedame.experts import mix
 
     torch.manual_seed(0)
-    experts = [Expert(8, 4) for _ in range(4)]
+    experts = [Expert(8, 4) for _ in range(5)]
     for e in experts:
         torch.nn.init.normal_(e.fc2.weight)
-    u = torch.nn.functional.normalize(torch.randn(16, 8), dim=-1)
-    _, top, gates = route(u, torch.nn.functional.normalize(torch.randn(4, 8), dim=-1), 0.5, 2)
-    dense = torch.stack([e(u) for e in experts], 1).gather(1, top.unsqueeze(-1).expand(-1, -1, 8))
-    expected = torch.nn.functional.normalize((gates.unsqueeze(-1) * dense).sum(1), dim=-1)
-    assert torch.allclose(mix(experts, [0, 1, 2, 3], u, top, gates), expected, atol=1e-6)
+    positions = [0, 2, 3, 5, 6]  # columns of the held experts among the router's scores
+    u0 = torch.nn.functional.normalize(torch.randn(16, 8), dim=-1)
+    # each sample's two experts, distinct, among the first four held (the fifth gets none)
+    top0 = torch.stack([torch.tensor(positions[:4])[torch.randperm(4)[:2]] for _ in range(16)])
+    logits0 = torch.randn(16, 2)
+    w = torch.randn(16, 8)
+
+    def run(mixture):
+        for e in experts:
+            e.zero_grad()
+        u, g = u0.clone().requires_grad_(), logits0.clone().requires_grad_()
+        out = mixture(u, top0.clone(), torch.softmax(g, 1))
+        (out * w).sum().backward()
+        return out.detach(), u.grad, g.grad, [p.grad for e in experts for p in e.parameters()]
+
+    def dense(u, top, gates):
+        col = {p: i for i, p in enumerate(positions)}
+        outs = torch.stack([e(u) for e in experts], 1)
+        chosen = outs.gather(1, top.apply_(lambda c: col[c]).unsqueeze(-1).expand(-1, -1, 8))
+        return torch.nn.functional.normalize((gates.unsqueeze(-1) * chosen).sum(1), dim=-1)
+
+    got, got_du, got_dg, got_dp = run(lambda u, top, gates: mix(experts, positions, u, top, gates))
+    want, want_du, want_dg, want_dp = run(dense)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(got_du, want_du, atol=1e-5) and torch.allclose(got_dg, want_dg, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got_dp[:-4], want_dp[:-4]))
+    assert all(g is None for g in got_dp[-4:])  # the idle expert: not run, nothing to learn
+    assert all((g == 0).all() for g in want_dp[-4:] if g is not None)
 
 
 def test_sentence_anchors_without_the_optional_model_say_how_to_get_it(monkeypatch):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from bench.api import ClientUpdate
 from bench.training import weighted_average
@@ -26,3 +27,21 @@ def test_weighted_average_skips_updates_without_the_key_or_weight():
     np.testing.assert_allclose(out["x"], [2.5, 5.0])
     np.testing.assert_allclose(out["only_a"], [5.0])
     assert weighted_average([a, b], keys=["x"], weights=[1, 1])["x"].tolist() == [2.0, 4.0]
+
+
+def test_module_from_arrays_holds_copies_of_the_arrays_and_trains():
+    """A client's model rebuilt from a payload: the payload's values (not a random start),
+    trainable, and training it leaves the payload (the server's own arrays, in-process) alone."""
+    from bench.training import module_arrays, module_from_arrays
+
+    torch.manual_seed(0)
+    source = module_arrays(torch.nn.Linear(6, 3), "head.")
+    before = {k: v.copy() for k, v in source.items()}
+    model = module_from_arrays(lambda: torch.nn.Linear(6, 3), source, "head.")
+    assert all(np.array_equal(v, source[f"head.{k}"]) for k, v in module_arrays(model).items())
+    assert all(p.requires_grad and p.device.type == "cpu" for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(2, 6)).sum().backward()
+    opt.step()
+    assert not np.array_equal(module_arrays(model)["weight"], before["head.weight"])
+    assert all(np.array_equal(source[k], before[k]) for k in source)
