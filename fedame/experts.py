@@ -34,24 +34,44 @@ def mix(experts: list[Expert], positions: list[int], u: torch.Tensor, top_idx: t
     """Gate-weighted sum of the chosen experts' outputs, renormalised (B x d).
 
     `positions[i]` is expert i's index in the router's score columns. Sparse dispatch: each
-    expert runs only on the samples routed to it, so the cost grows with top_k, not with
-    the number of experts held. The (sample, slot) pairs are grouped by expert with one
-    stable sort, so everything but the experts' own layers (the gather of their inputs, the
-    residual, the renormalisation, the gates and the sum) is one operation over all pairs,
-    not one per expert: per-operation overhead, not arithmetic, sets a CPU step's time. The
-    pairs of an expert keep their sample order and each sample sums its experts in held
-    order, as a loop over experts would."""
+    expert runs only on the samples routed to it. The (sample, slot) pairs are grouped by
+    expert with one stable sort, so every step is a handful of operations over all pairs,
+    not a dozen per expert: per-operation overhead, not arithmetic, sets a CPU step's time
+    (docs/fedame.md). The pairs of an expert keep their sample order and each sample sums its
+    experts in held order, as a loop over experts would."""
     column = torch.full((max(positions) + 1,), -1, dtype=torch.long, device=u.device)
     column[torch.as_tensor(positions, device=u.device)] = torch.arange(len(positions), device=u.device)
     pair_expert = column[top_idx.flatten()]  # held-expert index of each (sample, slot) pair
     order = torch.argsort(pair_expert, stable=True)
     counts = torch.bincount(pair_expert, minlength=len(experts)).tolist()
     rows = order // top_idx.shape[1]
-    x = u.index_select(0, rows)  # its backward is an index_add, far cheaper on a CPU than the index_put of u[rows]
-    deltas = [e.delta(part) for e, part, n in zip(experts, x.split(counts), counts) if n]
-    z = F.normalize(x + torch.cat(deltas), dim=-1)
+    x = u.index_select(0, rows)  # its backward is an index_add, far cheaper on a CPU than u[rows]'s index_put
+    active = [i for i, n in enumerate(counts) if n]
+    z = F.normalize(x + grouped_delta([experts[i] for i in active], x, [counts[i] for i in active]), dim=-1)
     out = torch.zeros_like(u).index_add(0, rows, gates.flatten()[order].unsqueeze(1) * z)
     return F.normalize(out, dim=-1)
+
+
+def grouped_delta(experts: list[Expert], x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Each expert's residual on its run of consecutive rows of `x` (`counts[i]` rows for
+    expert i), as two batched products over the runs padded to the longest. The experts'
+    weights are stacked for the step, so each keeps its own parameters (and an expert that
+    got no rows is not passed here: it gets no gradient, as when it ran alone); padded rows
+    are never read back, so they add nothing to any gradient."""
+    if len(experts) == 1:
+        return experts[0].delta(x)
+    n, longest = len(experts), max(counts)
+    sizes = torch.tensor(counts, device=x.device)
+    run = torch.repeat_interleave(torch.arange(n, device=x.device), sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    slot = run * longest + torch.arange(len(x), device=x.device) - starts[run]
+    padded = x.new_zeros(n * longest, x.shape[1]).index_copy(0, slot, x).view(n, longest, -1)
+    w1 = torch.stack([e.fc1.weight for e in experts]).transpose(1, 2)
+    b1 = torch.stack([e.fc1.bias for e in experts]).unsqueeze(1)
+    w2 = torch.stack([e.fc2.weight for e in experts]).transpose(1, 2)
+    b2 = torch.stack([e.fc2.bias for e in experts]).unsqueeze(1)
+    hidden = F.relu(torch.baddbmm(b1, padded, w1))
+    return torch.baddbmm(b2, hidden, w2).view(n * longest, -1).index_select(0, slot)
 
 
 def anchor_logits(z: torch.Tensor, class_anchors: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
