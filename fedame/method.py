@@ -136,7 +136,12 @@ def build_projector(cfg: FedAMEConfig, env: MethodEnv, anchor_dim: int) -> Proje
 def load_experts(
     arrays: dict[str, np.ndarray], ids: np.ndarray, prefix: str, dim: int, hidden: int, device: str = "cpu"
 ) -> list[Expert]:
-    return [module_from_arrays(lambda: Expert(dim, hidden), arrays, f"{prefix}expert.{int(e)}.", device) for e in ids]
+    experts = []  # built the plain way: initialising a small expert costs less than building it on the meta device
+    for e in ids:
+        ex = Expert(dim, hidden)
+        load_module_arrays(ex, arrays, f"{prefix}expert.{int(e)}.")
+        experts.append(ex.to(device))
+    return experts
 
 
 def t(a: np.ndarray, device: str = "cpu") -> torch.Tensor:
