@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedame.grouped import pad_runs, padded_slots, unpad_runs
+
 
 class Expert(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
@@ -60,18 +62,14 @@ def grouped_delta(experts: list[Expert], x: torch.Tensor, counts: list[int]) -> 
     are never read back, so they add nothing to any gradient."""
     if len(experts) == 1:
         return experts[0].delta(x)
-    n, longest = len(experts), max(counts)
-    sizes = torch.tensor(counts, device=x.device)
-    run = torch.repeat_interleave(torch.arange(n, device=x.device), sizes)
-    starts = torch.cumsum(sizes, 0) - sizes
-    slot = run * longest + torch.arange(len(x), device=x.device) - starts[run]
-    padded = x.new_zeros(n * longest, x.shape[1]).index_copy(0, slot, x).view(n, longest, -1)
+    slot, longest = padded_slots(torch.tensor(counts, device=x.device))
+    padded = pad_runs(x, slot, len(experts), longest)
     w1 = torch.stack([e.fc1.weight for e in experts]).transpose(1, 2)
     b1 = torch.stack([e.fc1.bias for e in experts]).unsqueeze(1)
     w2 = torch.stack([e.fc2.weight for e in experts]).transpose(1, 2)
     b2 = torch.stack([e.fc2.bias for e in experts]).unsqueeze(1)
     hidden = F.relu(torch.baddbmm(b1, padded, w1))
-    return torch.baddbmm(b2, hidden, w2).view(n * longest, -1).index_select(0, slot)
+    return unpad_runs(torch.baddbmm(b2, hidden, w2), slot)
 
 
 def anchor_logits(z: torch.Tensor, class_anchors: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:

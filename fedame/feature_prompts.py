@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fedame.grouped import pad_runs, padded_slots, unpad_runs
+
 
 def client_report(x: torch.Tensor, y_pos: torch.Tensor, n_classes: int, rank: int) -> dict[str, np.ndarray]:
     """For each class the client holds (`fp_pos`: positions among the `n_classes` seen ones;
@@ -117,7 +119,23 @@ def sample_features(mu: torch.Tensor, L: torch.Tensor, sd: torch.Tensor, which: 
     """Draws backbone features from the prompts `which` (indices into mu / L / sd).
 
     The noise is drawn on the CPU generator, so every device draws the same samples."""
-    r, d = L.shape[2], mu.shape[1]
-    z = torch.randn(len(which), r, generator=gen).to(mu.device)
-    e = torch.randn(len(which), d, generator=gen).to(mu.device)
-    return mu[which] + torch.einsum("bdr,br->bd", L[which], z) + sd[which, None] * e
+    z, e = draw_noise(len(which), L.shape[2], mu.shape[1], gen)
+    return features_from_noise(mu, L, sd, which, z.to(mu.device), e.to(mu.device))
+
+
+def draw_noise(m: int, rank: int, dim: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The standard normal draws behind m samples: factor coordinates, then isotropic noise."""
+    return torch.randn(m, rank, generator=gen), torch.randn(m, dim, generator=gen)
+
+
+def features_from_noise(mu: torch.Tensor, L: torch.Tensor, sd: torch.Tensor, which: torch.Tensor, z: torch.Tensor,
+                        e: torch.Tensor) -> torch.Tensor:
+    """mu + L z + sd e for each row's prompt `which[i]`. The low-rank term is one batched
+    product over the prompts drawn, each prompt's rows padded to the most drawn one, instead
+    of gathering a d x rank factor per row (8 MB for 128 rows): the same dot products (at
+    512 x 32 the same bits as the per-row product in every case measured; small shapes can
+    round apart in the last bit), ten times faster for an epoch's draws."""
+    order = torch.argsort(which, stable=True)
+    slot, longest = padded_slots(torch.bincount(which, minlength=len(L)))
+    lz = unpad_runs(torch.bmm(pad_runs(z[order], slot, len(L), longest), L.transpose(1, 2)), slot)
+    return mu[which] + torch.empty_like(lz).index_copy_(0, order, lz) + sd[which, None] * e

@@ -13,6 +13,7 @@ parameters and its per-class feature statistics.
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -27,7 +28,7 @@ from bench.config import Section
 from bench.training import as_tensor, batched_argmax, distillation, load_module_arrays, module_arrays, module_from_arrays, torch_generator, train_epochs
 
 from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, class_anchors, config_clusters, kmeans_clusters
-from fedame.feature_prompts import FeaturePromptBank, client_report, sample_features, scatter_rows
+from fedame.feature_prompts import FeaturePromptBank, client_report, draw_noise, features_from_noise, scatter_rows
 from fedame.gaussian import mahalanobis
 from fedame.experts import Expert, anchor_logits, contrastive_loss, mix
 from fedame.llm import Decision, DecisionMaker, LLMConfig, LLMRequiredError, RuleConfig, ask_clusters
@@ -207,26 +208,53 @@ def build_moe(cfg: FedAMEConfig, a: dict[str, np.ndarray], prefix: str, class_an
 
 class Replay:
     """Draws replayed samples with their class positions: backbone features in feature mode
-    (the caller projects them, together with its real samples), anchor-space points otherwise."""
+    (the caller projects them, together with its real samples), anchor-space points otherwise.
 
-    def __init__(self, feature: bool, cls_pos: torch.Tensor, which: torch.Tensor, prompts: tuple[torch.Tensor, ...], n_classes: int) -> None:
-        self.feature, self.cls_pos, self.which, self.prompts = feature, cls_pos, which, prompts
+    Feature-mode samples are drawn an epoch at a time (`per_step`: how many each step of an
+    epoch replays), at the epoch's first step: the generator is called in the same order as
+    step by step, so the classes and noise are the same, and the epoch's low-rank products
+    are one grouped product instead of one gather and product per step (the same dot
+    products; batched differently, they may round apart in the last bit)."""
+
+    def __init__(self, feature: bool, cls_pos: torch.Tensor, which: torch.Tensor, prompts: tuple[torch.Tensor, ...],
+                 n_classes: int, per_step: list[int]) -> None:
+        self.feature, self.cls_pos, self.which, self.prompts, self.per_step = feature, cls_pos, which, prompts, per_step
         self.n = len(which)
         self.drawn = 0  # samples replayed so far (reported, so an ablation can be checked)
         self.covers = torch.zeros(n_classes, dtype=torch.bool, device=cls_pos.device)
         self.covers[cls_pos[which]] = True
+        self._ahead: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
 
     def draw(self, m: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        pick = self.which[torch.randint(self.n, (m,), generator=gen).to(self.which.device)]
         self.drawn += m
-        if self.feature:
-            return self.cls_pos[pick], sample_features(*self.prompts, pick, gen)
-        return self.cls_pos[pick], sample(*self.prompts, pick, gen)
+        if not self.feature:
+            pick = self._pick(m, gen)
+            return self.cls_pos[pick], sample(*self.prompts, pick, gen)
+        if not self._ahead:
+            self._ahead.extend(self._draw_epoch(gen))
+        cls, samples = self._ahead.popleft()
+        if len(cls) != m:
+            raise RuntimeError(f"replay drew {len(cls)} samples ahead for this step, which asks for {m}")
+        return cls, samples
+
+    def _pick(self, m: int, gen: torch.Generator) -> torch.Tensor:
+        return self.which[torch.randint(self.n, (m,), generator=gen).to(self.which.device)]
+
+    def _draw_epoch(self, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        mu, L, sd = self.prompts
+        picks, zs, es = [], [], []
+        for m in self.per_step:  # the calls sample_features would make, step after step
+            picks.append(self._pick(m, gen))
+            z, e = draw_noise(m, L.shape[2], mu.shape[1], gen)
+            zs.append(z)
+            es.append(e)
+        pick = torch.cat(picks)
+        x = features_from_noise(mu, L, sd, pick, torch.cat(zs).to(mu.device), torch.cat(es).to(mu.device))
+        return list(zip(self.cls_pos[pick].split(self.per_step), x.split(self.per_step)))
 
     def targets(self, proj: Projector) -> torch.Tensor:
         """The prompt means in the anchor space (the prototypes' targets)."""
         return proj(self.prompts[0]) if self.feature else F.normalize(self.prompts[0], dim=-1)
-
 
 
 class FedAMEClient(Client):
@@ -255,7 +283,14 @@ class FedAMEClient(Client):
         prompt_of[prompt_pos] = torch.arange(len(prompt_pos), device=dev)
         is_old = torch.zeros(len(pos), dtype=torch.bool, device=dev)
         is_old[old_pos] = True
-        replay = self._replay_source(a, pos, is_old, dev)
+        own = replace(ctx.train, optimizer=cfg.optimizer or ctx.train.optimizer, lr=cfg.lr or ctx.train.lr,
+                      batch_size=cfg.batch_size or ctx.train.batch_size)
+
+        def replayed(b: int) -> int:  # replayed samples in a step of b real ones
+            return max(1, int(round(cfg.replay_ratio * b)))
+
+        per_step = [replayed(min(own.batch_size, len(y) - i)) for i in range(0, len(y), own.batch_size)]
+        replay = self._replay_source(a, pos, is_old, dev, per_step)
         gen = torch_generator(ctx.seed)
         # classes whose real samples enter the classification terms
         real_cls = ~replay.covers if cfg.replay_classes == "seen" else torch.ones(len(pos), dtype=torch.bool, device=dev)
@@ -276,7 +311,7 @@ class FedAMEClient(Client):
             # one projector pass over real samples, replayed features and prompt means
             parts = [xb]
             if replaying:
-                m = max(1, int(round(cfg.replay_ratio * b)))
+                m = replayed(b)
                 y_r, s_r = replay.draw(m, gen)
                 # class-balanced: a replayed sample weighs what a real one of an average class does
                 y_all = torch.cat([yb, y_r])
@@ -316,8 +351,6 @@ class FedAMEClient(Client):
                     loss = loss + lam.dist * distribution_loss(u.index_select(0, has), mu[k], var[k])
             return loss
 
-        own = replace(ctx.train, optimizer=cfg.optimizer or ctx.train.optimizer, lr=cfg.lr or ctx.train.lr,
-                      batch_size=cfg.batch_size or ctx.train.batch_size)
         # minibatches of sample indices: the loss looks up labels and cached teacher logits
         loss = train_epochs(params, x, torch.arange(len(y), device=dev), replace(ctx, train=own), loss_fn, gen)
 
@@ -351,8 +384,9 @@ class FedAMEClient(Client):
                 samples_per_expert[owner] += int(n_c)
         return ClientUpdate(arrays=arrays, meta={"expert_samples": samples_per_expert, **meta}, num_samples=len(y), loss=loss)
 
-    def _replay_source(self, a: dict[str, np.ndarray], pos: dict[int, int], is_old: torch.Tensor, dev: str) -> Replay:
-        """The prompts this client replays (none with replay off)."""
+    def _replay_source(self, a: dict[str, np.ndarray], pos: dict[int, int], is_old: torch.Tensor, dev: str,
+                       per_step: list[int]) -> Replay:
+        """The prompts this client replays (none with replay off), `per_step` samples per step."""
         cfg = self.config
         feature = cfg.prompt_space == "feature"
         classes = a["fp_classes"] if feature else a["prompt_classes"]
@@ -360,7 +394,7 @@ class FedAMEClient(Client):
         chosen = torch.ones(len(cls_pos), dtype=torch.bool, device=dev) if cfg.replay_classes == "seen" else is_old[cls_pos]
         which = torch.nonzero(chosen).flatten() if cfg.replay else torch.zeros(0, dtype=torch.long, device=dev)
         prompts = (t(a["fp_mu"], dev), t(a["fp_L"], dev), t(a["fp_sd"], dev)) if feature else (t(a["prompt_mu"], dev), t(a["prompt_var"], dev))
-        return Replay(feature, cls_pos, which, prompts, len(pos))
+        return Replay(feature, cls_pos, which, prompts, len(pos), per_step)
 
 
 # ------------------------------------------------------------------------------ server

@@ -188,3 +188,30 @@ def test_teacher_identical_to_the_model_at_a_task_start_costs_only_references_on
     base = without.charge(0, manifests([{k: v for k, v in p.items() if k not in teacher}])[0])
     small = sum(v.nbytes for v in teacher.values() if v.nbytes < MIN_CHUNK_BYTES)
     assert cost - base <= small + REF_BYTES * len(teacher)
+
+
+def test_replay_drawn_an_epoch_ahead_is_the_step_by_step_draw():
+    """Feature replay draws a whole epoch at its first step; with the minibatch order drawn
+    from the same generator between epochs, every step still gets the classes and noise a
+    step-by-step draw gives (its low-rank products, batched another way, may round apart
+    in the last bit), and a step asking for another count is an error."""
+    from fedame.feature_prompts import sample_features
+    from fedame.method import Replay
+
+    torch.manual_seed(0)
+    k, d, r = 6, 16, 4
+    prompts = (torch.randn(k, d), torch.randn(k, d, r), torch.rand(k))
+    cls_pos, which = torch.tensor([7, 2, 5, 0, 3, 1]), torch.tensor([0, 2, 3, 5])  # prompts replayed: 4 of 6
+    per_step = [5, 5, 3]
+    replay = Replay(True, cls_pos, which, prompts, 8, per_step)
+    ahead, step_by_step = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(2):  # epochs: the minibatch order is drawn between them
+        torch.randperm(13, generator=ahead), torch.randperm(13, generator=step_by_step)
+        for m in per_step:
+            cls, got = replay.draw(m, ahead)
+            pick = which[torch.randint(len(which), (m,), generator=step_by_step)]
+            assert torch.equal(cls, cls_pos[pick])
+            torch.testing.assert_close(got, sample_features(*prompts, pick, step_by_step), rtol=1e-6, atol=1e-6)
+    assert replay.drawn == 26
+    with pytest.raises(RuntimeError, match="asks for 4"):
+        Replay(True, cls_pos, which, prompts, 8, per_step).draw(4, ahead)
