@@ -18,15 +18,33 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import NamedTuple
+
 import numpy as np
 
 REF_BYTES = 16  # a 128-bit content digest
 MIN_CHUNK_BYTES = 1024
 
 Chunk = tuple[bytes, int]  # (digest, bytes)
-# one array: its whole-array chunk, then its first-axis slices (empty for small or 1-d arrays)
-ArrayManifest = tuple[Chunk | None, tuple[Chunk, ...], int]
+
+
+class ArrayManifest(NamedTuple):
+    """One array's chunks: the whole array, and its first-axis slices (empty for small or 1-d
+    arrays) with the set of their digests (what a client holds after receiving them)."""
+
+    whole: Chunk | None
+    rows: tuple[Chunk, ...]
+    row_digests: frozenset[bytes]
+    nbytes: int
+
+
 Manifest = list[ArrayManifest]
+
+# whole-array digest -> its rows' chunks. Content-addressed, so valid across rounds, clients
+# and runs: an array sent before (a frozen projector, an old class's prompt, anchors) is
+# hashed once in full, not again slice by slice. Bounded: cleared when it holds this many.
+_ROWS_CACHE: dict[bytes, tuple[tuple[Chunk, ...], frozenset[bytes]]] = {}
+_ROWS_CACHE_MAX = 4096
 
 
 def _digest(header: bytes, buf: np.ndarray) -> bytes:
@@ -37,14 +55,19 @@ def _digest(header: bytes, buf: np.ndarray) -> bytes:
 
 def array_manifest(a: np.ndarray) -> ArrayManifest:
     if a.nbytes < MIN_CHUNK_BYTES:
-        return None, (), int(a.nbytes)
+        return ArrayManifest(None, (), frozenset(), int(a.nbytes))
     c = np.ascontiguousarray(a)
     whole = (_digest(f"{c.dtype.str}{c.shape}".encode(), c), int(c.nbytes))
-    rows: tuple[Chunk, ...] = ()
-    if c.ndim >= 2 and c.shape[0] > 1:
-        header = f"{c.dtype.str}{c.shape[1:]}".encode()
-        rows = tuple((_digest(header, r), int(r.nbytes)) for r in c)
-    return whole, rows, int(c.nbytes)
+    cached = _ROWS_CACHE.get(whole[0])
+    if cached is None:
+        rows: tuple[Chunk, ...] = ()
+        if c.ndim >= 2 and c.shape[0] > 1:
+            header = f"{c.dtype.str}{c.shape[1:]}".encode()
+            rows = tuple((_digest(header, r), int(r.nbytes)) for r in c)
+        if len(_ROWS_CACHE) >= _ROWS_CACHE_MAX:
+            _ROWS_CACHE.clear()
+        cached = _ROWS_CACHE[whole[0]] = (rows, frozenset(d for d, _ in rows))
+    return ArrayManifest(whole, *cached, int(c.nbytes))
 
 
 def manifests(arrays_per_message: Iterable[dict[str, np.ndarray]]) -> list[Manifest]:
@@ -72,25 +95,26 @@ class WireLedger:
         self._held: dict[int, set[bytes]] = {}
 
     def charge(self, client_id: int, manifest: Manifest) -> int:
+        """Bytes to send `manifest` to the client: a held chunk (held before, or sent earlier
+        in this payload) costs a reference, anything else its bytes. Rows are counted with
+        set operations: the rows of one array have one size, so an array not held whole
+        costs a reference per row plus, for each distinct row not held, its bytes less a
+        reference (a row repeated within the array is sent once)."""
         held = self._held.get(client_id, set())
         now: set[bytes] = set()
         cost = 0
-        def have(d: bytes) -> bool:
-            return d in held or d in now
-
-        for whole, rows, nbytes in manifest:
+        for whole, rows, row_digests, nbytes in manifest:
             if whole is None:
                 cost += nbytes
-            elif have(whole[0]):
+                continue
+            if whole[0] in held or whole[0] in now:
                 cost += REF_BYTES
             elif rows:
-                for d, n in rows:
-                    cost += REF_BYTES if have(d) else n
-                    now.add(d)
+                new = row_digests - held - now
+                cost += len(rows) * REF_BYTES + len(new) * (rows[0][1] - REF_BYTES)
             else:
                 cost += nbytes
-            if whole is not None:
-                now.add(whole[0])
-                now.update(d for d, _ in rows)
+            now.add(whole[0])
+            now |= row_digests
         self._held[client_id] = now
         return cost

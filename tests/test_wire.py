@@ -60,3 +60,53 @@ def test_shared_array_objects_are_hashed_once_and_give_the_same_manifest():
     m = manifests([{"w": w}, {"w": w, "v": w.copy()}])
     assert m[0][0] is m[1][0]
     assert m[1][1] == m[1][0]
+
+
+def rowwise_charge(held: set[bytes], manifest) -> tuple[int, set[bytes]]:
+    """The ledger's rule chunk by chunk, row after row (what the set arithmetic must equal)."""
+    now: set[bytes] = set()
+
+    def send(digest: bytes, nbytes: int) -> int:
+        cost = REF_BYTES if digest in held or digest in now else nbytes
+        now.add(digest)
+        return cost
+
+    total = 0
+    for m in manifest:
+        if m.whole is None:
+            total += m.nbytes
+        elif m.whole[0] in held or m.whole[0] in now or not m.rows:
+            total += send(*m.whole)
+        else:
+            total += sum(send(d, n) for d, n in m.rows)
+            now.add(m.whole[0])
+        now.update(m.row_digests)
+    return total, now
+
+
+def test_charges_equal_a_row_by_row_count_over_changing_payloads():
+    """Rows changed, repeated within an array and across arrays, arrays grown and shrunk."""
+    rng = np.random.default_rng(4)
+    ledger, held = WireLedger(), {0: set(), 1: set()}
+    base = rng.standard_normal((20, 64)).astype(np.float32)
+    for step in range(30):
+        w = base.copy()
+        w[rng.integers(0, 20, size=rng.integers(0, 5))] += 1.0  # some rows changed
+        w[rng.integers(0, 20)] = w[rng.integers(0, 20)]  # a row repeated within the array
+        grown = np.concatenate([w[: rng.integers(1, 20)], rng.standard_normal((rng.integers(0, 3), 64)).astype(np.float32)])
+        payload = {"w": w, "grown": grown, "again": w[::-1].copy(), "flat": rng.standard_normal(300).astype(np.float32)}
+        client = step % 2
+        expected, held[client] = rowwise_charge(held[client], manifests([payload])[0])
+        assert ledger.charge(client, manifests([payload])[0]) == expected
+        if step % 3 == 0:
+            base = rng.standard_normal((20, 64)).astype(np.float32)
+
+
+def test_row_digests_reused_from_the_cache_equal_fresh_ones():
+    import bench.wire as wire
+
+    w = np.random.default_rng(5).standard_normal((16, 256)).astype(np.float32)
+    first = wire.array_manifest(w)
+    wire._ROWS_CACHE.clear()
+    assert wire.array_manifest(w.copy()) == first
+    assert len(first.rows) == 16 and first.row_digests == {d for d, _ in first.rows}
