@@ -9,6 +9,8 @@ and away from the others.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,17 @@ from torch import nn
 from fedame.grouped import pad_runs, padded_slots, unpad_runs
 
 
+# an expert's weights by their state-dict names ("fc1.weight", "fc1.bias", "fc2.weight",
+# "fc2.bias"): a client holds them as plain tensors built straight from its payload, which
+# costs a tenth of building `Expert` modules (and their random initialisation) every round
+ExpertWeights = Mapping[str, torch.Tensor]
+EXPERT_KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+
+
 class Expert(nn.Module):
+    """The expert as a module: how the pool initialises a new one (`expert_delta` runs it
+    from its weights)."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -24,15 +36,16 @@ class Expert(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
-    def delta(self, u: torch.Tensor) -> torch.Tensor:
-        """The residual the expert adds to `u` (before renormalising)."""
-        return self.fc2(F.relu(self.fc1(u)))
-
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return F.normalize(u + self.delta(u), dim=-1)
+        return F.normalize(u + expert_delta(dict(self.named_parameters()), u), dim=-1)
 
 
-def mix(experts: list[Expert], positions: list[int], u: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+def expert_delta(w: ExpertWeights, u: torch.Tensor) -> torch.Tensor:
+    """The residual an expert adds to `u` (before renormalising)."""
+    return F.linear(F.relu(F.linear(u, w["fc1.weight"], w["fc1.bias"])), w["fc2.weight"], w["fc2.bias"])
+
+
+def mix(experts: list[ExpertWeights], positions: list[int], u: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """Gate-weighted sum of the chosen experts' outputs, renormalised (B x d).
 
     `positions[i]` is expert i's index in the router's score columns. Sparse dispatch: each
@@ -54,20 +67,20 @@ def mix(experts: list[Expert], positions: list[int], u: torch.Tensor, top_idx: t
     return F.normalize(out, dim=-1)
 
 
-def grouped_delta(experts: list[Expert], x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def grouped_delta(experts: list[ExpertWeights], x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Each expert's residual on its run of consecutive rows of `x` (`counts[i]` rows for
     expert i), as two batched products over the runs padded to the longest. The experts'
     weights are stacked for the step, so each keeps its own parameters (and an expert that
     got no rows is not passed here: it gets no gradient, as when it ran alone); padded rows
     are never read back, so they add nothing to any gradient."""
     if len(experts) == 1:
-        return experts[0].delta(x)
+        return expert_delta(experts[0], x)
     slot, longest = padded_slots(torch.tensor(counts, device=x.device))
     padded = pad_runs(x, slot, len(experts), longest)
-    w1 = torch.stack([e.fc1.weight for e in experts]).transpose(1, 2)
-    b1 = torch.stack([e.fc1.bias for e in experts]).unsqueeze(1)
-    w2 = torch.stack([e.fc2.weight for e in experts]).transpose(1, 2)
-    b2 = torch.stack([e.fc2.bias for e in experts]).unsqueeze(1)
+    w1 = torch.stack([e["fc1.weight"] for e in experts]).transpose(1, 2)
+    b1 = torch.stack([e["fc1.bias"] for e in experts]).unsqueeze(1)
+    w2 = torch.stack([e["fc2.weight"] for e in experts]).transpose(1, 2)
+    b2 = torch.stack([e["fc2.bias"] for e in experts]).unsqueeze(1)
     hidden = F.relu(torch.baddbmm(b1, padded, w1))
     return unpad_runs(torch.baddbmm(b2, hidden, w2), slot)
 

@@ -12,6 +12,7 @@ parameters and its per-class feature statistics.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from dataclasses import replace
@@ -30,7 +31,7 @@ from bench.training import as_tensor, batched_argmax, distillation, load_module_
 from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, class_anchors, config_clusters, kmeans_clusters
 from fedame.feature_prompts import FeaturePromptBank, client_report, draw_noise, features_from_noise, scatter_rows
 from fedame.gaussian import mahalanobis
-from fedame.experts import Expert, anchor_logits, contrastive_loss, mix
+from fedame.experts import EXPERT_KEYS, ExpertWeights, anchor_logits, contrastive_loss, mix
 from fedame.llm import Decision, DecisionMaker, LLMConfig, LLMRequiredError, RuleConfig, ask_clusters
 from fedame.pool import ExpertPool
 from fedame.prompts import PromptBank, class_statistics, distribution_loss, sample
@@ -134,15 +135,12 @@ def build_projector(cfg: FedAMEConfig, env: MethodEnv, anchor_dim: int) -> Proje
         return proj
 
 
-def load_experts(
-    arrays: dict[str, np.ndarray], ids: np.ndarray, prefix: str, dim: int, hidden: int, device: str = "cpu"
-) -> list[Expert]:
-    experts = []  # built the plain way: initialising a small expert costs less than building it on the meta device
-    for e in ids:
-        ex = Expert(dim, hidden)
-        load_module_arrays(ex, arrays, f"{prefix}expert.{int(e)}.")
-        experts.append(ex.to(device))
-    return experts
+def load_experts(arrays: dict[str, np.ndarray], ids: np.ndarray, prefix: str, device: str = "cpu",
+                 trainable: bool = False) -> list[dict[str, torch.Tensor]]:
+    """The weights of experts `ids` as tensors on `device` (copies: training leaves the
+    payload alone); `trainable`: leaves that require a gradient."""
+    return [{k: as_tensor(np.array(arrays[f"{prefix}expert.{int(e)}.{k}"]), device).requires_grad_(trainable) for k in EXPERT_KEYS}
+            for e in ids]
 
 
 def t(a: np.ndarray, device: str = "cpu") -> torch.Tensor:
@@ -155,7 +153,7 @@ class AnchorMoE:
     The router scores every expert of the pool (their anchors are cheap to send); only the
     `experts` held here (at score columns `positions`) are mixed."""
 
-    def __init__(self, cfg: FedAMEConfig, router: RouterHead, experts: list[Expert], positions: list[int],
+    def __init__(self, cfg: FedAMEConfig, router: RouterHead, experts: list[ExpertWeights], positions: list[int],
                  expert_anchors: torch.Tensor, class_anchors: torch.Tensor, log_scale: torch.Tensor) -> None:
         self.cfg, self.router, self.experts, self.positions = cfg, router, experts, positions
         self.expert_anchors, self.class_anchors, self.log_scale = expert_anchors, class_anchors, log_scale
@@ -172,8 +170,8 @@ class AnchorMoE:
             logits = logits + self.cfg.prototype_weight * anchor_logits(u, protos, self.log_scale)
         return logits, scores
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [*self.router.parameters(), *(p for e in self.experts for p in e.parameters()), self.log_scale]
+    def parameters(self) -> list[torch.Tensor]:
+        return [*self.router.parameters(), *(p for e in self.experts for p in e.values()), self.log_scale]
 
 
 def prototypes(anchors: torch.Tensor, radius: float, pos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -197,7 +195,7 @@ def build_moe(cfg: FedAMEConfig, a: dict[str, np.ndarray], prefix: str, class_an
         return None
     d, dev = class_anchors.shape[1], class_anchors.device
     router = module_from_arrays(lambda: RouterHead(d, cfg.router_map), a, f"{prefix}router.", dev)
-    experts = load_experts(a, held, prefix, d, cfg.expert_hidden, dev)
+    experts = load_experts(a, held, prefix, dev, trainable=prefix == "")
     log_scale = torch.nn.Parameter(t(a[f"{prefix}log_scale"], dev).clone())
     expert_anchors = t(a[f"{prefix}expert_anchors"], dev)
     return AnchorMoE(cfg, router, experts, a[f"{prefix}held_pos"].tolist(), expert_anchors, class_anchors, log_scale)
@@ -260,6 +258,10 @@ class Replay:
 class FedAMEClient(Client):
     config: FedAMEConfig
 
+    def __init__(self, config: FedAMEConfig, env: MethodEnv) -> None:
+        super().__init__(config, env)
+        self._teacher_memo: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}  # (client, task) -> (inputs' digest, logits)
+
     def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
         cfg, a, lam, dev = self.config, payload.arrays, self.config.lambdas, ctx.device
         A = t(a["class_anchors"], dev)  # seen classes x d, in `seen` order
@@ -275,8 +277,6 @@ class FedAMEClient(Client):
         params = [*([] if frozen else proj.parameters()), *moe.parameters()]
 
         old_pos = t(a["old_pos"], dev)
-        teacher = build_moe(cfg, a, "teacher.", A[old_pos]) if "teacher.held" in a and len(old_pos) else None
-        teacher_proj = self._projector(a, "teacher.proj.", A.shape[1], dev) if teacher is not None else None
         prompt_pos = t(np.array([pos[int(c)] for c in a["prompt_classes"]], dtype=np.int64), dev)
         mu, var = t(a["prompt_mu"], dev), t(a["prompt_var"], dev)
         prompt_of = torch.full((len(pos),), -1, dtype=torch.long, device=dev)
@@ -299,11 +299,8 @@ class FedAMEClient(Client):
         use_protos = cfg.prototype_weight > 0
         replaying = bool(replay.n) and cfg.replay_ratio > 0
 
-        teacher_logits = None
-        if teacher is not None and lam.forget > 0:
-            with torch.no_grad():  # the teacher is fixed: its logits on this client's data are too
-                t_protos = prototypes(A, cfg.prompt_radius, replay.cls_pos, replay.targets(teacher_proj))[old_pos] if use_protos else None
-                teacher_logits = torch.cat([teacher(teacher_proj(x[i : i + 8192]), t_protos)[0] for i in range(0, len(x), 8192)])
+        has_teacher = lam.forget > 0 and len(old_pos) > 0 and len(a.get("teacher.held", ())) > 0
+        teacher_logits = self._teacher_logits(a, x, A, old_pos, is_old, replay, (data.client_id, ctx.task)) if has_teacher else None
 
         def loss_fn(xb: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
             yb, b = y[ib], len(ib)
@@ -356,6 +353,47 @@ class FedAMEClient(Client):
 
         return self._update(a, proj, moe, frozen, x, y, len(pos), loss, meta={"client_id": data.client_id, "replayed": replay.drawn})
 
+    def _teacher_logits(self, a: dict[str, np.ndarray], x: torch.Tensor, A: torch.Tensor, old_pos: torch.Tensor,
+                        is_old: torch.Tensor, replay: Replay, key: tuple[int, int]) -> torch.Tensor:
+        """The previous task's model's logits over the old classes on this client's samples.
+
+        They are fixed for the whole task (the teacher, the old classes' anchors and prompts,
+        and the client's samples do not change within it), so a worker computes them in the
+        client's first round of the task and reuses them in its later rounds. The memo is
+        keyed by (client, task) and checked against a digest of every payload array the
+        logits are computed from: an input that changed is computed afresh, never served
+        stale. Only the old classes' prototypes are computed (each row on its own, as when
+        all classes were)."""
+        rows = torch.nonzero(is_old[replay.cls_pos]).flatten()  # the old classes among the prompts
+        mu_key = ("fp_mu", "fp_classes") if replay.feature else ("prompt_mu", "prompt_classes")
+        old_np, rows_np = a["old_pos"], rows.cpu().numpy()
+        inputs = [a[k] for k in sorted(a) if k.startswith("teacher.")]
+        inputs += [old_np, a["class_anchors"][old_np], a[mu_key[0]][rows_np], a[mu_key[1]][rows_np], np.array([len(x)])]
+        h = hashlib.sha1()  # a cache key, not a security boundary
+        for v in inputs:
+            v = np.ascontiguousarray(v)
+            h.update(f"{v.dtype.str}{v.shape}".encode())
+            h.update(v)
+        digest = h.digest()
+        memo = self._teacher_memo.get(key)
+        if memo is not None and memo[0] == digest:
+            return memo[1]
+        cfg, dev = self.config, A.device
+        teacher = build_moe(cfg, a, "teacher.", A[old_pos])
+        teacher_proj = self._projector(a, "teacher.proj.", A.shape[1], dev)
+        with torch.no_grad():
+            t_protos = None
+            if cfg.prototype_weight > 0:
+                among_old = torch.full((len(A),), -1, dtype=torch.long, device=dev)
+                among_old[old_pos] = torch.arange(len(old_pos), device=dev)
+                means = replay.prompts[0][rows]
+                target = teacher_proj(means) if replay.feature else F.normalize(means, dim=-1)
+                t_protos = prototypes(A[old_pos], cfg.prompt_radius, among_old[replay.cls_pos[rows]], target)
+            logits = torch.cat([teacher(teacher_proj(x[i : i + 8192]), t_protos)[0] for i in range(0, len(x), 8192)])
+        self._teacher_memo = {k: v for k, v in self._teacher_memo.items() if k[1] == key[1]}  # this task's only
+        self._teacher_memo[key] = (digest, logits)
+        return logits
+
     def _projector(self, a: dict[str, np.ndarray], prefix: str, dim: int, dev: str) -> Projector:
         """The projector of a payload (the current one, or the teacher's), on `dev`."""
         return module_from_arrays(lambda: Projector(self.env.feature_dim, dim, self.config.projector_hidden), a, prefix, dev)
@@ -371,7 +409,7 @@ class FedAMEClient(Client):
         arrays.update(module_arrays(moe.router, "router."))
         arrays["log_scale"] = moe.log_scale.detach().cpu().numpy().copy()
         for e, ex in zip(a["held"], moe.experts):
-            arrays.update(module_arrays(ex, f"expert.{int(e)}."))
+            arrays.update({f"expert.{int(e)}.{k}": v.detach().cpu().numpy().copy() for k, v in ex.items()})
         have = np.flatnonzero(counts > 0)  # statistics of the classes this client holds, only
         arrays.update({"stat_pos": have, "stat_count": counts[have], "stat_sum": sums[have], "stat_sumsq": sumsq[have]})
         if bool(a.get("want_feature_stats", False)):  # features are frozen: once per client per task
@@ -606,7 +644,7 @@ class FedAME(Server):
             alive = self.pool.alive
             arrays = {f"expert.{e}.{k}": v for e in alive for k, v in self.pool.params[e].items()}
             moe = AnchorMoE(
-                self.config, self.router, load_experts(arrays, np.asarray(alive), "", self.anchors.shape[1], self.config.expert_hidden),
+                self.config, self.router, load_experts(arrays, np.asarray(alive), ""),
                 list(range(len(alive))), t(self.pool.expert_anchors(alive)), t(self.anchors[self.seen]), t(self.log_scale),
             )
             protos = self.class_prototypes()

@@ -149,7 +149,8 @@ def test_sparse_mix_equals_dense_mixture_in_value_and_gradient():
         chosen = outs.gather(1, top.apply_(lambda c: col[c]).unsqueeze(-1).expand(-1, -1, 8))
         return torch.nn.functional.normalize((gates.unsqueeze(-1) * chosen).sum(1), dim=-1)
 
-    got, got_du, got_dg, got_dp = run(lambda u, top, gates: mix(experts, positions, u, top, gates))
+    weights = [dict(e.named_parameters()) for e in experts]
+    got, got_du, got_dg, got_dp = run(lambda u, top, gates: mix(weights, positions, u, top, gates))
     want, want_du, want_dg, want_dp = run(dense)
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.allclose(got_du, want_du, atol=1e-5) and torch.allclose(got_dg, want_dg, atol=1e-5)
@@ -215,3 +216,46 @@ def test_replay_drawn_an_epoch_ahead_is_the_step_by_step_draw():
     assert replay.drawn == 26
     with pytest.raises(RuntimeError, match="asks for 4"):
         Replay(True, cls_pos, which, prompts, 8, per_step).draw(4, ahead)
+
+
+def test_teacher_logits_are_memoised_per_client_and_task_and_recomputed_when_an_input_changes():
+    """A client's later rounds in a task reuse the teacher's logits of its first (the same
+    update as a fresh worker computes), and a payload whose teacher differs is computed
+    afresh, never served from the memo."""
+    from bench.api import ClientData, TrainContext
+    from fedame.method import FedAMEClient
+
+    env, rng = _env(dim=16), np.random.default_rng(0)
+    cfg = FedAMEConfig(anchors=AnchorConfig(source="random", dim=16), expert_hidden=8, decisions="heuristic")
+    server = FedAME(cfg, env)
+    server.setup()
+
+    def data(classes, client):
+        y = np.repeat(np.asarray(classes), 12)
+        return ClientData(client, (rng.normal(size=(len(y), 16)) + y[:, None]).astype(np.float32), y)
+
+    def train(client, payload, d, task, rnd=0):
+        return client.local_train(payload, d, TrainContext(0, task, rnd, d.client_id, env.train))
+
+    old = [data((0, 2), 0), data((4,), 1)]
+    server.begin_task(TaskInfo(0, (0, 2, 4), (0, 2, 4), {0: (0, 2), 1: (4,)}))
+    first = FedAMEClient(cfg, env)
+    server.aggregate([train(first, server.payload_for(d.client_id), d, 0) for d in old])
+    server.end_task()
+    server.begin_task(TaskInfo(1, (1, 3), (0, 2, 4, 1, 3), {0: (1,), 1: (3,)}))
+    payload, new = server.payload_for(0), data((1,), 0)
+
+    worker = FedAMEClient(cfg, env)
+    a = train(worker, payload, new, 1, rnd=0)
+    assert list(worker._teacher_memo) == [(0, 1)]
+    b = train(worker, payload, new, 1, rnd=0)  # from the memo
+    fresh = train(FedAMEClient(cfg, env), payload, new, 1, rnd=0)
+    for k in a.arrays:
+        np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
+        np.testing.assert_array_equal(a.arrays[k], fresh.arrays[k])
+
+    changed = type(payload)({**payload.arrays, "teacher.log_scale": payload.arrays["teacher.log_scale"] + 1.0})
+    memo_worker, fresh_worker = train(worker, changed, new, 1), train(FedAMEClient(cfg, env), changed, new, 1)
+    assert not np.array_equal(memo_worker.arrays["proj.net.weight"], a.arrays["proj.net.weight"])  # the teacher counts
+    for k in a.arrays:
+        np.testing.assert_array_equal(memo_worker.arrays[k], fresh_worker.arrays[k])
