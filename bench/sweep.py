@@ -23,6 +23,7 @@ from bench.results import ResultWriter
 from bench.runner import RunSpec, execute_run, run_row
 from bench.runtime import executor_kind, make_executor
 from bench.runtime.base import preflight_cluster, preflight_device
+from bench.training import warm_up
 
 
 def default_cache_dir(cfg: ExperimentConfig) -> Path:
@@ -90,6 +91,7 @@ def prepare(cfg: ExperimentConfig, specs: list[RunSpec], data_dir: str | None) -
     data present, every scenario buildable, backbone weights loadable (features cached)."""
     preflight_device(cfg.runtime)
     preflight_cluster(cfg.runtime)
+    warm_up()  # no run is charged the process's one-time costs of a first training step
     ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
     for spec in specs:
         build_scenario(spec.config.scenario, ds.train_y, ds.class_names, spec.seed, ds.train_domain, ds.domain_names)
