@@ -368,7 +368,7 @@ class FedAMEClient(Client):
         mu_key = ("fp_mu", "fp_classes") if replay.feature else ("prompt_mu", "prompt_classes")
         old_np, rows_np = a["old_pos"], rows.cpu().numpy()
         inputs = [a[k] for k in sorted(a) if k.startswith("teacher.")]
-        inputs += [old_np, a["class_anchors"][old_np], a[mu_key[0]][rows_np], a[mu_key[1]][rows_np], np.array([len(x)])]
+        inputs += [a["seen"], old_np, a["class_anchors"][old_np], a[mu_key[0]][rows_np], a[mu_key[1]][rows_np], np.array([len(x)])]
         h = hashlib.sha1()  # a cache key, not a security boundary
         for v in inputs:
             v = np.ascontiguousarray(v)
