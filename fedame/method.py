@@ -300,7 +300,7 @@ class FedAMEClient(Client):
         replaying = bool(replay.n) and cfg.replay_ratio > 0
 
         has_teacher = lam.forget > 0 and len(old_pos) > 0 and len(a.get("teacher.held", ())) > 0
-        teacher_logits = self._teacher_logits(a, x, A, old_pos, is_old, replay, (data.client_id, ctx.task)) if has_teacher else None
+        teacher_logits = self._teacher_logits(a, x, A, old_pos, replay, (data.client_id, ctx.task)) if has_teacher else None
 
         def loss_fn(xb: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
             yb, b = y[ib], len(ib)
@@ -354,21 +354,21 @@ class FedAMEClient(Client):
         return self._update(a, proj, moe, frozen, x, y, len(pos), loss, meta={"client_id": data.client_id, "replayed": replay.drawn})
 
     def _teacher_logits(self, a: dict[str, np.ndarray], x: torch.Tensor, A: torch.Tensor, old_pos: torch.Tensor,
-                        is_old: torch.Tensor, replay: Replay, key: tuple[int, int]) -> torch.Tensor:
+                        replay: Replay, key: tuple[int, int]) -> torch.Tensor:
         """The previous task's model's logits over the old classes on this client's samples.
 
-        They are fixed for the whole task (the teacher, the old classes' anchors and prompts,
-        and the client's samples do not change within it), so a worker computes them in the
-        client's first round of the task and reuses them in its later rounds. The memo is
-        keyed by (client, task) and checked against a digest of every payload array the
-        logits are computed from: an input that changed is computed afresh, never served
-        stale. Only the old classes' prototypes are computed (each row on its own, as when
-        all classes were)."""
-        rows = torch.nonzero(is_old[replay.cls_pos]).flatten()  # the old classes among the prompts
+        Within a task the teacher, the anchors and a client's samples do not change, and the
+        prompts change only when the task's first feature reports arrive, so a worker keeps
+        a client's logits and reuses them while their inputs stay the same (from its third
+        round of the task on, when every client reports in the first). The memo is keyed by
+        (client, task) and checked against a digest of every payload array the logits are
+        computed from: an input that changed is computed afresh, never served stale. Every
+        prompt's mean is an input, not only the old classes': the prototypes come from one
+        product over all of them, and a product's rows can round differently with their
+        number."""
         mu_key = ("fp_mu", "fp_classes") if replay.feature else ("prompt_mu", "prompt_classes")
-        old_np, rows_np = a["old_pos"], rows.cpu().numpy()
         inputs = [a[k] for k in sorted(a) if k.startswith("teacher.")]
-        inputs += [a["seen"], old_np, a["class_anchors"][old_np], a[mu_key[0]][rows_np], a[mu_key[1]][rows_np], np.array([len(x)])]
+        inputs += [a["seen"], a["old_pos"], a["class_anchors"], a[mu_key[0]], a[mu_key[1]], np.array([len(x)])]
         h = hashlib.sha1()  # a cache key, not a security boundary
         for v in inputs:
             v = np.ascontiguousarray(v)
@@ -378,17 +378,13 @@ class FedAMEClient(Client):
         memo = self._teacher_memo.get(key)
         if memo is not None and memo[0] == digest:
             return memo[1]
-        cfg, dev = self.config, A.device
+        cfg = self.config
         teacher = build_moe(cfg, a, "teacher.", A[old_pos])
-        teacher_proj = self._projector(a, "teacher.proj.", A.shape[1], dev)
+        teacher_proj = self._projector(a, "teacher.proj.", A.shape[1], A.device)
         with torch.no_grad():
             t_protos = None
             if cfg.prototype_weight > 0:
-                among_old = torch.full((len(A),), -1, dtype=torch.long, device=dev)
-                among_old[old_pos] = torch.arange(len(old_pos), device=dev)
-                means = replay.prompts[0][rows]
-                target = teacher_proj(means) if replay.feature else F.normalize(means, dim=-1)
-                t_protos = prototypes(A[old_pos], cfg.prompt_radius, among_old[replay.cls_pos[rows]], target)
+                t_protos = prototypes(A, cfg.prompt_radius, replay.cls_pos, replay.targets(teacher_proj))[old_pos]
             logits = torch.cat([teacher(teacher_proj(x[i : i + 8192]), t_protos)[0] for i in range(0, len(x), 8192)])
         self._teacher_memo = {k: v for k, v in self._teacher_memo.items() if k[1] == key[1]}  # this task's only
         self._teacher_memo[key] = (digest, logits)
