@@ -7,7 +7,7 @@ from loss terms (CE plus whatever their method adds), as Avalanche plugins hook 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -86,9 +86,14 @@ def train_epochs(
     return float(total) / max(count, 1)
 
 
+def tensor_arrays(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, np.ndarray]:
+    """Named tensors as numpy arrays under `prefix` (copies, safe to send)."""
+    return {prefix + k: v.detach().cpu().numpy().copy() for k, v in tensors.items()}
+
+
 def module_arrays(module: nn.Module, prefix: str = "") -> dict[str, np.ndarray]:
     """A module's state as float32 numpy arrays (copies, safe to send)."""
-    return {prefix + k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+    return tensor_arrays(module.state_dict(), prefix)
 
 
 def load_module_arrays(module: nn.Module, arrays: dict[str, np.ndarray], prefix: str = "", assign: bool = False) -> None:

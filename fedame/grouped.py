@@ -1,9 +1,9 @@
 """Rows in runs, one run per group, laid out padded to the longest run.
 
-Why: on a CPU a FedAME step's time is set by how many operations it issues, not by their
-arithmetic (docs/fedame.md, "Third pass"), so one product per group (per expert, per
-prompt) costs more than one batched product over every group's run padded to the same
-length. The padding rows are zeros and are never read back.
+Why: each group's rows are few (an expert's share of a minibatch, a prompt's draws), so one
+small product per group costs its per-operation overhead many times over; one batched
+product over every group's run padded to the same length was measured faster (docs/fedame.md,
+"Third pass"). The padding rows are zeros and are never read back.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed, register
 from bench.config import Section
-from bench.training import as_tensor, batched_argmax, distillation, load_module_arrays, module_arrays, module_from_arrays, torch_generator, train_epochs
+from bench.training import as_tensor, batched_argmax, distillation, load_module_arrays, module_arrays, module_from_arrays, tensor_arrays, torch_generator, train_epochs
 
 from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, class_anchors, config_clusters, kmeans_clusters
 from fedame.feature_prompts import FeaturePromptBank, client_report, draw_noise, features_from_noise, scatter_rows
@@ -405,7 +405,7 @@ class FedAMEClient(Client):
         arrays.update(module_arrays(moe.router, "router."))
         arrays["log_scale"] = moe.log_scale.detach().cpu().numpy().copy()
         for e, ex in zip(a["held"], moe.experts):
-            arrays.update({f"expert.{int(e)}.{k}": v.detach().cpu().numpy().copy() for k, v in ex.items()})
+            arrays.update(tensor_arrays(ex, f"expert.{int(e)}."))
         have = np.flatnonzero(counts > 0)  # statistics of the classes this client holds, only
         arrays.update({"stat_pos": have, "stat_count": counts[have], "stat_sum": sums[have], "stat_sumsq": sumsq[have]})
         if bool(a.get("want_feature_stats", False)):  # features are frozen: once per client per task
