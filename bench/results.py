@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.errors import UserError
+
+if TYPE_CHECKING:  # pandas is imported where a frame is built, not by every reader of results
+    import pandas as pd
 
 TS = pa.timestamp("us", tz="UTC")
 
@@ -182,7 +185,7 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema) if table.schema != schema else table
 
 
-def stats_column(rounds: "pd.DataFrame", key: str) -> "pd.Series":
+def stats_column(rounds: pd.DataFrame, key: str) -> pd.Series:
     """One value of the `stats` JSON column of a rounds frame (NaN where absent)."""
     import pandas as pd
 

@@ -4,7 +4,8 @@ Runs `fedame-bench run` with the given config and options until the N-th client 
 (default 76: task 3, round 0, client 0 of the main job's 5 clients x 5 rounds), keeps that
 update's payload, data and context, stops the run, then replays the update on its own:
 its best time over repeats (as a first round of the task, and as a later round, which reuses
-the teacher's logits), the top operations of `torch.profiler`, and the time with the
+the teacher's logits), the top operations of `torch.profiler` and what the profiled self
+time is made of (matrix products, the optimiser's step, the rest), and the time with the
 experts' dispatch removed (the mixture replaced by the projected feature), an upper bound of
 what batching the experts could save.
 
@@ -71,6 +72,23 @@ def best_time(client, payload, data, ctx, repeats: int, first_round: bool = Fals
     return min(times)
 
 
+# the dense matrix products, and the optimiser's step, by their profiler names
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv", "aten::dot"}
+OPTIMISER = ("aten::_fused_adam_", "aten::_foreach_")
+
+
+def time_shares(averages) -> str:
+    """What the profiled self time is made of: matrix products, the optimiser's step, and the
+    rest (elementwise passes, gathers and scatter-adds, copies, fills, reductions)."""
+    total = sum(e.self_cpu_time_total for e in averages)
+    products = sum(e.self_cpu_time_total for e in averages if e.key in PRODUCTS)
+    optimiser = sum(e.self_cpu_time_total for e in averages if e.key.startswith(OPTIMISER))
+    ops = sum(e.count for e in averages if e.key.startswith("aten::"))
+    return (f"self time: matrix products {products / total:.0%}, optimiser step {optimiser / total:.0%}, "
+            f"the rest (elementwise, gathers, scatters, copies) {(total - products - optimiser) / total:.0%}; "
+            f"{ops} aten calls (nested ones included)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", type=int, default=76, help="which client update (1-based, in run order)")
@@ -92,7 +110,9 @@ def main() -> None:
 
     with profile() as prof:
         client.local_train(payload, data, ctx)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(time_shares(averages))
     import fedame.method as method
 
     mix = method.mix

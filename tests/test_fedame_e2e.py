@@ -60,5 +60,10 @@ def test_profile_script_replays_a_captured_client_update():
     # smoke: 3 clients per round, so update 8 is the third round's second client of task 0
     assert re.search(r"client update 8: task 0, round 2, client 1: \d+ samples, \d+ experts held", res.stdout), res.stdout
     assert "aten::" in res.stdout and re.search(r"without the experts' dispatch: \d+ ms \(\d+% of the update\)", res.stdout)
+    shares = re.search(r"self time: matrix products (\d+)%, optimiser step (\d+)%, the rest \(.*?\) (\d+)%; (\d+) aten calls", res.stdout)
+    assert shares, res.stdout
+    products, optimiser, rest, calls = map(int, shares.groups())
+    assert products > 0 and rest > 0 and calls > 0  # the update runs products and elementwise passes
+    assert 98 <= products + optimiser + rest <= 102  # the three parts cover the profiled self time
     res = run("--job", "100000", "--", "-c", "smoke")
     assert res.returncode != 0 and "choose --job <= " in res.stderr
