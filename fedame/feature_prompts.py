@@ -91,19 +91,42 @@ class FeaturePromptBank:
     factor: dict[int, np.ndarray] = field(default_factory=dict)
     iso: dict[int, float] = field(default_factory=dict)
     count: dict[int, float] = field(default_factory=dict)
+    # per class, its prompt as it stood when the last task ended, as one more client report
+    settled: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def settle(self) -> None:
+        """Called as a task begins: each prompt so far becomes one more report for its class.
+
+        Why: a class can come back in a later task with new data (a new domain of it, in a
+        domain-incremental scenario). Its prompt then merges the new reports with what the
+        earlier tasks saw (exact up to the rank truncation, as between clients) instead of
+        being rebuilt from the new data alone. In a class-incremental scenario no class comes
+        back, so nothing here is ever used."""
+        self.settled = {c: self.as_report(c) for c in self.mean}
+
+    def as_report(self, c: int) -> dict[str, np.ndarray]:
+        """The prompt of `c` as a client report of its data: count, sum, a factor F with F^T F
+        the scatter its low-rank part describes, and the scatter its isotropic rest holds."""
+        n = self.count[c]
+        dof = max(n - 1.0, 1.0)
+        d = self.mean[c].shape[0]
+        return {"fp_count": np.float64(n), "fp_sum": n * self.mean[c], "fp_factor": np.sqrt(dof) * self.factor[c].T,
+                "fp_rest": np.float64(self.iso[c] * dof * d)}
 
     def update(self, classes: np.ndarray, reports: list[dict[str, np.ndarray]]) -> None:
-        """Rebuild the prompts of `classes` (positions in the reports) from every client's report."""
+        """Rebuild the prompts of `classes` (positions in the reports) from every client's report
+        of this task, and the class's settled prompt from earlier tasks if it has one."""
         stack = {k: np.stack([r[k] for r in reports]) for k in ("fp_count", "fp_sum", "fp_factor", "fp_rest")}
         for i, c in enumerate(classes):
             have = stack["fp_count"][:, i] > 0
             if not have.any():
                 continue
-            mean, factor, iso = merge_class(
-                stack["fp_count"][have, i], stack["fp_sum"][have, i], stack["fp_factor"][have, i], stack["fp_rest"][have, i], self.rank
-            )
+            parts = {k: v[have, i] for k, v in stack.items()}
+            if int(c) in self.settled:
+                parts = {k: np.concatenate([v, np.asarray(self.settled[int(c)][k], dtype=v.dtype)[None]]) for k, v in parts.items()}
+            mean, factor, iso = merge_class(parts["fp_count"], parts["fp_sum"], parts["fp_factor"], parts["fp_rest"], self.rank)
             self.mean[int(c)], self.factor[int(c)], self.iso[int(c)] = mean, factor, iso
-            self.count[int(c)] = float(stack["fp_count"][have, i].sum())
+            self.count[int(c)] = float(parts["fp_count"].sum())
 
     def arrays(self, classes: list[int], dim: int) -> dict[str, np.ndarray]:
         have = [c for c in classes if c in self.mean]

@@ -510,6 +510,7 @@ class FedAME(Server):
             self._place(c)
         self.seen = list(task.seen_classes)
         self.client_classes = task.client_classes
+        self.feature_prompts.settle()
         self.feature_reports = {}
         self._shared = None
 
@@ -612,8 +613,9 @@ class FedAME(Server):
             self.feature_reports[int(u.meta["client_id"])] = {
                 k: scatter_rows(u.arrays["fp_pos"], v, n) for k, v in u.arrays.items() if k.startswith("fp_") and k != "fp_pos"
             }
-        if fresh:  # only this task's classes: earlier tasks' prompts were final when their task ended
-            current = [i for i, c in enumerate(self.seen) if c not in self.old]
+        if fresh:  # only the classes in this task's data: other prompts were final when their task ended
+            present = set().union(*self.client_classes.values())
+            current = [i for i, c in enumerate(self.seen) if c in present]
             reports = [{k: v[current] for k, v in r.items()} for r in self.feature_reports.values()]
             self.feature_prompts.update(np.asarray(self.seen)[current], reports)
         self._shared = None

@@ -193,7 +193,7 @@ def test_a_domain_incremental_scenario_runs_end_to_end(tmp_path):
 
     root = write_domain_folders(tmp_path / "domains", domains=3, classes=4)
     out = tmp_path / "r"
-    res = run_cli("run", "--config", "smoke", "--methods", "fedavg,fedncm", "--set", "data.dataset=imagefolder",
+    res = run_cli("run", "--config", "smoke", "--methods", "fedavg,fedncm,fedame", "--set", "data.dataset=imagefolder",
                   "--set", f"data.root={root}", "--set", "data.domains=true", "--set", "scenario.tasks_by=domain",
                   "--set", "scenario.tasks=null", "--out", str(out))
     assert res.exit_code == 0, res.output
@@ -201,5 +201,9 @@ def test_a_domain_incremental_scenario_runs_end_to_end(tmp_path):
     ncm = acc[acc["method"] == "fedncm"].set_index(["after_task", "eval_task"])["accuracy"]
     assert len(ncm) == 6  # three tasks (domains), each evaluated on its own domain's test images
     assert all(ncm.loc[(t, t)] > 0.9 for t in range(3))  # each domain learnable (4 classes: chance is 0.25)
+    # FedAME learns every domain too: a class that comes back merges its new data into its
+    # prompt (it stayed at chance on domains 1 and 2 when the prompt kept the first domain only)
+    ame = acc[acc["method"] == "fedame"].set_index(["after_task", "eval_task"])["accuracy"]
+    assert all(ame.loc[(2, t)] > 0.9 for t in range(3)), ame
     bad = run_cli("run", "--config", "smoke", "--set", "scenario.tasks_by=domain", "--out", str(tmp_path / "x"))
     assert bad.exit_code == 2 and "set scenario.tasks and n_tasks to null" in bad.output

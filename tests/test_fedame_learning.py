@@ -105,6 +105,36 @@ def test_feature_prompts_match_the_data_they_summarise(with_replay):
         assert server.feature_prompts.count[c] == (ytr == c).sum()
 
 
+def test_a_class_that_comes_back_merges_its_new_data_with_its_settled_prompt():
+    """A class reported again in a later task (a new domain of it) gets the prompt of all its
+    data, as if every sample had been reported at once; one reported once keeps its prompt."""
+    from fedame.feature_prompts import FeaturePromptBank, client_report
+
+    g = np.random.default_rng(0)
+    d, rank = 6, 6  # rank >= d: the merge is exact, nothing is truncated
+    first = torch.tensor(g.normal(size=(40, d)))
+    later = torch.tensor(g.normal(loc=2.0, scale=0.5, size=(25, d)))  # another domain: shifted, narrower
+    y1, y2 = torch.zeros(40, dtype=torch.long), torch.zeros(25, dtype=torch.long)
+    bank = FeaturePromptBank(rank)
+    bank.update(np.array([0]), [client_report(first[:22], y1[:22], 1, rank), client_report(first[22:], y1[22:], 1, rank)])
+    other = FeaturePromptBank(rank)
+    other.update(np.array([7]), [client_report(first, y1, 1, rank)])
+    bank.mean[7], bank.factor[7], bank.iso[7], bank.count[7] = other.mean[7], other.factor[7], other.iso[7], other.count[7]
+    kept = (bank.mean[7].copy(), bank.factor[7].copy())
+    bank.settle()  # the next task begins
+    bank.update(np.array([0]), [client_report(later, y2, 1, rank)])
+
+    every = torch.cat([first, later]).numpy()
+    cov = lambda c: bank.factor[c] @ bank.factor[c].T + bank.iso[c] * np.eye(d)
+    assert bank.count[0] == 65
+    np.testing.assert_allclose(bank.mean[0], every.mean(0), atol=1e-6)
+    np.testing.assert_allclose(cov(0), np.cov(every.T), atol=1e-5)  # within and between domains
+    np.testing.assert_array_equal(bank.mean[7], kept[0])  # class 7 did not come back: its prompt is unchanged
+    np.testing.assert_array_equal(bank.factor[7], kept[1])
+    # without the settled prompt it would be the later domain's alone
+    assert np.abs(bank.mean[0] - later.numpy().mean(0)).max() > 0.5
+
+
 def test_single_expert_keeps_one_and_download_all_sends_every_expert():
     _, server, _ = run(single_expert=True)
     assert len(server.pool.alive) == 1
