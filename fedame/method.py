@@ -105,8 +105,9 @@ class FedAMEConfig(MethodConfig):
     # the SGD the linear-head baselines use); null falls back to the training section
     optimizer: Literal["sgd", "adam", "adamw"] | None = "adam"
     lr: float | None = Field(1e-3, gt=0)
-    # FedAME's own minibatch size (null: the training section's). Its steps cost mostly per-op
-    # overhead on a CPU, so 128 halves the time of 64 at the same accuracy (docs/fedame.md)
+    # FedAME's own minibatch size (null: the training section's). On a CPU 128 nearly halves
+    # the time of 64 at the same accuracy: a step of 64 was mostly per-operation overhead, one
+    # of 128 is mostly passes over its rows (docs/fedame.md, "Second pass", "Fifth pass")
     batch_size: int | None = Field(128, ge=1)
     # freeze the projector after this task so prompts stay valid (-1: from the start; None: never)
     freeze_projector_after: int | None = Field(None, ge=-1)
