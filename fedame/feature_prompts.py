@@ -91,18 +91,20 @@ class FeaturePromptBank:
     factor: dict[int, np.ndarray] = field(default_factory=dict)
     iso: dict[int, float] = field(default_factory=dict)
     count: dict[int, float] = field(default_factory=dict)
-    # per class, its prompt as it stood when the last task ended, as one more client report
+    # the classes that had a prompt when this task began, and (once such a class comes back in
+    # this task's reports) that prompt as one more client report
+    carried: set[int] = field(default_factory=set)
     settled: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def settle(self) -> None:
-        """Called as a task begins: each prompt so far becomes one more report for its class.
+        """Called as a task begins: each prompt so far counts as one more report for its class.
 
         Why: a class can come back in a later task with new data (a new domain of it, in a
         domain-incremental scenario). Its prompt then merges the new reports with what the
         earlier tasks saw (exact up to the rank truncation, as between clients) instead of
-        being rebuilt from the new data alone. In a class-incremental scenario no class comes
-        back, so nothing here is ever used."""
-        self.settled = {c: self.as_report(c) for c in self.mean}
+        being rebuilt from the new data alone. A prompt is copied into a report only when its
+        class comes back, so in a class-incremental scenario nothing is copied or changed."""
+        self.carried, self.settled = set(self.mean), {}
 
     def as_report(self, c: int) -> dict[str, np.ndarray]:
         """The prompt of `c` as a client report of its data: count, sum, a factor F with F^T F
@@ -122,7 +124,9 @@ class FeaturePromptBank:
             if not have.any():
                 continue
             parts = {k: v[have, i] for k, v in stack.items()}
-            if int(c) in self.settled:
+            if int(c) in self.carried:
+                if int(c) not in self.settled:  # before this task's first rebuild overwrites it
+                    self.settled[int(c)] = self.as_report(int(c))
                 parts = {k: np.concatenate([v, np.asarray(self.settled[int(c)][k], dtype=v.dtype)[None]]) for k, v in parts.items()}
             mean, factor, iso = merge_class(parts["fp_count"], parts["fp_sum"], parts["fp_factor"], parts["fp_rest"], self.rank)
             self.mean[int(c)], self.factor[int(c)], self.iso[int(c)] = mean, factor, iso

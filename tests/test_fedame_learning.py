@@ -107,7 +107,8 @@ def test_feature_prompts_match_the_data_they_summarise(with_replay):
 
 def test_a_class_that_comes_back_merges_its_new_data_with_its_settled_prompt():
     """A class reported again in a later task (a new domain of it) gets the prompt of all its
-    data, as if every sample had been reported at once; one reported once keeps its prompt."""
+    data, as if every sample had been reported at once, however many rounds its reports take;
+    one reported once keeps its prompt."""
     from fedame.feature_prompts import FeaturePromptBank, client_report
 
     g = np.random.default_rng(0)
@@ -121,8 +122,10 @@ def test_a_class_that_comes_back_merges_its_new_data_with_its_settled_prompt():
     other.update(np.array([7]), [client_report(first, y1, 1, rank)])
     bank.mean[7], bank.factor[7], bank.iso[7], bank.count[7] = other.mean[7], other.factor[7], other.iso[7], other.count[7]
     kept = (bank.mean[7].copy(), bank.factor[7].copy())
-    bank.settle()  # the next task begins
-    bank.update(np.array([0]), [client_report(later, y2, 1, rank)])
+    bank.settle()  # the next task begins; its clients report over two rounds
+    early, late = client_report(later[:10], y2[:10], 1, rank), client_report(later[10:], y2[10:], 1, rank)
+    bank.update(np.array([0]), [early])
+    bank.update(np.array([0]), [early, late])  # every report so far: the first rebuild is not counted twice
 
     every = torch.cat([first, later]).numpy()
     cov = lambda c: bank.factor[c] @ bank.factor[c].T + bank.iso[c] * np.eye(d)
