@@ -29,9 +29,9 @@ ENTRY_POINT_GROUP = "fedame_bench.methods"
 
 
 class MethodConfig(BaseModel):
-    """Base of every method's hyperparameter section; unknown keys are errors."""
+    """Base of every method's hyperparameter section; unknown keys, NaN and infinite floats are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass

@@ -26,7 +26,9 @@ class ConfigError(UserError, ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are errors, and so are NaN and infinite floats (no setting means them)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SyntheticData(Section):
@@ -54,7 +56,7 @@ class AttackConfig(Section):
     kind: Literal["none", "random", "sign_flip", "scale", "label_flip", "free_rider"] = "none"
     clients: int = Field(1, ge=0)  # how many clients are malicious (a seeded choice, fixed per run)
     fraction: float | None = Field(None, gt=0, le=1)  # or this share of the clients (at least one)
-    factor: float = 4.0  # sign_flip: g - factor * (u - g); scale: g + factor * (u - g)
+    factor: float = Field(4.0, ge=0)  # sign_flip: g - factor * (u - g); scale: g + factor * (u - g)
     noise: float = Field(1.0, gt=0)  # random: std of the noise, relative to the global array's RMS
 
 
@@ -78,7 +80,7 @@ class ScenarioConfig(Section):
     # NIID-Bench's splits (bench/data/partitions.py): label skew (dirichlet), #C=k label
     # quantity (label_quantity), quantity skew (quantity: sizes ~ Dir(alpha)), iid, shards
     partition: Literal["dirichlet", "iid", "shards", "label_quantity", "quantity"] = "dirichlet"
-    alpha: float = 0.5
+    alpha: float = Field(0.5, gt=0)
     min_samples: int = Field(2, ge=0)  # per client per task (dirichlet, quantity)
     shards_per_client: int = Field(2, ge=1)
     classes_per_client: int = Field(2, ge=1)  # label_quantity: k classes of each task per client
@@ -161,6 +163,15 @@ class SweepConfig(Section):
     methods: list[str] = ["fedavg"]
     alpha: list[float] | None = None
     seeds: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepConfig":
+        for what, vals in (("methods", self.methods), ("alpha", self.alpha or []), ("seeds", self.seeds or [])):
+            if len(set(vals)) != len(vals):
+                raise ValueError(f"sweep.{what} lists a value twice ({vals}); each run of the grid must be distinct")
+        if any(a <= 0 for a in self.alpha or []):
+            raise ValueError(f"sweep.alpha values must be > 0, got {self.alpha}")
+        return self
 
 
 class ExperimentConfig(Section):

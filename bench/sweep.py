@@ -3,10 +3,13 @@ run one after another (or concurrently on Ray), skipping runs already complete."
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,6 +43,7 @@ def parse_methods(text: str | None, cfg: ExperimentConfig) -> list[str]:
     names = cfg.sweep.methods if not text else [m.strip() for m in text.split(",") if m.strip()]
     if names == ["all"]:
         return list(available_methods())
+    _no_duplicates(names, "methods", text)
     for n in names:
         get_method(n)  # raises with the list of known methods
     return names
@@ -52,8 +56,11 @@ def parse_floats(text: str | None, default: list[float], what: str) -> list[floa
         vals = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"--{what} expects comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in vals):
+        raise ConfigError(f"--{what} values must be finite numbers, got {text}")
     if what == "alpha" and any(v <= 0 for v in vals):
         raise ConfigError(f"--alpha values must be > 0, got {text}; Dirichlet concentration is positive (e.g. 0.1,0.5)")
+    _no_duplicates(vals, what, text)
     return vals
 
 
@@ -61,9 +68,18 @@ def parse_ints(text: str | None, default: list[int], what: str) -> list[int]:
     if not text:
         return list(default)
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        vals = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"--{what} expects comma-separated integers, got {text!r}") from None
+    _no_duplicates(vals, what, text)
+    return vals
+
+
+def _no_duplicates(vals: list, what: str, text: str | None) -> None:
+    """Two equal grid values would plan two runs of one run id."""
+    dup = sorted({str(v) for v in vals if vals.count(v) > 1})
+    if dup:
+        raise ConfigError(f"--{what} lists {', '.join(dup)} more than once ({text}); give each value once")
 
 
 def expand(cfg: ExperimentConfig, methods: list[str], alphas: list[float], seeds: list[int]) -> list[RunSpec]:
@@ -131,7 +147,39 @@ def run_sweep(
             todo.append(spec)
 
     stop = threading.Event()  # set on Ctrl-C or a UserError: runs in other threads stop too
+    with ctrl_c_sets(stop):
+        results = _run_todo(todo, prepared, writer, stop, on_run_start, on_round, on_run_end)
+    return [r for r in results if r is not None]
 
+
+@contextmanager
+def ctrl_c_sets(stop: threading.Event) -> Iterator[None]:
+    """While runs go on, Ctrl-C sets `stop` instead of raising wherever the main thread is:
+    Python prints and drops a KeyboardInterrupt raised inside a finalizer or callback (Ray's
+    handles have them), so a raised interrupt can be lost; a flag cannot. Runs stop at the
+    end of their round; a second Ctrl-C raises at once."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        os.write(2, b"stopping at the end of the current round (Ctrl-C again to stop now)\n")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stop.is_set():
+        raise KeyboardInterrupt
+
+
+def _run_todo(todo: list[RunSpec], prepared: Prepared, writer: ResultWriter, stop: threading.Event,
+              on_run_start, on_round, on_run_end) -> list[dict | None]:
+    """Each run's summary (None for a failed or cancelled run); `stop` ends them at a round's end."""
     def round_done(spec: RunSpec, row: dict) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
@@ -176,10 +224,8 @@ def run_sweep(
 
     rt = todo[0].config.runtime if todo else None
     if rt is not None and executor_kind(rt) == "ray" and (rt.max_concurrent_runs or 1) > 1:
-        results = _concurrently(one, todo, rt.max_concurrent_runs, stop)
-    else:
-        results = [one(spec) for spec in todo]
-    return [r for r in results if r is not None]
+        return _concurrently(one, todo, rt.max_concurrent_runs, stop)
+    return [one(spec) for spec in todo]
 
 
 def _concurrently(one: Callable[[RunSpec], dict | None], todo: list[RunSpec], workers: int, stop: threading.Event) -> list:
@@ -190,6 +236,8 @@ def _concurrently(one: Callable[[RunSpec], dict | None], todo: list[RunSpec], wo
     futures = [pool.submit(one, spec) for spec in todo]
     try:
         while not all(f.done() for f in futures):
+            if stop.is_set():
+                raise KeyboardInterrupt
             wait(futures, timeout=0.5, return_when=FIRST_EXCEPTION)  # short waits keep Ctrl-C responsive
             for f in futures:
                 if f.done() and f.exception() is not None:
