@@ -80,7 +80,7 @@ class ScenarioConfig(Section):
     # NIID-Bench's splits (bench/data/partitions.py): label skew (dirichlet), #C=k label
     # quantity (label_quantity), quantity skew (quantity: sizes ~ Dir(alpha)), iid, shards
     partition: Literal["dirichlet", "iid", "shards", "label_quantity", "quantity"] = "dirichlet"
-    alpha: float = Field(0.5, gt=0)
+    alpha: float = 0.5
     min_samples: int = Field(2, ge=0)  # per client per task (dirichlet, quantity)
     shards_per_client: int = Field(2, ge=1)
     classes_per_client: int = Field(2, ge=1)  # label_quantity: k classes of each task per client

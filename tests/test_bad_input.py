@@ -98,3 +98,31 @@ def test_relative_paths_name_the_folder_they_resolved_against(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     out = fails(tmp_path, "--config", "cifar100", "--methods", "fedavg", "--data-dir", "nowhere", match="current directory")
     assert str(tmp_path) in out.replace("\n", "")
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--alpha", "nan"], "--alpha values must be finite"),
+        (["--alpha", "0.5,inf"], "--alpha values must be finite"),
+        (["--set", "scenario.alpha=.nan"], "scenario.alpha: Input should be a finite number"),
+        (["--set", "training.lr=.inf"], "training.lr: Input should be a finite number"),
+        (["--set", "methods.fedame.lambdas.forget=.nan", "--methods", "fedame"], "methods.fedame.lambdas.forget"),
+        (["--set", "aggregation.trim=.nan"], "aggregation.trim"),
+    ],
+)
+def test_nan_and_infinite_numbers_are_refused(tmp_path, args, match):
+    fails(tmp_path, "--config", "smoke", *args, match=match)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--seeds", "0,0"], "--seeds lists 0 more than once"),
+        (["--alpha", "0.5,0.50"], "--alpha lists 0.5 more than once"),
+        (["--methods", "fedavg,fedncm,fedavg"], "--methods lists fedavg more than once"),
+        (["--set", "sweep.seeds=[1,1]"], "sweep.seeds lists a value twice"),
+    ],
+)
+def test_a_grid_value_given_twice_is_one_error_not_two_runs_of_one_id(tmp_path, args, match):
+    fails(tmp_path, "--config", "smoke", *args, match=match)
