@@ -151,6 +151,8 @@ def run(
         def start(spec, resume):
             total = spec.config.training.rounds * (len(spec.config.scenario.tasks or []) or spec.config.scenario.n_tasks or 1)
             run_jobs[spec.run_id] = bar.add_task(label(spec), total=total, completed=len(resume.progress.rounds_rows) if resume else 0)
+            if plain and not resume:
+                bar.console.print(f"{label(spec)}: starting", highlight=False)
             if resume:
                 bar.console.print(f"{label(spec)}: resuming at task {resume.next_task} from {writer.out}/checkpoints/{spec.run_id}.pkl",
                                   highlight=False, soft_wrap=True)
