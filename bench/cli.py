@@ -398,4 +398,10 @@ def bench_runtime(
 
 
 def main() -> None:  # pragma: no cover
-    app()
+    """The entry point: a Ctrl-C that lands outside a command's own handling (while the
+    process starts or exits) is exit code 130 too, never a death by the signal."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: completed runs and tasks are saved; rerun the same command to resume[/]")
+        raise SystemExit(130) from None
