@@ -42,6 +42,10 @@ def decision_line(summary: dict) -> str:
     return line
 
 
+def _say_interrupted() -> None:
+    console.print("[yellow]interrupted: completed runs and tasks are saved; rerun the same command to resume[/]")
+
+
 def user_errors(fn):
     """Turn UserErrors into one line on stderr and exit code 2."""
 
@@ -53,7 +57,7 @@ def user_errors(fn):
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted: completed runs and tasks are saved; rerun the same command to resume[/]")
+            _say_interrupted()
             raise typer.Exit(130) from None
 
     return wrapper
@@ -403,5 +407,5 @@ def main() -> None:  # pragma: no cover
     try:
         app()
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: completed runs and tasks are saved; rerun the same command to resume[/]")
+        _say_interrupted()
         raise SystemExit(130) from None

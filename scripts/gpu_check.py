@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -86,51 +87,57 @@ class GpuSampler:
 
 def device_tests(out: Path) -> dict:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_device.py"], cwd=ROOT, capture_output=True,
-                          text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     (out / "test_device.log").write_text(proc.stdout + proc.stderr)
     last = (proc.stdout.strip().splitlines() or [""])[-1]
     return {"returncode": proc.returncode, "result": last, "ok": proc.returncode == 0}
 
 
-def one_run(method: str, config: str, overrides: list[str], executor_kind: str, gpus: float, device: str) -> dict:
+class Workload:
+    """The data, features and scenario size shared by every run of the check, prepared once
+    (``bench.sweep.prepare``: data present, features cached) for all the runs that follow."""
+
+    def __init__(self, config: str, overrides: list[str], methods: list[str]) -> None:
+        from bench.config import load_config
+        from bench.data import build_scenario
+        from bench.sweep import expand, prepare
+
+        self.config, self.overrides = config, overrides
+        cfg = load_config(config, overrides)
+        self.prepared = prepare(cfg, expand(cfg, methods, [cfg.scenario.alpha], [cfg.seed]), None)
+        ds = self.prepared.dataset
+        scenario = build_scenario(cfg.scenario, ds.train_y, ds.class_names, cfg.seed, ds.train_domain, ds.domain_names)
+        self.trained = int(scenario.counts(ds.train_y).sum()) * cfg.training.rounds * cfg.training.local_epochs
+
+
+def one_run(method: str, work: Workload, executor_kind: str, gpus: float, device: str) -> dict:
     """One run of `method`; its accuracy matrix, timings and where its clients trained."""
+    import torch
+
     from bench.config import load_config
-    from bench.data import build_scenario, load_dataset, resolve_data_dir
-    from bench.features import FeatureStore
     from bench.runner import RunSpec, execute_run
-    from bench.runtime import LocalExecutor
-    from bench.sweep import default_cache_dir
+    from bench.runtime import make_executor
 
     extra = [f"runtime.device={device}", f"runtime.executor={executor_kind}"]
     if executor_kind == "ray":
         extra += [f"runtime.gpus_per_client={gpus}", f"runtime.num_actors={round(1 / gpus)}"]
-    cfg = load_config(config, [*overrides, *extra])
-    ds = load_dataset(cfg.data, resolve_data_dir(None, cfg.data.root))
-    store = FeatureStore(ds, cfg.backbone, default_cache_dir(cfg))
-    if executor_kind == "ray":
-        from bench.runtime.ray_executor import RayExecutor
-
-        executor = RayExecutor(cfg.runtime)
-    else:
-        executor = LocalExecutor(cfg.runtime)
-    import torch
-
+    cfg = load_config(work.config, [*work.overrides, *extra])
+    executor = make_executor(cfg.runtime)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with GpuSampler() as sampler:
-        out = execute_run(RunSpec(method, cfg), ds, store, executor, str(default_cache_dir(cfg)))
+        out = execute_run(RunSpec(method, cfg), work.prepared.dataset, work.prepared.store, executor, str(work.prepared.cache_dir))
     wall = time.perf_counter() - t0
-    scenario = build_scenario(cfg.scenario, ds.train_y, ds.class_names, cfg.seed, ds.train_domain, ds.domain_names)
-    trained = int(scenario.counts(ds.train_y).sum()) * cfg.training.rounds * cfg.training.local_epochs
     rounds = out.tables["rounds"]
+    actors = getattr(executor, "devices", [])  # the Ray executor's client actors, as they described themselves
     row = {
         "method": method, "executor": executor_kind, "gpus_per_client": gpus if executor_kind == "ray" else None, "device": device,
-        "actors": len(getattr(executor, "devices", [])) or None,
-        "actor_devices": sorted({d["device"] for d in getattr(executor, "devices", [])}) or None,
-        "actor_gpu_ids": [d["gpu_ids"] for d in getattr(executor, "devices", [])] or None,
+        "actors": len(actors) or None,
+        "actor_devices": sorted({d["device"] for d in actors}) or None,
+        "actor_gpu_ids": [d["gpu_ids"] for d in actors] or None,
         "wall_s": wall, "s_per_round": float(np.mean([r["wall_seconds"] for r in rounds])),
-        "samples_per_s": trained / sum(r["wall_seconds"] for r in rounds),
+        "samples_per_s": work.trained / sum(r["wall_seconds"] for r in rounds),
         "final_acc": out.summary["final_acc"],
         "matrix": [[r["after_task"], r["eval_task"], r["accuracy"]] for r in out.tables["accuracy"]],
         **sampler.figures(),
@@ -152,7 +159,8 @@ def packing_ok(row: dict, cuda: bool) -> str | None:
     return None
 
 
-def compare(row: dict, ref: dict, tolerance: float) -> float:
+def compare(row: dict, ref: dict) -> float:
+    """The largest difference from the reference in any cell of the accuracy matrix, in points."""
     a = {(i, j): v for i, j, v in ref["matrix"]}
     return max(abs(v - a[(i, j)]) for i, j, v in row["matrix"]) * 100
 
@@ -180,8 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=2.0, help="points of accuracy a device's cell may differ from the CPU's")
     ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args(argv)
-    import os
-
     os.chdir(ROOT)  # the configs' relative paths (../shared) resolve against the repository root
     sys.path.insert(0, str(ROOT))
     import torch
@@ -202,17 +208,19 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", num_gpus=None if cuda else 1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     device = "cuda" if cuda else "cpu"
     try:
-        for method in args.methods.split(","):
-            ref = one_run(method, config, overrides, "local", 0, "cpu")
+        methods = args.methods.split(",")
+        work = Workload(config, overrides, methods)
+        for method in methods:
+            ref = one_run(method, work, "local", 0, "cpu")
             result["runs"].append(ref)
-            runs = ([one_run(method, config, overrides, "local", 0, "cuda")] if cuda else []) + [
-                one_run(method, config, overrides, "ray", g, device) for g in PACKINGS]
+            runs = ([one_run(method, work, "local", 0, "cuda")] if cuda else []) + [
+                one_run(method, work, "ray", g, device) for g in PACKINGS]
             for r in runs:
-                r["diff_points"] = compare(r, ref, args.tolerance)
-                problems = [p for p in ([packing_ok(r, cuda)] if r["executor"] == "ray" else []) if p]
+                r["diff_points"] = compare(r, ref)
+                problems = [packing_ok(r, cuda)] if r["executor"] == "ray" else []
                 if r["diff_points"] > args.tolerance:
                     problems.append(f"{r['diff_points']:.2f} points from the CPU run")
-                r["problem"] = "; ".join(problems) or None
+                r["problem"] = "; ".join(p for p in problems if p) or None
                 result["runs"].append(r)
                 print(f"{method} {r['executor']} share={r['gpus_per_client']} s/round={r['s_per_round']:.3f} "
                       f"diff={r['diff_points']:.2f} {r['problem'] or 'ok'}", flush=True)
