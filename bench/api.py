@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from bench.errors import UserError
+from bench.inputs import Input
 
 ENTRY_POINT_GROUP = "fedame_bench.methods"
 
@@ -194,6 +195,12 @@ class Server(ABC):
     def preflight(cls, config: MethodConfig, dataset: Any, cache_dir: Any) -> None:
         """Check, before any run starts, what this method needs beyond the data (anchor
         files, model weights, API settings); raise a UserError saying what to do."""
+
+    @classmethod
+    def inputs(cls, config: MethodConfig) -> list[Input]:
+        """Files this method reads that `fedame-bench prepare` checks and, where it can, makes
+        (bench/inputs.py); a run stops before any work when one is missing."""
+        return []
 
     @classmethod
     def identity(cls, config: MethodConfig) -> dict[str, Any]:

@@ -138,6 +138,9 @@ def run(
             console.print(t)
         return
 
+    from bench.inputs import prepare_hint, require_inputs
+
+    require_inputs(cfg, resolve_data_dir(data_dir, cfg.data.root), names, prepare_hint(config, data_dir, overrides))
     writer = ResultWriter(out)
     writer.check_writable()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -233,6 +236,31 @@ def plot(
     _warn_skipped(bad)
     for p in written:
         console.print(f"wrote {p}")
+
+
+@app.command("prepare")
+@user_errors
+def prepare_cmd(
+    config: ConfigOpt = "cifar100_local",
+    methods: Annotated[Optional[str], typer.Option("--methods", "-m", help="Methods whose inputs to make too (default: every method)")] = "all",
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Make the files a config reads (dataset, backbone, anchors) where they are missing; check the rest."""
+    from bench.config import load_config
+    from bench.data import resolve_data_dir
+    from bench.inputs import InputError, prepare_inputs
+    from bench.sweep import parse_methods
+
+    cfg = load_config(config, list(set_ or []))
+    outcomes = prepare_inputs(cfg, resolve_data_dir(data_dir, cfg.data.root), parse_methods(methods, cfg),
+                              lambda line: console.print(line, highlight=False, soft_wrap=True))
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        raise InputError(f"{len(failed)} of {len(outcomes)} inputs not ready: "
+                         + "; ".join(f"{o.input.what} at {o.input.path}: {o.detail}" for o in failed))
+    console.print(f"{len(outcomes)} inputs ready for {cfg.name}: "
+                  + ", ".join(f"{o.input.what} {o.status}" for o in outcomes), highlight=False, soft_wrap=True)
 
 
 @app.command("pretrain-backbone")

@@ -174,6 +174,24 @@ class SweepConfig(Section):
         return self
 
 
+class BackboneRecipe(Section):
+    """How `fedame-bench prepare` trains backbone.weights when the file is missing
+    (`fedame-bench pretrain-backbone` with these arguments)."""
+
+    classes: str = "0-49"
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    max_lr: float = Field(0.2, gt=0)
+    seed: int = 0
+    cost: str = ""  # measured time, said before training starts (e.g. "about 40 min on 2 CPU cores")
+
+
+class PrepareConfig(Section):
+    """How to make this config's inputs on a machine without them (bench/inputs.py); not part of a run's id."""
+
+    backbone: BackboneRecipe | None = None
+
+
 class ExperimentConfig(Section):
     name: str = "experiment"
     seed: int = 0
@@ -185,6 +203,7 @@ class ExperimentConfig(Section):
     runtime: RuntimeConfig = RuntimeConfig()
     sweep: SweepConfig = SweepConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    prepare: PrepareConfig = PrepareConfig()
     cache_dir: str | None = None  # features/anchors/LLM cache; default per-user cache dir
     methods: dict[str, dict[str, Any]] = {}
 

@@ -52,7 +52,7 @@ class RunSpec:
     @functools.cached_property
     def run_id(self) -> str:
         """Stable across executors and machines: a digest of what determines the numbers."""
-        ident = self.config.model_dump(mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods", "aggregation"})
+        ident = self.config.model_dump(mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods", "aggregation", "prepare"})
         data = ident["data"]
         root = data.pop("root", None)
         if data["dataset"] == "imagefolder":  # the folder is the dataset: its name enters the id

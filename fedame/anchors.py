@@ -22,6 +22,7 @@ from pydantic import Field
 from bench.config import Section, where
 from bench.errors import UserError
 from bench.hf import load_hf
+from bench.inputs import Input, PrepareContext, atomic_write, check_sidecar, write_sidecar
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -114,6 +115,30 @@ def file_anchors(names: list[str], path: str) -> np.ndarray:
     if missing:
         raise AnchorError(f"anchors.file {p} has no anchor for {missing[:5]}; it covers {file_names[:5]}...")
     return normalize(feats[[index[n] for n in names]])
+
+
+def anchors_input(cfg: AnchorConfig) -> Input | None:
+    """anchors.file as an input of `fedame-bench prepare`: CLIP text anchors of the dataset's
+    class names, computed from the CLIP weights in the Hugging Face cache (`anchors.model`,
+    `anchors.templates`) and written as the npz `file_anchors` reads."""
+    if cfg.source != "file" or not cfg.file:
+        return None
+    path = Path(cfg.file).expanduser()
+
+    def make(ctx: PrepareContext) -> None:
+        names = list(ctx.dataset().class_names)
+        feats = clip_text_anchors(names, cfg.model, cfg.templates)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, features=feats, class_names=np.array(names), prompt=np.array(cfg.templates[0]),
+                         model=np.array(cfg.model))
+
+        atomic_write(path, write)
+        write_sidecar(path)
+
+    return Input(f"CLIP text anchors ({cfg.model})", path, check=lambda: check_sidecar(path), make=make,
+                 cost="from the CLIP weights in the Hugging Face cache")
 
 
 def random_anchors(names: list[str], dim: int, seed: int = 0) -> np.ndarray:

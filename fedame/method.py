@@ -26,9 +26,10 @@ from pydantic import Field, model_validator
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed, register
 from bench.config import Section
+from bench.inputs import Input
 from bench.training import as_tensor, batched_argmax, distillation, load_module_arrays, module_arrays, module_from_arrays, tensor_arrays, torch_generator, train_epochs
 
-from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, class_anchors, config_clusters, kmeans_clusters
+from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, anchors_input, class_anchors, config_clusters, kmeans_clusters
 from fedame.feature_prompts import FeaturePromptBank, client_report, draw_noise, features_from_noise, scatter_rows
 from fedame.gaussian import mahalanobis
 from fedame.experts import EXPERT_KEYS, ExpertWeights, anchor_logits, contrastive_loss, mix
@@ -457,6 +458,11 @@ class FedAME(Server):
                                        "export the key or drop --require-llm")
         if config.clusters.source == "superclasses" and dataset.superclasses is None:
             raise AnchorError(f"clusters.source=superclasses: {dataset.name} has no superclasses; use kmeans or config")
+
+    @classmethod
+    def inputs(cls, config: FedAMEConfig) -> list[Input]:
+        anchors = anchors_input(config.anchors)
+        return [anchors] if anchors else []
 
     @classmethod
     def identity(cls, config: FedAMEConfig) -> dict[str, Any]:

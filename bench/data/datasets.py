@@ -20,6 +20,7 @@ import numpy as np
 
 from bench.config import DataConfig, where
 from bench.errors import UserError
+from bench.inputs import Input
 
 
 class DataError(UserError, RuntimeError):
@@ -115,6 +116,43 @@ def ensure_cifar(root: Path, name: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for train in (True, False):
         cls(root=str(root), train=train, download=True)
+
+
+def _official_md5(name: str) -> dict[str, str]:
+    """torchvision's md5 sums of the CIFAR files, by file name."""
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    return {f: md5 for f, md5 in [*cls.train_list, *cls.test_list]} | {cls.meta["filename"]: cls.meta["md5"]}
+
+
+def _check_cifar(root: Path, name: str) -> tuple[bool, str]:
+    folder = root / _LAYOUT[name][0]
+    missing = _missing_files(root, name)
+    if missing:
+        return False, f"{folder} lacks {', '.join(m.name for m in missing)}; delete the folder and run prepare again"
+    for fname, md5 in _official_md5(name).items():
+        with open(folder / fname, "rb") as f:
+            if hashlib.file_digest(f, "md5").hexdigest() != md5:
+                return False, f"{folder / fname} differs from torchvision's official file (md5); delete it and run prepare again"
+    return True, "md5 sums match torchvision's"
+
+
+def dataset_input(cfg: DataConfig, data_dir: Path) -> Input | None:
+    """The dataset as an input of `fedame-bench prepare`; None for synthetic data."""
+    if cfg.dataset == "synthetic":
+        return None
+    if cfg.dataset == "imagefolder":
+        return Input("the image folder", Path(data_dir), check=lambda: (True, "not checksummed (a user's folder)"),
+                     advice="an image folder is the user's own data: put it there or pass --data-dir")
+    name = cfg.dataset
+    label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+    return Input(
+        f"{label} (torchvision's files)", Path(data_dir) / _LAYOUT[name][0],
+        check=lambda: _check_cifar(Path(data_dir), name),
+        make=lambda ctx: ensure_cifar(Path(data_dir), name),
+        cost="downloads about 170 MB", fetched_by_run=True,
+    )
 
 
 def _unpickle(path: Path) -> dict:

@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import derive_seed
-from bench.config import BackboneConfig
+from bench.config import BackboneConfig, ExperimentConfig
 from bench.data import Dataset
 from bench.errors import UserError
 from bench.features import FeatureStore, best_device, file_sha256, preprocess, resnet18
+from bench.features.backbones import family
+from bench.inputs import Input, PrepareContext
 from bench.progress import progress_bar
 
 
@@ -182,3 +184,36 @@ def probe(store: FeatureStore, class_sets: dict[str, list[int]]) -> list[dict]:
             }
         )
     return rows
+
+
+def _check_weights(path: Path) -> tuple[bool, str]:
+    """A state dict against the sha256 its pretrain JSON recorded."""
+    info = path.with_suffix(".json")
+    recorded = json.loads(info.read_text()).get("sha256") if info.exists() else None
+    if recorded is None:
+        return True, "no checksum recorded"
+    if file_sha256(path) != recorded:
+        return False, f"{path} does not match the sha256 in {info}; delete both and run prepare again"
+    return True, f"sha256 matches {info.name}"
+
+
+def backbone_input(cfg: ExperimentConfig) -> Input | None:
+    """backbone.weights as an input of `fedame-bench prepare`, made by the config's
+    `prepare.backbone` recipe; None when the weights are not a file (none, imagenet, hf:)."""
+    bb = cfg.backbone
+    if bb.weights in ("none", "imagenet") or family(bb) == "hf":
+        return None
+    path = Path(bb.weights).expanduser()
+    recipe = cfg.prepare.backbone
+    if recipe is None or family(bb) != "resnet18":
+        return Input("backbone weights", path, check=lambda: _check_weights(path),
+                     advice="this config has no prepare.backbone recipe: train one with `fedame-bench pretrain-backbone` "
+                     "and point backbone.weights at it")
+
+    def make(ctx: PrepareContext) -> None:
+        ds = ctx.dataset()
+        pretrain(ds, bb, parse_classes(recipe.classes, ds.num_classes), recipe.epochs, path,
+                 recipe.batch_size, recipe.max_lr, seed=recipe.seed)
+
+    return Input(f"backbone trained on classes {recipe.classes}", path, check=lambda: _check_weights(path), make=make,
+                 cost=f"trains {recipe.epochs} epochs, {recipe.cost}" if recipe.cost else f"trains {recipe.epochs} epochs")
