@@ -14,9 +14,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, TrainContext, derive_seed, register
-
 from baselines.statistics import StatisticsServer, statistics_report
+from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, TrainContext, derive_seed, register
 
 
 class AFCLConfig(MethodConfig):

@@ -13,9 +13,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, TrainContext, register
-
 from baselines.statistics import StatisticsServer, statistics_report
+from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, TrainContext, register
 
 
 class FeCAMConfig(MethodConfig):

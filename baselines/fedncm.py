@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, TrainContext, register
-
 from baselines.statistics import StatisticsServer, statistics_report
+from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, TrainContext, register
 
 
 class FedNCMConfig(MethodConfig):

@@ -174,7 +174,8 @@ def load_clip(cfg: MoEAdapterConfig, seed: int):
             torch.manual_seed(derive_seed(seed, "tiny-clip"))
             model = CLIPModel(tiny_clip_config())
         return model, SimpleTokenizer()
-    return load_hf(CLIPModel.from_pretrained, cfg.model), load_hf(CLIPTokenizer.from_pretrained, cfg.model)
+    instead = "or set methods.moe_adapter.model=tiny-random"
+    return load_hf(CLIPModel.from_pretrained, cfg.model, instead), load_hf(CLIPTokenizer.from_pretrained, cfg.model, instead)
 
 
 class SimpleTokenizer:
@@ -380,7 +381,7 @@ class MoEAdapterFL(Server):
 
             from bench.hf import load_hf
 
-            load_hf(CLIPModel.from_pretrained, config.model)  # fails fast, with the alternatives, when absent
+            load_hf(CLIPModel.from_pretrained, config.model, "or set methods.moe_adapter.model=tiny-random")  # fails fast, with the alternatives, when absent
 
     def setup(self) -> None:
         self.clf = CLIPClassifier(self.config, self.env, self.env.class_names)

@@ -14,25 +14,31 @@ zero-copy) and their size is what the runner reports as bytes down/up.
 from __future__ import annotations
 
 import pickle
-import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+import pyarrow as pa
 
+from bench.config import MethodConfig
 from bench.errors import UserError
 from bench.inputs import Input
+from bench.seeds import derive_seed
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from matplotlib.figure import Figure
 
 ENTRY_POINT_GROUP = "fedame_bench.methods"
 
-
-class MethodConfig(BaseModel):
-    """Base of every method's hyperparameter section; unknown keys, NaN and infinite floats are errors."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+__all__ = [
+    "Aggregator", "Client", "ClientData", "ClientUpdate", "Combined", "Message", "MethodConfig", "MethodEnv", "RunFlag",
+    "Server", "ServerHandle", "TaskInfo", "TrainContext", "TrainSettings", "available_methods", "derive_seed", "get_method", "register",
+]
 
 
 @dataclass
@@ -67,7 +73,7 @@ class ClientData:
     """
 
     client_id: int
-    x: np.ndarray
+    x: np.ndarray | torch.Tensor
     y: np.ndarray
 
 
@@ -93,7 +99,6 @@ class TrainContext:
     client_id: int
     train: TrainSettings
     device: str = "cpu"
-    attack: Any = None  # bench.config.AttackConfig when this client is malicious (applied by the executor)
 
     @property
     def seed(self) -> int:
@@ -109,6 +114,37 @@ class TaskInfo:
     classes: tuple[int, ...]  # the new classes of this task (global label ids)
     seen_classes: tuple[int, ...]  # all classes up to and including this task
     client_classes: dict[int, tuple[int, ...]]  # classes present in each client's data
+
+
+@dataclass
+class Combined:
+    """One parameter group combined by an aggregation rule."""
+
+    arrays: dict[str, np.ndarray]
+    shares: np.ndarray  # per update, its share of the result (sums to 1)
+    fallback: bool = False  # the rule could not apply and the median stood in
+
+
+class Aggregator(Protocol):
+    """The run's aggregation rule, injected by the runner (bench.federation.RuleAggregator), so
+    the contract does not depend on the rules."""
+
+    def __call__(
+        self,
+        updates: list[ClientUpdate],
+        keys: list[str],
+        weights: list[float] | None,
+        reference: dict[str, np.ndarray] | None,
+    ) -> Combined: ...
+
+
+@dataclass(frozen=True)
+class RunFlag:
+    """A `fedame-bench run --NAME` flag a method brings: it stands for these config overrides."""
+
+    name: str
+    help: str
+    overrides: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -127,7 +163,7 @@ class MethodEnv:
     image_size: int = 32
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    aggregation: Any = None  # bench.config.AggregationConfig; None: the mean
+    aggregator: Aggregator | None = None  # the run's rule; the runner always sets it
 
 
 class Client(ABC):
@@ -137,15 +173,24 @@ class Client(ABC):
         self.config = config
         self.env = env
 
+    #: an optional capability: clients that share a payload can train together in one stacked
+    #: computation (`local_train_batch`), used under `runtime.batch_clients`
+    batched: ClassVar[bool] = False
+
     @abstractmethod
     def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
         """Train on one client's data starting from `payload`; pure in its arguments."""
+
+    def local_train_batch(self, payload: Message, data: list[ClientData], ctxs: list[TrainContext]) -> list[ClientUpdate]:
+        """`local_train` of several clients that received the same payload, in one computation;
+        called only when `batched` is True (same minibatch order and seeds as one by one)."""
+        raise NotImplementedError(f"{type(self).__name__} sets batched = True but has no local_train_batch")
 
 
 class Server(ABC):
     """Server side of a method: holds the global state and the hooks the runner calls."""
 
-    #: registry name, e.g. "fedavg"
+    #: registry name: what --methods and the config's `methods.<name>` section call it
     name: ClassVar[str]
     #: one line for `fedame-bench methods`
     summary: ClassVar[str]
@@ -155,6 +200,16 @@ class Server(ABC):
     ClientClass: ClassVar[type[Client]]
     #: what the client trains on
     input: ClassVar[Literal["features", "images"]] = "features"
+    #: the kinds of experiment (bench/tracks/) this method can run
+    tracks: ClassVar[tuple[str, ...]] = ("class_incremental",)
+    #: tables this method writes beside the harness's (name -> columns; every row also gets run_id)
+    extra_tables: ClassVar[dict[str, pa.Schema]] = {}
+    #: columns this method adds to the summary table (null in other methods' rows)
+    summary_columns: ClassVar[tuple[tuple[str, pa.DataType], ...]] = ()
+    #: prefixes of environment variables its workers read (forwarded to every Ray actor)
+    worker_env: ClassVar[tuple[str, ...]] = ()
+    #: flags this method adds to `fedame-bench run`
+    run_flags: ClassVar[tuple[RunFlag, ...]] = ()
 
     def __init__(self, config: MethodConfig, env: MethodEnv) -> None:
         self.config = config
@@ -174,11 +229,9 @@ class Server(ABC):
         `weights` default to sample counts; `reference` is the global model the updates
         started from (the attention rule embeds their change from it). Records each
         client's share of the result for the rounds table."""
-        from bench.config import AggregationConfig
-        from bench.federation import combine
-
-        rule = self.env.aggregation or AggregationConfig()
-        out = combine(rule, updates, keys, weights, reference, seed=derive_seed(self.env.run_seed, "aggregation"))
+        if self.env.aggregator is None:
+            raise RuntimeError("MethodEnv.aggregator is not set: build the env with bench.runner.method_env (or pass a bench.federation.RuleAggregator)")
+        out = self.env.aggregator(updates, keys, weights, reference)
         for u, share in zip(updates, out.shares):
             self._shares.setdefault(u.client_id, []).append(float(share))
         self._fallbacks += out.fallback
@@ -244,9 +297,25 @@ class Server(ABC):
         """Extra per-round numbers for the rounds table (e.g. experts alive)."""
         return {}
 
-    def decisions(self) -> list[dict[str, Any]]:
-        """Rows for the `decisions` table (FedAME); empty for most methods."""
-        return []
+    def extra_rows(self) -> dict[str, list[dict[str, Any]]]:
+        """This run's rows of the tables in `extra_tables` (read once, after the last task)."""
+        return {}
+
+    @classmethod
+    def summarize(cls, extra: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        """Values of `summary_columns` for one run, from its `extra_rows()`."""
+        return {}
+
+    @classmethod
+    def run_line(cls, summary: dict[str, Any]) -> str | None:
+        """A line the CLI prints when a run of this method completes (None: nothing to say)."""
+        return None
+
+    @classmethod
+    def figures(cls, rounds: pd.DataFrame, extra: dict[str, pd.DataFrame]) -> dict[str, Figure]:
+        """Figures of this method's own quantities for `fedame-bench plot` (name -> figure):
+        `rounds` is the rounds table of its runs (with alpha and seed), `extra` its extra tables."""
+        return {}
 
     def state(self) -> bytes:
         """The global state after a task, for task-level resume (bench/checkpoint.py): by
@@ -259,10 +328,25 @@ class Server(ABC):
         self.__dict__.update(pickle.loads(blob))
 
 
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from a tuple of ints/strings via numpy's SeedSequence (stable everywhere)."""
-    ints = [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
-    return int(np.random.SeedSequence(ints).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+@runtime_checkable
+class ServerHandle(Protocol):
+    """What the runner and the tracks hold of a method's server: the server itself
+    in-process, a handle on the central actor under Ray (bench.runtime.ray_executor's
+    RemoteServer). Every hook they call is listed here, so a handle cannot answer one with a
+    default of its own."""
+
+    def setup(self) -> None: ...
+    def load_state(self, blob: bytes) -> None: ...
+    def state(self) -> bytes: ...
+    def begin_task(self, task: TaskInfo) -> None: ...
+    def rounds_for_task(self, configured: int, full_participation: bool) -> int: ...
+    def payloads_for(self, client_ids: list[int]) -> Sequence[Any]: ...
+    def aggregate(self, updates: list[Any]) -> None: ...
+    def predict(self, x: np.ndarray) -> np.ndarray: ...
+    def end_task(self) -> None: ...
+    def stats(self) -> dict[str, float]: ...
+    def aggregation_report(self) -> dict[str, Any]: ...
+    def extra_rows(self) -> dict[str, list[dict[str, Any]]]: ...
 
 
 # --------------------------------------------------------------------------- registry

@@ -4,7 +4,7 @@ killed in its ninth task restarts from its eighth, not from task 0.
 What a run needs to go on is small and has no random state in it: clients are stateless
 (`bench.api.Client`), and every random draw derives from (run seed, task, round, client),
 so the server's state (`Server.state()`) plus what the driver has gathered so far (the
-rounds rows, the accuracy matrix, the wire ledger: bench.runner.RunProgress; time spent) is all of it. A resumed run
+rounds rows, the accuracy matrix, the wire ledger: RunProgress; time spent) is all of it. A resumed run
 writes the same tables as an uninterrupted one, apart from wall times.
 
 Layout: OUT/checkpoints/<run_id>.pkl (a pickle: load only checkpoints you wrote). The
@@ -16,14 +16,28 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.wire import WireLedger
+
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bumped when the fields below change: an older checkpoint is then not used
+FORMAT = 4  # bumped when the fields below change: an older checkpoint is then not used
+
+
+@dataclass
+class RunProgress:
+    """What a run has gathered so far: its track's record, the rounds rows, GPU seconds and
+    the wire ledger. Checkpointed after each task."""
+
+    record: Any  # what the run's track keeps (class-incremental: the accuracy matrix)
+    rounds_rows: list[dict[str, Any]] = field(default_factory=list)
+    gpu_seconds: float = 0.0
+    ledger: WireLedger = field(default_factory=WireLedger)  # bytes down: what clients do not hold yet (bench/wire.py)
+
 
 
 @dataclass
@@ -31,7 +45,7 @@ class RunCheckpoint:
     run_id: str
     next_task: int  # the first task still to run
     server_state: bytes  # Server.state() after the last completed task
-    progress: Any  # bench.runner.RunProgress: accuracy matrix, rounds rows, GPU seconds, wire ledger
+    progress: RunProgress  # the track's record, rounds rows, GPU seconds, wire ledger
     elapsed: float  # wall seconds spent before the interruption
     started: datetime
     format: int = FORMAT

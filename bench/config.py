@@ -1,8 +1,9 @@
-"""Experiment configuration: pydantic models, YAML loading, `--set` overrides.
+"""Experiment configuration: pydantic models, YAML reading, `--set` overrides.
 
 Every section forbids unknown keys, so a typo is an error naming the key rather than a
-silently ignored setting. Method hyperparameters live in `methods.<name>` and are
-validated by the method's own pydantic model (see bench.api.Server.Config).
+silently ignored setting. Method hyperparameters live in `methods.<name>`; this module keeps
+them as plain mappings and knows no method: bench.loader validates each against its
+method's own model (bench.api.Server.Config), asking the registry.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bench.api import MethodConfig, get_method
 from bench.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -29,6 +29,10 @@ class Section(BaseModel):
     """Unknown keys are errors, and so are NaN and infinite floats (no setting means them)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class MethodConfig(Section):
+    """Base of every method's hyperparameter section (bench.api.Server.Config)."""
 
 
 class SyntheticData(Section):
@@ -92,7 +96,7 @@ class ScenarioConfig(Section):
     attack: AttackConfig = AttackConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "ScenarioConfig":
+    def _check(self) -> ScenarioConfig:
         if self.alpha <= 0:
             raise ValueError(f"alpha must be > 0 (got {self.alpha}); use e.g. 0.1 for skewed, 100 for near-IID")
         if self.tasks is not None and any(t < 1 for t in self.tasks):
@@ -151,7 +155,7 @@ class RuntimeConfig(Section):
     # process keeps torch's default (all cores), a client actor uses floor(cpus_per_client)
     torch_threads: int | None = Field(None, ge=1)
     # train a worker's sampled clients of a round together, as one stacked computation, where
-    # the method can (heads on frozen features: fedavg, fedprox, fedlwf); same data, minibatch
+    # the method can (`batched = True` on its client: heads on frozen features); same data, minibatch
     # order and seeds as one by one, numbers equal to float rounding (so a run of its own)
     batch_clients: bool = False
 
@@ -160,12 +164,12 @@ class SweepConfig(Section):
     """The default grid; the CLI's --methods/--alpha/--seeds replace these. Unset alpha and
     seeds mean the single scenario.alpha and seed."""
 
-    methods: list[str] = ["fedavg"]
+    methods: list[str] = []  # empty: --methods must name them
     alpha: list[float] | None = None
     seeds: list[int] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "SweepConfig":
+    def _check(self) -> SweepConfig:
         for what, vals in (("methods", self.methods), ("alpha", self.alpha or []), ("seeds", self.seeds or [])):
             if len(set(vals)) != len(vals):
                 raise ValueError(f"sweep.{what} lists a value twice ({vals}); each run of the grid must be distinct")
@@ -195,6 +199,7 @@ class PrepareConfig(Section):
 class ExperimentConfig(Section):
     name: str = "experiment"
     seed: int = 0
+    track: str = "class_incremental"  # the kind of experiment (bench/tracks/); its scenario and evaluation
     data: DataConfig = DataConfig()
     scenario: ScenarioConfig = ScenarioConfig()
     backbone: BackboneConfig = BackboneConfig()
@@ -207,19 +212,11 @@ class ExperimentConfig(Section):
     cache_dir: str | None = None  # features/anchors/LLM cache; default per-user cache dir
     methods: dict[str, dict[str, Any]] = {}
 
-    def method_config(self, name: str) -> MethodConfig:
-        """The validated hyperparameters of method `name` (its section, or its defaults)."""
-        cls = get_method(name)
-        try:
-            return cls.Config.model_validate(self.methods.get(name, {}))
-        except ValidationError as e:
-            raise ConfigError(_format_validation(e, prefix=f"methods.{name}")) from None
-
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def _format_validation(e: ValidationError, prefix: str = "") -> str:
+def format_validation(e: ValidationError, prefix: str = "") -> str:
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
@@ -300,8 +297,9 @@ def _resolve_extends(raw: dict[str, Any], path: Path, seen: tuple[Path, ...]) ->
     return _deep_merge(_resolve_extends(base, ppath, (*seen, ppath.resolve())), raw)
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a YAML config (or defaults), apply --set overrides, validate everything."""
+def read_config(path: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or defaults), apply --set overrides, validate the harness's sections
+    (method sections: bench.loader.load_config)."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = resolve_config_path(path)
@@ -316,10 +314,5 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation(e)) from None
-    for name in cfg.methods:  # method sections must name known methods and be valid
-        try:
-            cfg.method_config(name)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        raise ConfigError(format_validation(e)) from None
     return cfg

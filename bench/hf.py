@@ -21,8 +21,9 @@ def _hub_reachable() -> bool:
         return False
 
 
-def load_hf(loader, name: str):
-    """from_pretrained from the local cache first; the hub only when it is reachable."""
+def load_hf(loader, name: str, alternatives: str = ""):
+    """from_pretrained from the local cache first; the hub only when it is reachable.
+    `alternatives` tells the user what to configure instead when neither has the model."""
     try:
         return loader(name, local_files_only=True)
     except OSError:
@@ -30,7 +31,6 @@ def load_hf(loader, name: str):
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
         raise ModelUnavailable(
             f"{name} is not in the Hugging Face cache and the hub cannot be reached; populate HF_HOME (or "
-            "HF_HUB_CACHE) with it; for FedAME anchors, anchors.source=file (a precomputed npz) or anchors.source=sentence "
-            "(offline MiniLM); for MoE-Adapter, model: tiny-random"
+            "HF_HUB_CACHE) with it" + (f"; {alternatives}" if alternatives else "")
         )
     return loader(name)

@@ -14,8 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bench.api import available_methods  # noqa: E402
 from bench.report import check_mergeable, load  # noqa: E402
-from bench.results import read_table, stats_column  # noqa: E402
+from bench.results import read_table  # noqa: E402
 
 STYLES = list(zip("osD^vP*X", ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1)), "-"]))
 HATCHES = ["", "//", "\\\\", "xx", "..", "oo", "--", "++"]
@@ -45,7 +46,7 @@ def _legend(fig, methods: list[str], style: dict[str, dict], title: str) -> None
     fig.tight_layout(rect=(0, 0.12, 1, 0.95))
 
 
-def _panels(n: int, width: float = 4.2, height: float = 3.4):
+def panels(n: int, width: float = 4.2, height: float = 3.4):
     fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
     return fig, axes[0]
 
@@ -54,7 +55,6 @@ def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Pat
     summary, runs = load(dirs, bad)
     what = ", ".join(sorted(runs.dataset.dropna().unique())) + " (" + ", ".join(sorted(runs.sweep.dropna().unique())) + ")"
     rounds = pd.concat([read_table(d, "rounds", bad).to_pandas() for d in dirs], ignore_index=True)
-    decisions = pd.concat([read_table(d, "decisions", bad).to_pandas() for d in dirs], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     if (runs.attack != "none").any() or runs.aggregation.nunique() > 1:  # a robustness sweep
         check_mergeable(runs, ["alpha", "aggregation", "attack"])
@@ -68,7 +68,7 @@ def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Pat
 
     # 1. accuracy on all seen classes after each task, one panel per alpha
     ends = rounds.dropna(subset=["acc_seen"]).sort_values("round").groupby(["run_id", "task"]).tail(1)
-    fig, axes = _panels(len(alphas))
+    fig, axes = panels(len(alphas))
     for ax, a in zip(axes, alphas):
         for m in methods:
             sel = ends[(ends.method == m) & (ends.alpha == a)].groupby("task").acc_seen.agg(["mean", "std"])
@@ -83,7 +83,7 @@ def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Pat
     written += _save(fig, out, "accuracy_per_task")
 
     # 2. accuracy per round (global round index), one panel per alpha
-    fig, axes = _panels(len(alphas))
+    fig, axes = panels(len(alphas))
     ev = rounds.dropna(subset=["acc_seen"]).copy()
     per_task = ev.groupby("run_id")["round"].transform("max") + 1
     ev["global_round"] = ev.task * per_task + ev["round"] + 1
@@ -111,29 +111,18 @@ def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Pat
     ax.legend(fontsize="small")
     written += _save(fig, out, "forgetting")
 
-    # 4. FedAME: experts alive over rounds and the sources of its decisions
-    rounds["experts_alive"] = stats_column(rounds, "experts_alive")
-    fed = rounds[rounds.experts_alive.notna()]
-    if not fed.empty:
-        fig, axes = _panels(2)
-        fed = fed.copy()
-        fed["global_round"] = fed.task * (fed.groupby("run_id")["round"].transform("max") + 1) + fed["round"] + 1
-        for i, a in enumerate(alphas):
-            sel = fed[fed.alpha == a].groupby("global_round").experts_alive.mean()
-            mk, ls = STYLES[i % len(STYLES)]
-            axes[0].plot(sel.index, sel.values, marker=mk, linestyle=ls, color="black", markevery=max(1, len(sel) // 10), label=f"alpha = {a:g}")
-        axes[0].set(xlabel="communication round", ylabel="experts alive (count)", title="FedAME expert pool")
-        axes[0].legend()
-        if not decisions.empty:
-            counts = decisions.groupby(["source", "action"]).size().unstack(fill_value=0)
-            bottom = np.zeros(len(counts))
-            for j, action in enumerate(counts.columns):
-                axes[1].bar(counts.index, counts[action], bottom=bottom, color="white", edgecolor="black",
-                            hatch=HATCHES[j % len(HATCHES)], label=action)
-                bottom += counts[action].to_numpy()
-            axes[1].set(xlabel="decision source", ylabel="decisions (count)", title="FedAME decisions")
-            axes[1].legend(fontsize="small")
-        written += _save(fig, out, "fedame_experts")
+    # 4. each method's own figures (Server.figures), from its rounds and its extra tables
+    for m in methods:
+        cls = available_methods().get(m)
+        if cls is None:
+            continue
+        ids = set(runs.run_id[runs.method == m])
+        extra = {}
+        for name in cls.extra_tables:
+            frame = pd.concat([read_table(d, name, bad).to_pandas() for d in dirs], ignore_index=True)
+            extra[name] = frame[frame.run_id.isin(ids)]
+        for name, fig in cls.figures(rounds[rounds.method == m].copy(), extra).items():
+            written += _save(fig, out, name)
     return written
 
 
@@ -144,11 +133,11 @@ def robustness(rounds: pd.DataFrame, out: Path, what: str) -> list[Path]:
     if attacked.empty:
         return []
     attacked["step"] = attacked.groupby("run_id").cumcount() + 1
-    panels = sorted({(m, a) for m, a in zip(attacked.method, attacked.attack)})
+    cells = sorted({(m, a) for m, a in zip(attacked.method, attacked.attack)})
     rules = sorted(attacked.aggregation.unique())
     style = _style(rules)
-    fig, axes = _panels(len(panels))
-    for ax, (m, a) in zip(axes, panels):
+    fig, axes = panels(len(cells))
+    for ax, (m, a) in zip(axes, cells):
         sel = attacked[(attacked.method == m) & (attacked.attack == a)]
         for rule in rules:
             line = sel[sel.aggregation == rule].groupby("step").malicious_share.mean()
@@ -171,9 +160,9 @@ def attention_weights(attacked: pd.DataFrame, out: Path, what: str) -> list[Path
     att = attacked[attacked.aggregation == "attention"]
     if att.empty:
         return []
-    panels = sorted({(m, a) for m, a in zip(att.method, att.attack)})
-    fig, axes = _panels(len(panels))
-    for ax, (m, a) in zip(axes, panels):
+    cells = sorted({(m, a) for m, a in zip(att.method, att.attack)})
+    fig, axes = panels(len(cells))
+    for ax, (m, a) in zip(axes, cells):
         run = att[(att.method == m) & (att.attack == a)].sort_values(["seed", "alpha"]).run_id.iloc[0]
         sel = att[att.run_id == run].sort_values("step")
         shares = pd.DataFrame([json.loads(x) if isinstance(x, str) else {} for x in sel.agg_shares], index=sel.step)

@@ -9,6 +9,7 @@ file behind and a rerun overwrites (never duplicates) the pieces of an unfinishe
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -17,14 +18,17 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.api import Server, available_methods
 from bench.errors import UserError
+from bench.tracks import Track, available_tracks
 
 if TYPE_CHECKING:  # pandas is imported where a frame is built, not by every reader of results
     import pandas as pd
 
 TS = pa.timestamp("us", tz="UTC")
 
-SCHEMAS: dict[str, pa.Schema] = {
+#: the harness's tables; methods add tables and summary columns of their own (`schemas()`)
+BASE_SCHEMAS: dict[str, pa.Schema] = {
     "runs": pa.schema(
         [
             ("run_id", pa.string()),
@@ -75,15 +79,6 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("agg_fallbacks", pa.int64()),  # groups where the rule could not apply (the median stood in)
         ]
     ),
-    "accuracy": pa.schema(
-        [
-            ("run_id", pa.string()),
-            ("method", pa.string()),
-            ("after_task", pa.int64()),
-            ("eval_task", pa.int64()),
-            ("accuracy", pa.float64()),
-        ]
-    ),
     "summary": pa.schema(
         [
             ("run_id", pa.string()),
@@ -92,38 +87,45 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("alpha", pa.float64()),
             ("seed", pa.int64()),
             ("num_tasks", pa.int64()),
-            ("final_acc", pa.float64()),
-            ("avg_acc", pa.float64()),
-            ("forgetting", pa.float64()),
-            ("bwt", pa.float64()),
+            # the run's track's summary columns go here (class-incremental: final_acc ... bwt)
             ("wall_seconds", pa.float64()),
             ("gpu_seconds", pa.float64()),
             ("bytes_up", pa.int64()),
             ("bytes_down", pa.int64()),
-            ("decisions_llm", pa.int64()),  # decision columns: null for methods that make none
-            ("decisions_cache", pa.int64()),
-            ("decisions_rule", pa.int64()),
-            ("decisions_fallback", pa.int64()),  # the rule decided where the LLM was meant to
-            ("fallback_reason", pa.string()),  # the first reason it did
-        ]
-    ),
-    "decisions": pa.schema(
-        [
-            ("run_id", pa.string()),
-            ("task", pa.int64()),
-            ("class_id", pa.int64()),
-            ("class_name", pa.string()),
-            ("action", pa.string()),
-            ("expert", pa.int64()),
-            ("source", pa.string()),
-            ("latency_s", pa.float64()),
-            ("response_digest", pa.string()),
-            ("reason", pa.string()),
-            ("fallback", pa.bool_()),
         ]
     ),
 }
-TABLES = tuple(SCHEMAS)
+
+
+def schemas() -> dict[str, pa.Schema]:
+    """Every table's schema: the harness's; the summary widened by every registered track's
+    and method's `summary_columns` (null in other tracks' and methods' rows, so one summary
+    table holds them all; the tracks' columns before the costs); and each track's and
+    method's `extra_tables` with a leading run_id. `runs` comes last: it is written last and
+    marks a run complete."""
+    return _schemas(tuple(available_tracks().values()), tuple(available_methods().values()))
+
+
+@functools.cache
+def _schemas(tracks: tuple[type[Track], ...], methods: tuple[type[Server], ...]) -> dict[str, pa.Schema]:
+    base = list(BASE_SCHEMAS["summary"])
+    cut = [f.name for f in base].index("wall_seconds")
+    summary = base[:cut]
+    for extender in tracks:
+        summary += [pa.field(n, t) for n, t in extender.summary_columns if n not in {f.name for f in summary}]
+    summary += base[cut:]
+    for cls in methods:
+        summary += [pa.field(n, t) for n, t in cls.summary_columns if n not in {f.name for f in summary}]
+    out = {name: schema for name, schema in BASE_SCHEMAS.items() if name != "runs"}
+    out["summary"] = pa.schema(summary)
+    for cls in (*tracks, *methods):
+        for name, columns in cls.extra_tables.items():
+            schema = pa.schema([pa.field("run_id", pa.string()), *columns])
+            if name in out and out[name] != schema:
+                raise ValueError(f"{cls.name} declares table {name!r}, which another method or the harness declares differently")
+            out[name] = schema
+    out["runs"] = BASE_SCHEMAS["runs"]
+    return out
 
 
 class ResultsDirError(UserError, RuntimeError):
@@ -131,7 +133,7 @@ class ResultsDirError(UserError, RuntimeError):
 
 
 def to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
-    schema = SCHEMAS[name]
+    schema = schemas()[name]
     return pa.Table.from_pylist([{f: r.get(f) for f in schema.names} for r in rows], schema=schema)
 
 
@@ -161,7 +163,7 @@ class ResultWriter:
 
     def write_run(self, run_id: str, tables: dict[str, list[dict[str, Any]]]) -> None:
         """Write every table of one run; `runs` goes last and marks the run complete."""
-        for name in TABLES:
+        for name in schemas():
             if name != "runs" and name in tables:
                 self._write(name, run_id, to_table(name, tables[name]))
         self._write("runs", run_id, to_table("runs", tables["runs"]))
@@ -206,7 +208,7 @@ def read_table(out: Path | str, name: str, bad: list[Path] | None = None) -> pa.
     tables = []
     for f in files:
         try:
-            tables.append(conform(pq.read_table(f), SCHEMAS[name]))
+            tables.append(conform(pq.read_table(f), schemas()[name]))
         except (pa.ArrowException, OSError) as e:
             if bad is None:
                 reason = (str(e).splitlines() or [type(e).__name__])[0]
@@ -215,4 +217,4 @@ def read_table(out: Path | str, name: str, bad: list[Path] | None = None) -> pa.
                     "`fedame-bench run`) or pass --skip-bad to report the rest"
                 ) from None
             bad.append(f)
-    return pa.concat_tables(tables) if tables else SCHEMAS[name].empty_table()
+    return pa.concat_tables(tables) if tables else schemas()[name].empty_table()

@@ -19,16 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from bench.api import MethodEnv, Server, TaskInfo, TrainContext, TrainSettings, derive_seed, get_method
-from bench.checkpoint import RunCheckpoint
+from bench.api import MethodEnv, TrainContext, TrainSettings, get_method
+from bench.checkpoint import RunCheckpoint, RunProgress
 from bench.config import ExperimentConfig
-from bench.data import Dataset, Scenario, build_scenario
+from bench.data import Dataset
 from bench.features import FeatureStore
-from bench.federation import malicious_clients
-from bench.metrics import average_incremental_accuracy, backward_transfer, final_accuracy, forgetting, task_accuracies
-from bench.runtime import ClientJob, Executor, executor_kind
+from bench.federation import RuleAggregator, malicious_clients
+from bench.loader import method_config
+from bench.runtime import ClientJob, Executor, ServerHandle, executor_kind
+from bench.seeds import derive_seed
 from bench.sysinfo import git_sha, hardware, versions
-from bench.wire import WireLedger, manifests
+from bench.tracks import Track, get_track
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ class RunSpec:
     @functools.cached_property
     def run_id(self) -> str:
         """Stable across executors and machines: a digest of what determines the numbers."""
-        ident = self.config.model_dump(mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods", "aggregation", "prepare"})
+        ident = self.config.model_dump(mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods", "aggregation", "prepare", "track"})
+        if self.config.track != "class_incremental":
+            ident["track"] = self.config.track
         data = ident["data"]
         root = data.pop("root", None)
         if data["dataset"] == "imagefolder":  # the folder is the dataset: its name enters the id
@@ -75,14 +78,14 @@ class RunSpec:
         if self.config.aggregation.rule != "mean":
             ident["aggregation"] = self.config.aggregation.model_dump(mode="json")
         ident["method"] = self.method
-        mcfg = self.config.method_config(self.method)
+        mcfg = method_config(self.config, self.method)
         ident["method_config"] = mcfg.model_dump(mode="json")
         threads = self.config.runtime.torch_threads
         if threads:  # one thread count everywhere: every executor gives the same numbers
             ident["torch_threads"] = threads
         elif executor_kind(self.config.runtime) != "local":  # thread counts differ between the local
             ident["executor"] = executor_kind(self.config.runtime)  # process and actors: not one run
-        if self.config.runtime.batch_clients and getattr(get_method(self.method).ClientClass, "batched", False):
+        if self.config.runtime.batch_clients and get_method(self.method).ClientClass.batched:
             ident["batch_clients"] = True  # equal to float rounding, not to the bit: its own run
         extra = get_method(self.method).identity(mcfg)
         if extra:  # only when present: run ids of methods without such facts stay as they were
@@ -116,19 +119,12 @@ def method_env(cfg: ExperimentConfig, ds: Dataset, feature_dim: int, cache_dir: 
         image_size=ds.train_x.shape[1],
         image_mean=cfg.backbone.mean,
         image_std=cfg.backbone.std,
-        aggregation=cfg.aggregation,
+        aggregator=RuleAggregator(cfg.aggregation, derive_seed(cfg.seed, "aggregation")),
     )
 
 
 def clients_per_round(cfg: ExperimentConfig) -> int:
     return min(cfg.scenario.num_clients, max(1, int(round(cfg.training.client_fraction * cfg.scenario.num_clients))))
-
-
-def client_noise(scenario: Scenario, seed: int, task: int) -> dict[int, tuple[float, int]] | None:
-    """Feature-noise skew: each client's noise std and the seed of its draw for this task."""
-    if scenario.noise_std is None:
-        return None
-    return {k: (std, derive_seed(seed, "feature_noise", task, k)) for k, std in enumerate(scenario.noise_std)}
 
 
 def sample_clients(cfg: ExperimentConfig, task: int, rnd: int) -> list[int]:
@@ -140,59 +136,23 @@ def sample_clients(cfg: ExperimentConfig, task: int, rnd: int) -> list[int]:
     return sorted(int(k) for k in rng.choice(n, size=m, replace=False))
 
 
-class Evaluator:
-    """Accuracy on the test data of every task so far (their classes; in a domain-incremental
-    scenario their domains), and per task, from one predict call."""
-
-    def __init__(self, scenario: Scenario, test_x: np.ndarray, test_y: np.ndarray, test_domain: np.ndarray | None) -> None:
-        self.scenario = scenario
-        self.test_task = scenario.test_tasks(test_y, test_domain)
-        self.test_x, self.test_y = test_x, test_y
-
-    def __call__(self, server: Server, task: int) -> tuple[float, list[float]]:
-        seen = (self.test_task >= 0) & (self.test_task <= task)
-        x, y = np.asarray(self.test_x[seen]), self.test_y[seen]
-        return task_accuracies(server.predict(x), y, self.test_task[seen], self.scenario.num_tasks)
-
-
-def payload_manifests(jobs: list[ClientJob]) -> list[Any]:
-    """Each job's payload manifest; payloads served by Ray's central actor carry theirs."""
-    local = iter(manifests(j.payload.arrays for j in jobs if not hasattr(j.payload, "manifest")))
-    return [j.payload.manifest if hasattr(j.payload, "manifest") else next(local) for j in jobs]
-
-
-@dataclass
-class RunProgress:
-    """What a run has gathered so far: the accuracy matrix, the rounds rows, GPU seconds and
-    the wire ledger. Checkpointed after each task (bench/checkpoint.py)."""
-
-    R: np.ndarray  # R[i, j]: accuracy on task j's test data after task i (NaN until measured)
-    seen_acc: np.ndarray  # accuracy on everything seen, after each task
-    rounds_rows: list[dict[str, Any]] = field(default_factory=list)
-    gpu_seconds: float = 0.0
-    ledger: WireLedger = field(default_factory=WireLedger)  # bytes down: what clients do not hold yet (bench/wire.py)
-
-    @classmethod
-    def empty(cls, num_tasks: int) -> RunProgress:
-        return cls(np.full((num_tasks, num_tasks), np.nan), np.zeros(num_tasks))
-
-
 class RunLoop:
-    """One run's template loop: tasks of rounds of select -> payloads -> train -> aggregate
-    -> evaluate, each round's row appended to `progress`."""
+    """One run's template loop: stages of rounds of select -> payloads -> train -> aggregate
+    -> evaluate, each round's row appended to `progress`. What a stage is and how the server
+    is evaluated is the run's track's (bench/tracks/)."""
 
-    def __init__(self, spec: RunSpec, server: Server, executor: Executor, scenario: Scenario, env: MethodEnv,
-                 evaluate: Evaluator, progress: RunProgress) -> None:
+    def __init__(self, spec: RunSpec, server: ServerHandle, executor: Executor, track: Track, env: MethodEnv,
+                 progress: RunProgress) -> None:
         self.spec, self.cfg, self.server, self.executor = spec, spec.config, server, executor
-        self.scenario, self.env, self.evaluate, self.progress = scenario, env, evaluate, progress
+        self.track, self.env, self.progress = track, env, progress
         self.attack = self.cfg.scenario.attack
         self.malicious = set(malicious_clients(self.attack, self.cfg.scenario.num_clients, self.cfg.seed))
 
-    def begin_task(self, t: int, labels: np.ndarray) -> int:
-        """The server and the workers learn task t; returns its number of rounds."""
-        sc, cfg = self.scenario, self.cfg
-        self.server.begin_task(TaskInfo(t, sc.new_classes(t), sc.seen_classes(t), sc.client_classes(t, labels)))
-        self.executor.set_task(t, sc.client_indices[t], client_noise(sc, cfg.seed, t))
+    def begin_stage(self, t: int) -> int:
+        """The server and the workers learn stage t; returns its number of rounds."""
+        cfg, stage = self.cfg, self.track.stage(t)
+        self.server.begin_task(stage.info)
+        self.executor.set_task(t, stage.client_indices, stage.noise)
         return self.server.rounds_for_task(cfg.training.rounds, clients_per_round(cfg) == cfg.scenario.num_clients)
 
     def play_round(self, t: int, r: int, last: bool) -> dict[str, Any]:
@@ -200,18 +160,17 @@ class RunLoop:
         t0 = time.perf_counter()
         clients = sample_clients(cfg, t, r)
         jobs = [
-            ClientJob(k, payload, TrainContext(cfg.seed, t, r, k, self.env.train, attack=self.attack if k in self.malicious else None))
+            ClientJob(k, payload, TrainContext(cfg.seed, t, r, k, self.env.train), self.attack if k in self.malicious else None)
             for k, payload in zip(clients, server.payloads_for(clients))
         ]
-        bytes_down = sum(progress.ledger.charge(j.client_id, m) for j, m in zip(jobs, payload_manifests(jobs)))
+        bytes_down = sum(progress.ledger.charge(j.client_id, m) for j, m in zip(jobs, self.executor.manifests([j.payload for j in jobs])))
         results = self.executor.train(jobs)
         server.aggregate([res.update for res in results])
         acc = None
         if last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
-            acc, per_task = self.evaluate(server, t)
+            acc, details = self.track.evaluate(server, t)
             if last:
-                progress.R[t, : t + 1] = per_task[: t + 1]
-                progress.seen_acc[t] = acc
+                self.track.end_stage(progress.record, t, acc, details)
         client_seconds = sum(res.seconds for res in results)
         progress.gpu_seconds += client_seconds * cfg.runtime.gpus_per_client
         stats = server.stats()
@@ -253,24 +212,46 @@ def execute_run(
 ) -> RunOutput:
     """Run one spec to the end and return its table rows (the caller writes them).
 
-    `on_round(row)` sees each rounds-table row; `on_task_end(server, task, scenario, train_x,
-    test_x)` sees the server after each task's last round (diagnostics, local executor).
-    `save_checkpoint(RunCheckpoint)` is handed the run's state after every task but the last;
-    `resume` (such a checkpoint) starts the run at its next task with that state."""
+    `on_round(row)` sees each rounds-table row; `on_task_end(server, task, track, train_x,
+    test_x)` sees the server after each stage's last round (diagnostics, local executor).
+    `save_checkpoint(RunCheckpoint)` is handed the run's state after every stage but the last;
+    `resume` (such a checkpoint) starts the run at its next stage with that state."""
     cfg = spec.config
     started = resume.started if resume else datetime.now(timezone.utc)
     t_start = time.perf_counter() - (resume.elapsed if resume else 0.0)
     method_cls = get_method(spec.method)
-    mcfg = cfg.method_config(spec.method)
-    scenario = build_scenario(cfg.scenario, ds.train_y, ds.class_names, cfg.seed, ds.train_domain, ds.domain_names)
-    if method_cls.input == "features":
-        train_x, test_x = store.features("train"), store.features("test")
-        feature_dim = int(train_x.shape[1])
-    else:
-        train_x, test_x = store.images("train"), store.images("test")
-        feature_dim = 0
-    env = method_env(cfg, ds, feature_dim, cache_dir)
-    if cfg.runtime.batch_clients and not getattr(method_cls.ClientClass, "batched", False):
+    train_x, test_x = (store.features("train"), store.features("test")) if method_cls.input == "features" else (store.images("train"), store.images("test"))
+    env = method_env(cfg, ds, int(train_x.shape[1]) if method_cls.input == "features" else 0, cache_dir)
+    track = get_track(cfg.track)(cfg, ds, test_x)
+    server = start_run(spec, executor, env, train_x, ds.train_y, resume)
+    progress = resume.progress if resume else RunProgress(track.new_record())
+    loop = RunLoop(spec, server, executor, track, env, progress)
+    try:
+        for t in range(resume.next_task if resume else 0, track.num_stages):
+            n_rounds = loop.begin_stage(t)
+            for r in range(n_rounds):
+                row = loop.play_round(t, r, last=r == n_rounds - 1)
+                if on_round is not None:
+                    on_round(row)
+            server.end_task()
+            if on_task_end is not None:
+                on_task_end(server, t, track, train_x, test_x)
+            if save_checkpoint is not None and t < track.num_stages - 1:
+                save_checkpoint(RunCheckpoint(spec.run_id, t + 1, server.state(), copy.deepcopy(progress), time.perf_counter() - t_start, started))
+        extra = server.extra_rows()  # before stop(): on Ray the server lives in an actor
+    finally:
+        executor.stop()
+    runs_row = run_row(spec, ds.name, executor.name, "completed", None, started)
+    runs_row["resumed_at_task"] = resume.next_task if resume else None
+    return run_tables(spec, ds.name, track, progress, extra, runs_row, time.perf_counter() - t_start)
+
+
+def start_run(spec: RunSpec, executor: Executor, env: MethodEnv, train_x: np.ndarray, train_y: np.ndarray,
+              resume: RunCheckpoint | None) -> ServerHandle:
+    """The run's server (restored from `resume`) and its client workers, ready for stage 0;
+    a failed start releases what it reserved (central actor, placement group)."""
+    method_cls, mcfg = get_method(spec.method), method_config(spec.config, spec.method)
+    if spec.config.runtime.batch_clients and not method_cls.ClientClass.batched:
         log.warning("%s has no batched client path: runtime.batch_clients is ignored, its clients train one by one", spec.method)
     executor.label_run({"run_id": spec.run_id, "method": spec.method, "alpha": f"{spec.alpha:g}", "seed": str(spec.seed)})
     server = executor.make_server(method_cls, mcfg, env)
@@ -278,83 +259,39 @@ def execute_run(
         server.setup()
         if resume:
             server.load_state(resume.server_state)
-        executor.start(method_cls.ClientClass, mcfg, env, train_x, ds.train_y)
+        executor.start(method_cls.ClientClass, mcfg, env, train_x, train_y)
     except BaseException:
-        executor.stop()  # a failed setup releases what it reserved (central actor, placement group)
-        raise
-    T = scenario.num_tasks
-    progress = resume.progress if resume else RunProgress.empty(T)
-    loop = RunLoop(spec, server, executor, scenario, env, Evaluator(scenario, test_x, ds.test_y, ds.test_domain), progress)
-    try:
-        for t in range(resume.next_task if resume else 0, T):
-            n_rounds = loop.begin_task(t, ds.train_y)
-            for r in range(n_rounds):
-                row = loop.play_round(t, r, last=r == n_rounds - 1)
-                if on_round is not None:
-                    on_round(row)
-            server.end_task()
-            if on_task_end is not None:
-                on_task_end(server, t, scenario, train_x, test_x)
-            if save_checkpoint is not None and t < T - 1:
-                save_checkpoint(RunCheckpoint(spec.run_id, t + 1, server.state(), copy.deepcopy(progress), time.perf_counter() - t_start, started))
-        decided = server.decisions()  # before stop(): on Ray the server lives in an actor
-    finally:
         executor.stop()
-    runs_row = run_row(spec, ds.name, executor.name, "completed", None, started)
-    runs_row["resumed_at_task"] = resume.next_task if resume else None
-    return run_tables(spec, ds.name, progress, decided, runs_row, time.perf_counter() - t_start)
+        raise
+    return server
 
 
-def run_tables(spec: RunSpec, dataset: str, progress: RunProgress, decided: list[dict[str, Any]], runs_row: dict[str, Any],
-               wall: float) -> RunOutput:
-    """A finished run's rows for every table, and its summary."""
-    R, T = progress.R, len(progress.seen_acc)
-    accuracy_rows = [
-        {"run_id": spec.run_id, "method": spec.method, "after_task": i, "eval_task": j, "accuracy": float(R[i, j])}
-        for i in range(T)
-        for j in range(i + 1)
-    ]
+def run_tables(spec: RunSpec, dataset: str, track: Track, progress: RunProgress, extra: dict[str, list[dict[str, Any]]],
+               runs_row: dict[str, Any], wall: float) -> RunOutput:
+    """A finished run's rows for every table (the harness's, its track's, its method's), and its summary."""
     summary = {
         "run_id": spec.run_id,
         "method": spec.method,
         "dataset": dataset,
         "alpha": spec.alpha,
         "seed": spec.seed,
-        "num_tasks": T,
-        "final_acc": final_accuracy(progress.seen_acc),
-        "avg_acc": average_incremental_accuracy(progress.seen_acc),
-        "forgetting": forgetting(R),
-        "bwt": backward_transfer(R),
+        "num_tasks": track.num_stages,
+        **track.summarize(progress.record),
         "wall_seconds": wall,
         "gpu_seconds": progress.gpu_seconds,
         "bytes_up": int(sum(r["bytes_up"] for r in progress.rounds_rows)),
         "bytes_down": int(sum(r["bytes_down"] for r in progress.rounds_rows)),
-        **decision_counts(decided),
+        **get_method(spec.method).summarize(extra),
     }
+    own = {"run_id": spec.run_id, "method": spec.method}
     tables = {
         "runs": [runs_row],
         "rounds": progress.rounds_rows,
-        "accuracy": accuracy_rows,
         "summary": [summary],
-        "decisions": [{"run_id": spec.run_id, **d} for d in decided],
+        **{name: [{**own, **row} for row in rows] for name, rows in track.rows(progress.record).items()},
+        **{name: [{"run_id": spec.run_id, **row} for row in rows] for name, rows in extra.items()},
     }
     return RunOutput(tables, summary)
-
-
-def decision_counts(decided: list[dict[str, Any]]) -> dict[str, Any]:
-    """Summary columns: decisions by source, how many fell back to the rule and the first reason
-    (all null for methods that make no decisions)."""
-    if not decided:
-        return {}
-    sources = [d.get("source") for d in decided]
-    fell = [d for d in decided if d.get("fallback")]
-    return {
-        "decisions_llm": sources.count("llm"),
-        "decisions_cache": sources.count("cache"),
-        "decisions_rule": len(sources) - sources.count("llm") - sources.count("cache"),
-        "decisions_fallback": len(fell),
-        "fallback_reason": fell[0]["reason"].split("; ")[0] if fell else None,
-    }
 
 
 def attack_label(cfg: ExperimentConfig, malicious: tuple[int, ...]) -> str:

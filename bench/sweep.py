@@ -9,8 +9,8 @@ import signal
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,13 +19,15 @@ from typing import Any
 from bench.api import available_methods, get_method
 from bench.checkpoint import CheckpointStore
 from bench.config import ConfigError, ExperimentConfig
-from bench.data import Dataset, build_scenario, load_dataset, resolve_data_dir
+from bench.data import Dataset, load_dataset, resolve_data_dir
 from bench.errors import UserError
 from bench.features import FeatureStore
+from bench.loader import method_config
 from bench.results import ResultWriter
 from bench.runner import RunSpec, execute_run, run_row
 from bench.runtime import executor_kind, make_executor
 from bench.runtime.base import preflight_cluster, preflight_device
+from bench.tracks import get_track
 from bench.training import warm_up
 
 
@@ -41,8 +43,10 @@ def default_cache_dir(cfg: ExperimentConfig) -> Path:
 
 def parse_methods(text: str | None, cfg: ExperimentConfig) -> list[str]:
     names = cfg.sweep.methods if not text else [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise ConfigError(f"{cfg.name} names no methods: pass --methods (e.g. --methods all; `fedame-bench methods` lists them) or set sweep.methods")
     if names == ["all"]:
-        return list(available_methods())
+        return [name for name, cls in available_methods().items() if cfg.track in cls.tracks]
     _no_duplicates(names, "methods", text)
     for n in names:
         get_method(n)  # raises with the list of known methods
@@ -83,9 +87,13 @@ def _no_duplicates(vals: list, what: str, text: str | None) -> None:
 
 
 def expand(cfg: ExperimentConfig, methods: list[str], alphas: list[float], seeds: list[int]) -> list[RunSpec]:
+    get_track(cfg.track)  # an unknown track is one error line
     specs = []
     for m in methods:
-        cfg.method_config(m)  # validate every method's section before any work
+        method_config(cfg, m)  # validate every method's section before any work
+        if cfg.track not in get_method(m).tracks:
+            raise ConfigError(f"{m} does not run the {cfg.track} track (it runs {', '.join(get_method(m).tracks)}); "
+                              "`fedame-bench methods` lists the methods of each track")
         for a in alphas:
             for s in seeds:
                 c = ExperimentConfig.model_validate(
@@ -109,15 +117,15 @@ def prepare(cfg: ExperimentConfig, specs: list[RunSpec], data_dir: str | None) -
     preflight_cluster(cfg.runtime)
     warm_up()  # no run is charged the process's one-time costs of a first training step
     ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
-    for spec in specs:
-        build_scenario(spec.config.scenario, ds.train_y, ds.class_names, spec.seed, ds.train_domain, ds.domain_names)
+    for spec in specs:  # every run's stages can be built (a partition that cannot fit fails here)
+        get_track(spec.config.track)(spec.config, ds, ds.test_x)
     cache_dir = default_cache_dir(cfg)
     store = FeatureStore(ds, cfg.backbone, cache_dir)
     if any(get_method(s.method).input == "features" for s in specs):
         store.features("train")
         store.features("test")
     for spec in specs:  # methods check their own inputs (anchors, model weights) up front
-        get_method(spec.method).preflight(spec.config.method_config(spec.method), ds, cache_dir)
+        get_method(spec.method).preflight(method_config(spec.config, spec.method), ds, cache_dir)
     if all(get_method(s.method).input == "features" for s in specs):  # pixels are not needed again
         store.drop_images()
         ds = store.dataset

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.api import ClientUpdate, TrainContext, TrainSettings
+from bench.api import TrainContext, TrainSettings
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -31,8 +31,8 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], s: TrainSettings) -> to
 def warm_up() -> None:
     """Pay torch's one-time costs of a first training step (the first optimiser imports
     torch._dynamo lazily) before any run's clock starts. Otherwise the first run of a
-    process, whichever method it is, is charged about 1.3 s that the runs after it are not
-    (FedAvg on the main job: 3.0 s for its first run, 1.7 and 1.6 s for the next two)."""
+    process, whichever method it is, is charged a second or so that the runs after it are
+    not (docs/results.md, cost section)."""
     w = torch.zeros(2, requires_grad=True)
     for opt in (torch.optim.SGD([w], lr=0.1, foreach=True), torch.optim.Adam([w], fused=True)):
         (w * w).sum().backward()
@@ -112,44 +112,6 @@ def module_from_arrays(build: Callable[[], nn.Module], arrays: dict[str, np.ndar
         module = build()
     load_module_arrays(module, arrays, prefix, assign=True)
     return module.to(device)
-
-
-def weighted_average(
-    updates: list[ClientUpdate], keys: Iterable[str] | None = None, weights: list[float] | None = None
-) -> dict[str, np.ndarray]:
-    """Weighted mean of the named arrays over the updates that carry them; the weights are
-    the updates' sample counts unless given (e.g. samples that trained one expert)."""
-    keys = set(keys) if keys is not None else set().union(*(u.arrays for u in updates))
-    weights = [float(u.num_samples) for u in updates] if weights is None else [float(w) for w in weights]
-    out: dict[str, np.ndarray] = {}
-    for k in sorted(keys):
-        holders = [(u, w) for u, w in zip(updates, weights) if k in u.arrays and w > 0]
-        if not holders:
-            continue
-        w = np.array([w for _, w in holders], dtype=np.float64)
-        out[k] = _weighted_sum([u.arrays[k] for u, _ in holders], w / w.sum())
-    return out
-
-
-_CHUNK = 1 << 15
-
-
-def _weighted_sum(arrays: list[np.ndarray], w: np.ndarray) -> np.ndarray:
-    """sum_i w_i * arrays[i] in float64, cast back to the arrays' dtype. Computed over column
-    blocks through one small reused buffer: the same dot products as stacking everything
-    (identical bits) without allocating a float64 copy of all updates at once, which cost a
-    wide head's aggregation 120 ms of page faults per round; blocked, it takes 8 ms."""
-    flat = [a.reshape(-1) for a in arrays]
-    n = flat[0].size
-    out = np.empty(n, dtype=arrays[0].dtype)
-    buf = np.empty((len(flat), min(_CHUNK, n)), dtype=np.float64)
-    for a in range(0, n, _CHUNK):
-        b = min(a + _CHUNK, n)
-        block = buf if b - a == buf.shape[1] else buf[:, : b - a].copy()  # the last block: contiguous too
-        for i, f in enumerate(flat):
-            block[i] = f[a:b]
-        out[a:b] = w @ block
-    return out.reshape(arrays[0].shape)
 
 
 def class_mask(seen: torch.Tensor, num_classes: int, device: str | torch.device) -> torch.Tensor:

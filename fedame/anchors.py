@@ -65,8 +65,9 @@ def clip_text_anchors(names: list[str], model_name: str, templates: list[str]) -
     import torch
     from transformers import CLIPModel, CLIPTokenizer
 
-    tok = load_hf(CLIPTokenizer.from_pretrained, model_name)
-    model = load_hf(CLIPModel.from_pretrained, model_name).eval()
+    instead = "or set methods.fedame.anchors.source=file (a precomputed npz) or =sentence (offline MiniLM)"
+    tok = load_hf(CLIPTokenizer.from_pretrained, model_name, instead)
+    model = load_hf(CLIPModel.from_pretrained, model_name, instead).eval()
     out = []
     with torch.no_grad():
         for n in names:

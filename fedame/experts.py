@@ -17,7 +17,6 @@ from torch import nn
 
 from fedame.grouped import pad_runs, padded_slots, unpad_runs
 
-
 # an expert's weights by their state-dict names ("fc1.weight", "fc1.bias", "fc2.weight",
 # "fc2.bias"): a client holds them as plain tensors built straight from its payload, which
 # costs a tenth of building `Expert` modules (and their random initialisation) every round

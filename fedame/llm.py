@@ -22,7 +22,6 @@ from pydantic import BaseModel, Field, ValidationError
 
 from bench.config import Section
 from bench.errors import UserError
-
 from fedame.anchors import display_name
 
 

@@ -15,24 +15,47 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TaskInfo, TrainContext, derive_seed, register
+from bench.api import (
+    Client,
+    ClientData,
+    ClientUpdate,
+    Message,
+    MethodConfig,
+    MethodEnv,
+    Server,
+    TaskInfo,
+    TrainContext,
+    derive_seed,
+    register,
+)
 from bench.config import Section
 from bench.inputs import Input
-from bench.training import as_tensor, batched_argmax, distillation, load_module_arrays, module_arrays, module_from_arrays, tensor_arrays, torch_generator, train_epochs
-
+from bench.training import (
+    as_tensor,
+    batched_argmax,
+    distillation,
+    load_module_arrays,
+    module_arrays,
+    module_from_arrays,
+    tensor_arrays,
+    torch_generator,
+    train_epochs,
+)
+from fedame import records
 from fedame.anchors import AnchorConfig, AnchorError, ClusterConfig, anchors_input, class_anchors, config_clusters, kmeans_clusters
+from fedame.experts import EXPERT_KEYS, ExpertWeights, anchor_logits, contrastive_loss, mix
 from fedame.feature_prompts import FeaturePromptBank, client_report, draw_noise, features_from_noise, scatter_rows
 from fedame.gaussian import mahalanobis
-from fedame.experts import EXPERT_KEYS, ExpertWeights, anchor_logits, contrastive_loss, mix
 from fedame.llm import Decision, DecisionMaker, LLMConfig, LLMRequiredError, RuleConfig, ask_clusters
 from fedame.pool import ExpertPool
 from fedame.prompts import PromptBank, class_statistics, distribution_loss, sample
@@ -115,7 +138,7 @@ class FedAMEConfig(MethodConfig):
     projector_init: Literal["default", "orthogonal"] = "default"
 
     @model_validator(mode="after")
-    def _gaussian_needs_feature_prompts(self) -> "FedAMEConfig":
+    def _gaussian_needs_feature_prompts(self) -> FedAMEConfig:
         if self.gaussian_weight > 0 and self.prompt_space != "feature":
             raise ValueError("gaussian_weight > 0 scores test features against the feature-space prompts: "
                              "set prompt_space: feature, or gaussian_weight: 0")
@@ -442,7 +465,25 @@ class FedAME(Server):
     summary = "FedAME: anchor-guided mixture of experts, LLM expert decisions, distribution-prompt replay"
     Config = FedAMEConfig
     ClientClass = FedAMEClient
+    extra_tables = {"decisions": records.DECISIONS}
+    summary_columns = records.SUMMARY_COLUMNS
+    worker_env = ("DEEPSEEK_", "OPENAI_")  # the LLM client's settings (and whatever llm.api_key_env names)
+    run_flags = (records.REQUIRE_LLM,)
     config: FedAMEConfig
+
+    @classmethod
+    def summarize(cls, extra: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        return records.decision_counts(extra.get("decisions", []))
+
+    @classmethod
+    def run_line(cls, summary: dict[str, Any]) -> str | None:
+        return records.decision_line(summary)
+
+    @classmethod
+    def figures(cls, rounds, extra):
+        from fedame.figures import expert_pool_figure
+
+        return expert_pool_figure(rounds, extra.get("decisions"))
 
     @classmethod
     def preflight(cls, config: FedAMEConfig, dataset: Any, cache_dir: Any) -> None:
@@ -696,5 +737,5 @@ class FedAME(Server):
     def stats(self) -> dict[str, float]:
         return {"experts_alive": len(self.pool.alive)}
 
-    def decisions(self) -> list[dict[str, Any]]:
-        return list(self.decision_rows)
+    def extra_rows(self) -> dict[str, list[dict[str, Any]]]:
+        return {"decisions": list(self.decision_rows)}

@@ -15,7 +15,6 @@ import torch
 
 from bench.api import derive_seed
 from bench.training import module_arrays
-
 from fedame.anchors import normalize
 from fedame.experts import Expert
 from fedame.llm import Decision, ExpertView

@@ -23,10 +23,9 @@ import numpy as np
 
 
 def export(path: str) -> None:
-    from bench.data import load_dataset
+    from baselines.runtime_study import small_workload
+    from bench.data import build_scenario, load_dataset
     from bench.features import FeatureStore
-    from bench.runtime.benchmark import small_workload
-    from bench.data import build_scenario
     from bench.sweep import default_cache_dir
 
     cfg = small_workload([])

@@ -68,7 +68,7 @@ class GpuSampler:
                 pass
             self._stop.wait(0.2)
 
-    def __enter__(self) -> "GpuSampler":
+    def __enter__(self) -> GpuSampler:
         if self._thread:
             self._thread.start()
         return self
@@ -98,8 +98,8 @@ class Workload:
     (``bench.sweep.prepare``: data present, features cached) for all the runs that follow."""
 
     def __init__(self, config: str, overrides: list[str], methods: list[str]) -> None:
-        from bench.config import load_config
         from bench.data import build_scenario
+        from bench.loader import load_config
         from bench.sweep import expand, prepare
 
         self.config, self.overrides = config, overrides
@@ -114,7 +114,7 @@ def one_run(method: str, work: Workload, executor_kind: str, gpus: float, device
     """One run of `method`; its accuracy matrix, timings and where its clients trained."""
     import torch
 
-    from bench.config import load_config
+    from bench.loader import load_config
     from bench.runner import RunSpec, execute_run
     from bench.runtime import make_executor
 

@@ -119,8 +119,15 @@ def write_tiny_hf_vision(root: Path, kind: str, image_size: int = 32) -> Path:
     to a folder (`backbone.arch: hf:<folder>`): vit, clip (a CLIP vision tower) or dinov2."""
     import torch
     from transformers import (
-        BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, ViTConfig,
-        ViTImageProcessor, ViTModel,
+        BitImageProcessor,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
     )
 
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=image_size, patch_size=8)
@@ -145,3 +152,23 @@ def write_domain_folders(root: Path, domains: int = 3, classes: int = 4, train: 
     for d in range(domains):
         write_image_folder(root / f"domain_{d}", "split", classes=classes, train=train, test=test, size=size, seed=100 + d)
     return root
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """One Ray cluster for the whole session, on loopback: a head node (2 CPUs, 2 logical GPUs)
+    that multi-node tests grow with worker nodes and shrink again (`ray.cluster_utils.Cluster`:
+    real raylets). Started by the first test that asks for it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 2, "node_ip_address": "127.0.0.1", "object_store_memory": 1 << 30,
+        "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": 0,
+        "_system_config": {"metrics_report_interval_ms": 1000},  # metrics reach the endpoint within a second
+    })
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()

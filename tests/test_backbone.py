@@ -7,10 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bench.features.protocols import linear_probe_accuracy, ncm_accuracy, parse_classes
 from bench.cli import app
 from bench.config import BackboneConfig
 from bench.features import load_backbone
+from bench.features.protocols import linear_probe_accuracy, ncm_accuracy, parse_classes
 
 runner = CliRunner()
 

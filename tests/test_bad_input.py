@@ -3,8 +3,8 @@
 import pytest
 from typer.testing import CliRunner
 
-from bench.data import datasets as data_mod
 from bench.cli import app
+from bench.data import datasets as data_mod
 
 runner = CliRunner()
 

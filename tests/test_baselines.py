@@ -6,9 +6,10 @@ import numpy as np
 import torch
 
 from bench.api import ClientData, MethodEnv, TaskInfo, TrainContext, TrainSettings
-from bench.config import load_config
 from bench.data import load_dataset
 from bench.features import FeatureStore
+from bench.federation import mean_aggregator
+from bench.loader import load_config
 from bench.runner import RunSpec, execute_run
 from bench.runtime import LocalExecutor
 
@@ -36,7 +37,7 @@ def test_fedlwf_runs_and_distils_after_the_first_task(tmp_path):
 
 
 def _env(dim=4, k=3):
-    return MethodEnv(feature_dim=dim, num_classes=k, class_names=("a", "b", "c"), dataset="x", run_seed=0,
+    return MethodEnv(aggregator=mean_aggregator(), feature_dim=dim, num_classes=k, class_names=("a", "b", "c"), dataset="x", run_seed=0,
                      num_clients=2, train=TrainSettings(1, 8, "sgd", 0.1, 0.0, 0.0))
 
 
@@ -61,14 +62,14 @@ def test_fedncm_means_equal_centralised_means():
 def _moe(text_adapters=False):
     from baselines.moe_adapter import MoEAdapterConfig, MoEAdapterFL
 
-    env = MethodEnv(feature_dim=0, num_classes=3, class_names=("cat", "dog", "car"), dataset="x", run_seed=0,
+    env = MethodEnv(aggregator=mean_aggregator(), feature_dim=0, num_classes=3, class_names=("cat", "dog", "car"), dataset="x", run_seed=0,
                     num_clients=1, train=TrainSettings(1, 4, "sgd", 0.1, 0.0, 0.0))
     cfg = MoEAdapterConfig(model="tiny-random", text_adapters=text_adapters)
     return MoEAdapterFL, cfg, env
 
 
 def test_moe_adapter_zero_init_equals_plain_clip():
-    from baselines.moe_adapter import load_clip, CLIPClassifier
+    from baselines.moe_adapter import CLIPClassifier, load_clip
 
     cls, cfg, env = _moe()
     plain, _ = load_clip(cfg, env.run_seed)

@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 
 from bench.api import ClientData, TaskInfo, TrainContext, get_method
-from bench.config import load_config
-from bench.data import load_dataset
+from bench.data import build_scenario, load_dataset
 from bench.features import FeatureStore
+from bench.loader import load_config, method_config
 from bench.runner import RunSpec, execute_run, method_env
 from bench.runtime import LocalExecutor
-from bench.data import build_scenario
 
 TOL = 1e-5  # absolute, on every trained weight: the stacked matmuls sum in another order
 
@@ -34,7 +33,7 @@ def test_batched_clients_equal_the_per_client_path(smoke, method, overrides, tmp
     feats = np.asarray(store.features("train"))
     env = method_env(cfg, ds, feats.shape[1], str(tmp_path))
     cls = get_method(method)
-    mcfg = cfg.method_config(method)
+    mcfg = method_config(cfg, method)
     server = cls(mcfg, env)
     server.setup()
     scen = build_scenario(cfg.scenario, ds.train_y, ds.class_names, cfg.seed)

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from bench.data import datasets as data_mod
 from bench.config import DataConfig
 from bench.data import DataError, load_dataset
+from bench.data import datasets as data_mod
 
 from .conftest import SHARED_DATA, requires_shared_data
 
@@ -99,7 +99,7 @@ from .conftest import write_image_folder  # noqa: E402
 
 
 def _folder_cfg(root, *extra):
-    from bench.config import load_config
+    from bench.loader import load_config
 
     return load_config("smoke", ["data.dataset=imagefolder", f"data.root={root}", *extra])
 

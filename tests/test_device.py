@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.config import load_config
 from bench.data import load_dataset
 from bench.features import FeatureStore
+from bench.loader import load_config
 from bench.runner import RunSpec, execute_run
 from bench.runtime import LocalExecutor
 from bench.runtime.base import client_data, pick_device

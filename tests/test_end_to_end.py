@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.results import SCHEMAS, read_table
+from bench.results import read_table, schemas
 
 runner = CliRunner()
 
@@ -28,7 +28,7 @@ def test_four_tables_with_schema(smoke_out):
         files = sorted((smoke_out / name).glob("*.parquet"))
         assert len(files) == 4, name  # 2 methods x 2 alphas, one file per run
         for f in files:
-            assert pq.read_schema(f).remove_metadata() == SCHEMAS[name], name
+            assert pq.read_schema(f).remove_metadata() == schemas()[name], name
 
 
 def test_table_contents_are_consistent(smoke_out):
@@ -50,7 +50,7 @@ def test_table_contents_are_consistent(smoke_out):
         assert 0 <= s["final_acc"] <= 1 and 0 <= s["avg_acc"] <= 1
         cells = {(a["after_task"], a["eval_task"]): a["accuracy"] for a in acc if a["run_id"] == s["run_id"]}
         # forgetting recomputed from the accuracy table agrees with the summary
-        f = sum(max(cells[(l, j)] for l in range(j, 2)) - cells[(2, j)] for j in range(2)) / 2
+        f = sum(max(cells[(i, j)] for i in range(j, 2)) - cells[(2, j)] for j in range(2)) / 2
         assert s["forgetting"] == pytest.approx(f)
 
 
@@ -94,7 +94,7 @@ def test_methods_lists_registry():
 
 
 def test_ctrl_c_keeps_completed_runs_and_resumes(tmp_path):
-    from bench.config import load_config
+    from bench.loader import load_config
     from bench.results import ResultWriter
     from bench.sweep import expand, prepare, run_sweep
 
@@ -131,16 +131,16 @@ def test_every_stats_value_reaches_the_rounds_table(tmp_path):
 def test_results_written_before_the_stats_column_still_load(tmp_path):
     import pyarrow as pa
 
-    old = SCHEMAS["rounds"].remove(SCHEMAS["rounds"].get_field_index("stats")).append(pa.field("experts_alive", pa.int64()))
+    old = schemas()["rounds"].remove(schemas()["rounds"].get_field_index("stats")).append(pa.field("experts_alive", pa.int64()))
     row = {f.name: None for f in old} | {"run_id": "x", "method": "fedavg", "task": 0, "round": 0}
     (tmp_path / "rounds").mkdir()
     pq.write_table(pa.Table.from_pylist([row], schema=old), tmp_path / "rounds" / "x.parquet")
     table = read_table(tmp_path, "rounds")
-    assert table.schema == SCHEMAS["rounds"] and table.column("stats").to_pylist() == [None]
+    assert table.schema == schemas()["rounds"] and table.column("stats").to_pylist() == [None]
 
 
 def test_skips_say_where_and_the_executor_is_part_of_the_run_id(smoke_out):
-    from bench.config import load_config
+    from bench.loader import load_config
     from bench.sweep import expand
 
     res = run_cli("run", "--config", "smoke", "--methods", "fedavg", "--alpha", "0.5", "--seeds", "0", "--out", str(smoke_out))

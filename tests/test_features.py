@@ -96,8 +96,8 @@ def test_hugging_face_backbones_build_a_feature_cache_and_a_run(tmp_path, kind, 
     from typer.testing import CliRunner
 
     from bench.cli import app
-    from bench.config import load_config
     from bench.features.backbones import HFFeatures
+    from bench.loader import load_config
 
     folder = write_tiny_hf_vision(tmp_path / kind, kind)
     cfg = load_config("smoke", [f"backbone.arch=hf:{folder}"])
@@ -117,7 +117,7 @@ def test_hugging_face_backbones_build_a_feature_cache_and_a_run(tmp_path, kind, 
 
 
 def test_a_torchvision_model_by_name_drops_its_classifier(tmp_path):
-    from bench.config import load_config
+    from bench.loader import load_config
 
     cfg = load_config("smoke", ["backbone.arch=mobilenet_v3_small", "backbone.weights=none"])
     model, digest = load_backbone(cfg.backbone)
@@ -128,7 +128,7 @@ def test_a_torchvision_model_by_name_drops_its_classifier(tmp_path):
 
 
 def test_unknown_or_unavailable_backbones_are_one_clear_error(tmp_path, monkeypatch):
-    from bench.config import load_config
+    from bench.loader import load_config
 
     with pytest.raises(BackboneError, match="not a torchvision model"):
         load_backbone(load_config("smoke", ["backbone.arch=resnet_9000"]).backbone)

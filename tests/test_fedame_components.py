@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bench.api import MethodEnv, TaskInfo, TrainSettings
+from bench.federation import mean_aggregator
 from fedame.anchors import AnchorConfig, class_anchors, cluster_anchors, normalize, sentence_anchors
 from fedame.experts import Expert
 from fedame.llm import Decision
@@ -65,7 +66,7 @@ def test_split_leaves_every_class_owned_by_exactly_one_expert():
 
 
 def _env(num_classes=6, dim=12):
-    return MethodEnv(
+    return MethodEnv(aggregator=mean_aggregator(),
         feature_dim=dim, num_classes=num_classes, class_names=tuple(f"c{i}" for i in range(num_classes)),
         dataset="synthetic", run_seed=0, num_clients=2, train=TrainSettings(1, 8, "sgd", 0.05, 0.9, 0.0),
         superclasses=(0, 0, 1, 1, 2, 2),
@@ -170,7 +171,7 @@ def test_sentence_anchors_without_the_optional_model_say_how_to_get_it(monkeypat
 
 
 def test_teacher_identical_to_the_model_at_a_task_start_costs_only_references_on_the_wire():
-    from bench.wire import REF_BYTES, MIN_CHUNK_BYTES, WireLedger, manifests
+    from bench.wire import MIN_CHUNK_BYTES, REF_BYTES, WireLedger, manifests
 
     cfg = FedAMEConfig(anchors=AnchorConfig(source="random", dim=64), expert_hidden=8, router_map=True)  # every model part
     server = FedAME(cfg, _env(dim=32))

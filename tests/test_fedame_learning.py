@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.api import MethodEnv, TaskInfo, TrainContext, TrainSettings, ClientData
+from bench.api import ClientData, MethodEnv, TaskInfo, TrainContext, TrainSettings
+from bench.federation import mean_aggregator
 from fedame.anchors import AnchorConfig
 from fedame.method import FedAME, FedAMEConfig
 
@@ -28,7 +29,7 @@ def run(**overrides):
     overrides = {"batch_size": None, **overrides}
     torch.manual_seed(0)
     names = tuple(f"c{i}" for i in range(TASKS * PER_TASK))
-    env = MethodEnv(feature_dim=DIM, num_classes=len(names), class_names=names, dataset="synthetic", run_seed=0,
+    env = MethodEnv(aggregator=mean_aggregator(), feature_dim=DIM, num_classes=len(names), class_names=names, dataset="synthetic", run_seed=0,
                     num_clients=2, train=TrainSettings(3, 16, "sgd", 0.05, 0.9, 0.0), superclasses=(0, 0, 1, 1, 2, 2))
     cfg = FedAMEConfig(anchors=AnchorConfig(source="random", dim=16), expert_hidden=16, decisions="heuristic", **overrides)
     server, client = FedAME(cfg, env), FedAME.ClientClass(cfg, env)
@@ -151,15 +152,15 @@ def test_single_expert_keeps_one_and_download_all_sends_every_expert():
 
 
 def test_default_config_is_the_seed_setting():
-    from bench.config import load_config
+    from bench.loader import load_config, method_config
 
     cfg = load_config("default")
     sc, tr = cfg.scenario, cfg.training
     assert cfg.data.dataset == "cifar10" and list(sc.tasks) == [4, 4, 2] and sc.num_clients == 5
     assert sc.partition == "dirichlet" and sc.alpha == 0.5 and (tr.rounds, tr.local_epochs) == (100, 5)
-    fed = cfg.method_config("fedame").model_copy(update={"anchors": AnchorConfig(source="random", dim=16)})
+    fed = method_config(cfg, "fedame").model_copy(update={"anchors": AnchorConfig(source="random", dim=16)})
     names = tuple(sc.class_order)
-    env = MethodEnv(feature_dim=8, num_classes=10, class_names=names, dataset="cifar10", run_seed=0,
+    env = MethodEnv(aggregator=mean_aggregator(), feature_dim=8, num_classes=10, class_names=names, dataset="cifar10", run_seed=0,
                     num_clients=5, train=TrainSettings(1, 8, "sgd", 0.05, 0.9, 0.0))
     server = FedAME(fed, env)
     server.setup()

@@ -131,7 +131,7 @@ def test_no_key_is_a_counted_fallback_through_the_cli(tmp_path, monkeypatch):
 
 
 def test_a_usable_llm_makes_a_new_run_id(monkeypatch):
-    from bench.config import load_config
+    from bench.loader import load_config
     from bench.sweep import expand
 
     monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)

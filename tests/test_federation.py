@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from bench.api import ClientData, ClientUpdate, Message
-from bench.config import AggregationConfig, AttackConfig, ConfigError, load_config
+from bench.config import AggregationConfig, AttackConfig, ConfigError
 from bench.data import load_dataset
 from bench.features import FeatureStore
-from bench.federation import attack_update, combine, flip_labels, malicious_clients
+from bench.federation import attack_update, combine, flip_labels, malicious_clients, weighted_average
+from bench.loader import load_config
 from bench.runner import RunSpec, execute_run
 from bench.runtime import LocalExecutor
-from bench.training import weighted_average
 
 
 def updates(values: list[np.ndarray], samples: list[int] | None = None) -> list[ClientUpdate]:

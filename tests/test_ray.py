@@ -6,33 +6,14 @@ import os
 
 import numpy as np
 import pytest
+import ray
 
-ray = pytest.importorskip("ray")
-
-from bench.config import load_config
 from bench.data import load_dataset
 from bench.features import FeatureStore
+from bench.loader import load_config, method_config
 from bench.runner import RunSpec, execute_run
 from bench.runtime import LocalExecutor
 from bench.runtime.ray_executor import RayExecutor
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """One cluster for the module: a head node (2 CPUs, 2 logical GPUs) that multi-node tests
-    grow with worker nodes and shrink again (`ray.cluster_utils.Cluster`: real raylets)."""
-    from ray.cluster_utils import Cluster
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "num_gpus": 2, "node_ip_address": "127.0.0.1", "object_store_memory": 1 << 30,
-        "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": 0,
-        "_system_config": {"metrics_report_interval_ms": 1000},  # metrics reach the endpoint within a second
-    })
-    ray.init(address=c.address, log_to_driver=False)
-    yield c
-    ray.shutdown()
-    c.shutdown()
 
 
 def smoke(method, tmp_path, *overrides):
@@ -69,7 +50,7 @@ def test_fractional_gpus_place_four_clients_at_once(cluster, tmp_path):
     env: MethodEnv = method_env(spec.config, ds, 512, str(tmp_path))
     from baselines.fedavg import FedAvg
 
-    ex.start(FedAvg.ClientClass, spec.config.method_config("fedavg"), env, store.features("train"), ds.train_y)
+    ex.start(FedAvg.ClientClass, method_config(spec.config, "fedavg"), env, store.features("train"), ds.train_y)
     try:
         assert len({d["pid"] for d in ex.devices}) == 4  # four live actor processes ...
         assert all(len(d["gpu_ids"]) == 1 and d["device"] == "cpu" for d in ex.devices)  # logical GPUs: no CUDA here
@@ -198,7 +179,7 @@ def test_central_actor_serves_each_client_its_own_arrays(cluster, tmp_path):
 
     spec, ds, store = smoke("fedame", tmp_path)
     env = method_env(spec.config, ds, 512, str(tmp_path))
-    host = ServerHost(FedAME, spec.config.method_config("fedame"), env, {})
+    host = ServerHost(FedAME, method_config(spec.config, "fedame"), env, {})
     host.call("setup")
     host.call("begin_task", TaskInfo(0, (0, 1, 2, 3), (0, 1, 2, 3), {0: (0,), 1: (1, 3), 2: (0, 1, 2, 3)}))
     served = host.payloads([0, 1, 2])
@@ -271,7 +252,7 @@ def test_ctrl_c_under_ray_stops_at_every_point_and_the_rerun_finishes(cluster, t
             break
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+        reader = threading.Thread(target=lambda lines=lines, proc=proc: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
         reader.start()
         before = len(done_methods())
         deadline = time.monotonic() + 300
@@ -304,7 +285,7 @@ def test_ctrl_c_under_ray_stops_at_every_point_and_the_rerun_finishes(cluster, t
 
 def test_runtime_benchmark_measures_both_executors(cluster):
     """bench-runtime on a tiny workload: every figure is measured and consistent."""
-    from bench.runtime.benchmark import run_benchmark
+    from baselines.runtime_study import run_benchmark
 
     rows = run_benchmark([2], clients=4, rounds=3, hidden=32, per_class=30)
     assert [r["executor"] for r in rows] == ["local", "ray x2"]

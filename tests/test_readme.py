@@ -64,7 +64,7 @@ def test_readme_main_job_runs(tmp_path):
 
 
 def test_synopsis_commands_and_options_exist():
-    from bench.config import load_config
+    from bench.loader import load_config
 
     code = "\n".join(code for lang, code, _ in blocks() if lang == "text")
     helps: dict[str, str] = {}

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from bench.api import ClientData, MethodEnv, TaskInfo, TrainContext, TrainSettings, get_method
-from bench.config import load_config
 from bench.data import load_dataset
 from bench.features import FeatureStore
+from bench.federation import mean_aggregator
+from bench.loader import load_config
 from bench.runner import RunSpec, execute_run
 from bench.runtime import LocalExecutor
 
@@ -15,7 +16,7 @@ D, K = 6, 4
 
 
 def _env(seed=0):
-    return MethodEnv(feature_dim=D, num_classes=K, class_names=tuple("abcd"), dataset="x", run_seed=seed,
+    return MethodEnv(aggregator=mean_aggregator(), feature_dim=D, num_classes=K, class_names=tuple("abcd"), dataset="x", run_seed=seed,
                      num_clients=3, train=TrainSettings(1, 8, "sgd", 0.1, 0.0, 0.0))
 
 

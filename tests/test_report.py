@@ -53,7 +53,7 @@ def handmade(tmp_path):
 def test_markdown_table_means_stds_and_bold(handmade):
     res = runner.invoke(app, ["report", str(handmade), "--format", "markdown", "--metrics", "final_acc,forgetting"])
     assert res.exit_code == 0, res.output
-    lines = {l.split("|")[1].strip(): l for l in res.output.splitlines() if l.startswith("| fed")}
+    lines = {line.split("|")[1].strip(): line for line in res.output.splitlines() if line.startswith("| fed")}
     header = [h.strip() for h in res.output.splitlines()[0].split("|")[2:-1]]
     assert header == ["Final acc. (%) alpha=0.1", "Final acc. (%) alpha=0.5", "Forgetting (%) alpha=0.1", "Forgetting (%) alpha=0.5"]
     fedame = [c.strip() for c in lines["fedame"].split("|")[2:-1]]

@@ -11,8 +11,8 @@ import time
 import pandas as pd
 from typer.testing import CliRunner
 
-from bench.cli import app
 from bench.checkpoint import CheckpointStore
+from bench.cli import app
 
 # columns that measure time (or where a run happened to be interrupted), not results
 TIMING = ["wall_seconds", "client_seconds", "gpu_seconds", "latency_s", "start_time", "end_time", "resumed_at_task"]
@@ -73,8 +73,9 @@ def test_a_checkpoint_that_cannot_be_read_is_said_and_the_run_starts_over(tmp_pa
 
 
 def test_the_llm_key_is_not_written_into_a_checkpoint(monkeypatch, tmp_path):
-    from fedame.llm import DecisionMaker, LLMConfig, RuleConfig
     import numpy as np
+
+    from fedame.llm import DecisionMaker, LLMConfig, RuleConfig
 
     monkeypatch.setenv("DEEPSEEK_API_KEY", "sk-secret-for-test")
     dm = DecisionMaker(LLMConfig(), RuleConfig(), ("a", "b"), np.eye(2, dtype=np.float32), tmp_path)

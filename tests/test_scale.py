@@ -1,8 +1,8 @@
 """Many clients: work and memory follow the clients sampled per round, not the total."""
 
-from bench.config import load_config
 from bench.data import load_dataset
 from bench.features import FeatureStore
+from bench.loader import load_config
 from bench.runner import RunSpec, execute_run
 from bench.runtime import LocalExecutor
 

@@ -101,7 +101,7 @@ def test_quantity_skew_varies_sizes_not_label_mix():
 
 
 def test_feature_noise_grows_with_the_client_and_is_seeded():
-    from bench.runner import client_noise
+    from bench.data.scenario import client_noise
     from bench.runtime.base import TaskData
 
     s = build_scenario(scen(partition="iid", feature_noise=0.4), LABELS, NAMES, seed=0)

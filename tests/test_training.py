@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench.api import ClientUpdate
-from bench.training import weighted_average
+from bench.federation import weighted_average
 
 
 @pytest.mark.parametrize("shape", [(), (7,), (3, 5), (70_000,), (300, 257)])  # scalars to several blocks

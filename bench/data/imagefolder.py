@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.config import DataConfig, where
+from bench.data.base import DataError, Dataset
 from bench.progress import progress_bar
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -64,7 +65,6 @@ def _word_names(root: Path, wnids: list[str]) -> list[str]:
 
 def _listing(root: Path, test_fraction: float) -> tuple[list[str], list[str], Pairs, Pairs]:
     """The class folders, their display names, and the (file, class) pairs of each split."""
-    from bench.data.datasets import DataError
 
     if not root.is_dir():
         raise DataError(f"data.dataset=imagefolder: {where(root)} is not a folder; pass --data-dir or data.root")
@@ -95,7 +95,6 @@ def _listing(root: Path, test_fraction: float) -> tuple[list[str], list[str], Pa
 def _decode(pairs: list[tuple[Path, str]], index: dict[str, int], size: int | None, label: str) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
-    from bench.data.datasets import DataError
 
     unknown = sorted({c for _, c in pairs if c not in index})
     if unknown:
@@ -120,7 +119,6 @@ def _decode(pairs: list[tuple[Path, str]], index: dict[str, int], size: int | No
 def _domain_listing(root: Path, test_fraction: float):
     """ROOT/<domain>/ each in one of the layouts above: the domains, the union of their
     classes, and each split's (file, class, domain) triples."""
-    from bench.data.datasets import DataError
 
     domains = [p.name for p in _class_folders(root)] if root.is_dir() else []
     if not domains:
@@ -135,7 +133,6 @@ def _domain_listing(root: Path, test_fraction: float):
 
 
 def load_imagefolder(root: Path, cfg: DataConfig):
-    from bench.data.datasets import DataError, Dataset
 
     if cfg.domains:
         domains, classes, train, test = _domain_listing(root, cfg.test_fraction)

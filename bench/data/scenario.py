@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.api import derive_seed
 from bench.config import ScenarioConfig
 from bench.data.partitions import ScenarioError, partition
+from bench.seeds import derive_seed
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,13 @@ class Scenario:
 
     def client_classes(self, task: int, labels: np.ndarray) -> dict[int, tuple[int, ...]]:
         return {k: tuple(int(c) for c in np.unique(labels[ix])) for k, ix in enumerate(self.client_indices[task])}
+
+
+def client_noise(scenario: Scenario, seed: int, task: int) -> dict[int, tuple[float, int]] | None:
+    """Feature-noise skew: each client's noise std and the seed of its draw for this task."""
+    if scenario.noise_std is None:
+        return None
+    return {k: (std, derive_seed(seed, "feature_noise", task, k)) for k, std in enumerate(scenario.noise_std)}
 
 
 def resolve_class_order(cfg: ScenarioConfig, class_names: tuple[str, ...], seed: int) -> tuple[int, ...]:

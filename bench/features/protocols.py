@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.api import derive_seed
 from bench.config import BackboneConfig, ExperimentConfig
 from bench.data import Dataset
 from bench.errors import UserError
@@ -30,6 +29,7 @@ from bench.features import FeatureStore, best_device, file_sha256, preprocess, r
 from bench.features.backbones import family
 from bench.inputs import Input, PrepareContext
 from bench.progress import progress_bar
+from bench.seeds import derive_seed
 
 
 class ClassSpecError(UserError):
@@ -143,7 +143,7 @@ def pretrain(
 
 
 def ncm_accuracy(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) -> float:
-    """Cosine nearest-class-mean (features L2-normalised, as FedNCM)."""
+    """Cosine nearest-class-mean (features L2-normalised)."""
     norm = lambda v: v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
     xtr, xte = norm(xtr.astype(np.float64)), norm(xte.astype(np.float64))
     k = int(ytr.max()) + 1

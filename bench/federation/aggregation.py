@@ -3,8 +3,7 @@
 Each rule returns the combined arrays and the share of the result each update had, so a
 reader can see whom the server trusted:
 
-* mean: the sample-weighted mean (`bench.training.weighted_average`, bit-identical to the
-  harness before rules were pluggable); share = its weight.
+* mean: the sample-weighted mean (`bench.federation.mean.weighted_average`); share = its weight.
 * median: coordinate-wise median; share = the fraction of coordinates where the update's
   value is the median (half each for the two middle values of an even count).
 * trimmed_mean: per coordinate, the `trim` fraction of largest and of smallest values is cut
@@ -28,16 +27,29 @@ from functools import lru_cache
 
 import numpy as np
 
-from bench.api import ClientUpdate, derive_seed
+from bench.api import ClientUpdate, Combined
 from bench.config import AggregationConfig
-from bench.training import weighted_average
+from bench.federation.mean import weighted_average
+from bench.seeds import derive_seed
 
 
-@dataclass
-class Combined:
-    arrays: dict[str, np.ndarray]
-    shares: np.ndarray  # per update, its share of the result (sums to 1)
-    fallback: bool = False  # the rule could not apply and the median stood in
+@dataclass(frozen=True)
+class RuleAggregator:
+    """The run's rule as the method contract's `Aggregator`: what the runner injects into
+    MethodEnv, so methods combine through `Server.combine` without importing the rules."""
+
+    rule: AggregationConfig
+    seed: int  # the run's aggregation seed (the attention rule's sketch)
+
+    def __call__(
+        self, updates: list[ClientUpdate], keys: list[str], weights: list[float] | None, reference: dict[str, np.ndarray] | None
+    ) -> Combined:
+        return combine(self.rule, updates, keys, weights, reference, seed=self.seed)
+
+
+def mean_aggregator(seed: int = 0) -> RuleAggregator:
+    """The default rule (the sample-weighted mean), for a MethodEnv built outside a run."""
+    return RuleAggregator(AggregationConfig(), seed)
 
 
 def combine(
@@ -52,7 +64,7 @@ def combine(
     keys = sorted(keys)
     w = np.array([float(u.num_samples) for u in updates] if weights is None else weights, dtype=np.float64)
     w = w / w.sum() if w.sum() > 0 else np.full(len(updates), 1.0 / len(updates))
-    if rule.rule == "mean" or not keys:  # exactly the harness's mean (same call, same bits)
+    if rule.rule == "mean" or not keys:
         return Combined(weighted_average(updates, keys, weights=weights), w)
     V = np.stack([np.concatenate([np.asarray(u.arrays[k], dtype=np.float64).ravel() for k in keys]) for u in updates])
     n = len(updates)

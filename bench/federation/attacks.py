@@ -13,7 +13,7 @@ the honest update:
   so its statistics are poisoned too.
 
 Arrays that are not parameters (class statistics, feature reports) are left as computed:
-only label flipping reaches methods that send nothing else (FedNCM, AFCL, FeCAM).
+only label flipping reaches methods that send nothing else (those that only report class statistics).
 """
 
 from __future__ import annotations

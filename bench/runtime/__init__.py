@@ -5,7 +5,7 @@ executors import the shared pieces in `base` and never each other."""
 from __future__ import annotations
 
 from bench.config import RuntimeConfig
-from bench.runtime.base import ClientJob, ClientResult, Executor, executor_kind
+from bench.runtime.base import ClientJob, ClientResult, Executor, ServerHandle, executor_kind
 from bench.runtime.local import LocalExecutor
 
 
@@ -17,4 +17,4 @@ def make_executor(cfg: RuntimeConfig) -> Executor:
     return RayExecutor(cfg)
 
 
-__all__ = ["ClientJob", "ClientResult", "Executor", "LocalExecutor", "executor_kind", "make_executor"]
+__all__ = ["ClientJob", "ClientResult", "Executor", "LocalExecutor", "ServerHandle", "executor_kind", "make_executor"]

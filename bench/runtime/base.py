@@ -6,22 +6,28 @@ import dataclasses
 import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, TrainContext
-from bench.config import RuntimeConfig
+from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, MethodEnv, Server, ServerHandle, TrainContext
+from bench.config import AttackConfig, RuntimeConfig
 from bench.errors import UserError
 from bench.federation import attack_update, flip_labels
+from bench.wire import Manifest, manifests
 
 
 @dataclass
 class ClientJob:
+    """One client's work of a round: its payload and context, and the attack it mounts when it
+    is malicious (the executor applies it around `local_train`; the method never sees it)."""
+
     client_id: int
     payload: Message
     ctx: TrainContext
+    attack: AttackConfig | None = None
 
 
 @dataclass
@@ -48,9 +54,14 @@ class Executor(ABC):
         """This task's client -> training indices; `noise` (feature-noise skew): client ->
         (std, seed) of the Gaussian noise added to its inputs."""
 
-    def make_server(self, server_cls: type[Server], config: MethodConfig, env: MethodEnv) -> Server:
+    def make_server(self, server_cls: type[Server], config: MethodConfig, env: MethodEnv) -> ServerHandle:
         """Where the method's global state lives: in-process here, in a central actor on Ray."""
         return server_cls(config, env)
+
+    def manifests(self, payloads: Sequence[Any]) -> list[Manifest]:
+        """What each of the round's payloads is made of, for the wire ledger (bench/wire.py);
+        in-process payloads are Messages."""
+        return manifests(p.arrays for p in payloads)
 
     @abstractmethod
     def train(self, jobs: list[ClientJob]) -> list[ClientResult]: ...
@@ -167,12 +178,11 @@ def with_noise(x: np.ndarray, std: float, seed: int) -> np.ndarray:
 def client_data(client_id: int, x: np.ndarray, y: np.ndarray, device: str) -> ClientData:
     """One client's data for a task. On a GPU its inputs are copied there once, when the task
     starts, and stay for all its rounds; on the CPU they stay numpy (no copy)."""
-    x = np.asarray(x)
-    if device != "cpu":
-        import torch
+    if device == "cpu":
+        return ClientData(client_id, np.asarray(x), np.asarray(y))
+    import torch
 
-        x = torch.as_tensor(x).to(device)
-    return ClientData(client_id, x, np.asarray(y))
+    return ClientData(client_id, torch.as_tensor(np.asarray(x)).to(device), np.asarray(y))
 
 
 def pin_threads(n: int) -> Callable[[], None]:
@@ -197,16 +207,15 @@ def train_jobs(client: Client, jobs: list[ClientJob], data: TaskData, device: st
     """A worker's jobs of a round, in order. With `batched` (runtime.batch_clients) and a
     client class that can (`batched = True`), the jobs that share a payload train together
     in one stacked computation; otherwise one after another."""
-    if not (batched and getattr(client, "batched", False)):
+    if not (batched and client.batched):
         return [timed_local_train(client, j, data, device) for j in jobs]
     groups: dict[int, list[int]] = {}
     for i, j in enumerate(jobs):
         groups.setdefault(id(j.payload), []).append(i)
-    results: list[ClientResult | None] = [None] * len(jobs)
+    results: dict[int, ClientResult] = {}
     for ix in groups.values():
-        for i, res in zip(ix, timed_local_train_batch(client, [jobs[i] for i in ix], data, device)):
-            results[i] = res
-    return results
+        results.update(zip(ix, timed_local_train_batch(client, [jobs[i] for i in ix], data, device)))
+    return [results[i] for i in range(len(jobs))]
 
 
 def timed_local_train(client: Client, job: ClientJob, data: TaskData, device: str) -> ClientResult:
@@ -229,7 +238,7 @@ def timed_local_train_batch(client: Client, jobs: list[ClientJob], data: TaskDat
 
 def _job_data(job: ClientJob, data: TaskData) -> ClientData:
     """The client's data, its labels flipped when it is a label-flipping attacker."""
-    attack = job.ctx.attack
+    attack = job.attack
     return flip_labels(data[job.client_id]) if attack is not None and attack.kind == "label_flip" else data[job.client_id]
 
 
@@ -243,7 +252,7 @@ def _elapsed(t0: float, device: str) -> float:
 
 def _result(job: ClientJob, update: ClientUpdate, seconds: float) -> ClientResult:
     """The update as sent: changed by the client's attack, if any, and marked with its sender."""
-    if job.ctx.attack is not None:
-        update = attack_update(job.ctx.attack, job.payload, update, job.ctx.seed)
+    if job.attack is not None:
+        update = attack_update(job.attack, job.payload, update, job.ctx.seed)
     update.client_id = job.ctx.client_id
     return ClientResult(update, seconds)

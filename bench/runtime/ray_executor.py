@@ -4,15 +4,16 @@
   from the object store and keep their own clients' slices between rounds (a sticky
   client -> actor assignment: client k lives on actor k mod n).
 * A round's payload arrays are deduplicated by identity and put once each, so a shared
-  payload (FedAvg's head, FedAME's projector and prompts) is stored once and passed by
+  payload (a shared head, projector or prompt bank) is stored once and passed by
   reference to every client, not copied per client.
 * Each actor asks for `gpus_per_client` of a GPU and `cpus_per_client` CPUs (with
   `--gpus-per-client 0.25` four actors share a GPU) and sets torch's thread count to match.
   An actor granted a GPU fraction trains its clients on that GPU (`runtime.device=auto`)
   and keeps their data there for the whole task.
-* The central actor runs on the driver's node (where the preflight checked the anchor files
+* The central actor runs on the driver's node (where the preflight checked the method's files
   and caches it reads), and every actor gets the driver's settings that matter to methods
-  (API keys, FEDAME_/HF_ variables): on an existing cluster (`--address`) workers do not
+  (API keys, the harness's FEDAME_/HF_ variables, the prefixes a method declares in
+  `Server.worker_env`): on an existing cluster (`--address`) workers do not
   inherit the driver's environment. They travel as constructor arguments, not in a
   runtime_env the dashboard would display.
 * Client updates go from the client actor to the central actor through the object store;
@@ -26,6 +27,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -36,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.api import ClientUpdate, Message, Server
+from bench.api import ClientUpdate, Message
 from bench.config import RuntimeConfig
 from bench.errors import UserError
 from bench.runtime.base import ClientJob, ClientResult, DeviceUnavailable, Executor, TaskData, pick_device, pin_threads, train_jobs
@@ -96,13 +98,13 @@ def token_location(environ: dict[str, str]) -> str:
     return f"it is in {path} (`ray get-auth-token` prints it)"
 
 
-FORWARDED_PREFIXES = ("FEDAME_", "HF_", "TRANSFORMERS_", "DEEPSEEK_", "OPENAI_")
+FORWARDED_PREFIXES = ("FEDAME_", "HF_", "TRANSFORMERS_")
 
 
-def forwarded_environ(config: Any) -> dict[str, str]:
-    """The driver's environment variables a method may read on a worker: the prefixes above,
-    any *_API_KEY, and every variable the method's config names in a field ending in `_env`
-    (e.g. FedAME's `llm.api_key_env`)."""
+def forwarded_environ(config: Any, prefixes: tuple[str, ...] = ()) -> dict[str, str]:
+    """The driver's environment variables a method may read on a worker: the harness's prefixes
+    above and the method's own (`Server.worker_env`), any *_API_KEY, and every variable the
+    method's config names in a field ending in `_env` (an API key's variable, say)."""
     named: set[str] = set()
 
     def scan(obj: Any) -> None:
@@ -113,9 +115,8 @@ def forwarded_environ(config: Any) -> dict[str, str]:
                 scan(v)
 
     scan(config.model_dump() if hasattr(config, "model_dump") else {})
-    return {
-        k: v for k, v in os.environ.items() if k in named or k.startswith(FORWARDED_PREFIXES) or k.endswith("_API_KEY")
-    }
+    wanted = FORWARDED_PREFIXES + tuple(prefixes)
+    return {k: v for k, v in os.environ.items() if k in named or k.startswith(wanted) or k.endswith("_API_KEY")}
 
 
 INLINE_BYTES = 64 * 1024  # arrays up to this size travel inside the call, not through the object store
@@ -202,7 +203,7 @@ class ClientActor:
             if key not in payloads:
                 # private copies: the object store's arrays are read-only and training reads them as tensors
                 payloads[key] = Message({n: np.array(fetched.get(id(r), r)) for n, r in refs.items()}, job.payload.meta)
-            full.append(ClientJob(job.client_id, payloads[key], job.ctx))
+            full.append(dataclasses.replace(job, payload=payloads[key]))
         results = train_jobs(self.client, full, self.data, self.device, self.batched)
         headers = [ClientResult(RemoteUpdate(None, r.update.nbytes, r.update.num_samples, r.update.loss), r.seconds) for r in results]
         return (headers, *(r.update for r in results))
@@ -230,8 +231,8 @@ class RemoteUpdate:
 
 
 class ServerHost:
-    """The central actor: holds a method's server (for FedAME the expert pool: router,
-    experts, prompts; for FedAvg-like methods one parameter group), serves each client only
+    """The central actor: holds a method's server (an expert pool with its router and prompts,
+    or a single parameter group), serves each client only
     what it needs straight from the object store, and aggregates what comes back."""
 
     def __init__(self, server_cls, config, env, environ: dict[str, str], threads: int | None = None) -> None:
@@ -262,11 +263,9 @@ class ServerHost:
         return self.server.stats(), self.server.aggregation_report()
 
 
-class RemoteServer(Server):
-    """The runner's handle on the central actor; the same hooks as a local server."""
-
-    name = "remote"
-    summary = ""
+class RemoteServer:
+    """The runner's handle on the central actor (a ServerHandle): each hook is a call to the
+    actor, none answered here."""
 
     def __init__(self, ray, server_cls, config, env, name: str | None = None, threads: int | None = None) -> None:
         self.ray = ray
@@ -274,7 +273,7 @@ class RemoteServer(Server):
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.actor = ray.remote(ServerHost).options(num_cpus=0, scheduling_strategy=here, name=name).remote(
-            server_cls, config, env, forwarded_environ(config), threads
+            server_cls, config, env, forwarded_environ(config, server_cls.worker_env), threads
         )
         self._stats: dict | None = None  # the last aggregation's stats (until an evaluation may change them)
         self._report: dict | None = None  # and its aggregation report (until read)
@@ -287,6 +286,9 @@ class RemoteServer(Server):
 
     def begin_task(self, task) -> None:
         self._call("begin_task", task)
+
+    def rounds_for_task(self, configured: int, full_participation: bool) -> int:
+        return self._call("rounds_for_task", configured, full_participation)
 
     def payload_for(self, client_id: int):
         return self.payloads_for([client_id])[0]
@@ -316,8 +318,8 @@ class RemoteServer(Server):
             return report
         return self._call("aggregation_report")
 
-    def decisions(self):
-        return self._call("decisions")
+    def extra_rows(self):
+        return self._call("extra_rows")
 
     def state(self) -> bytes:
         return self._call("state")
@@ -342,14 +344,15 @@ class RayExecutor(Executor):
         self._restarts: dict[int, int] = {}
 
     def actor_name(self, role: str) -> str | None:
-        """e.g. `fedame a=0.5 s=0 client actor 3 [fedame-cifar100-a0.5-s0-1a2b3c4d5e #9f2c]`: the
+        """e.g. `M a=0.5 s=0 client actor 3 [M-cifar100-a0.5-s0-1a2b3c4d5e #9f2c]` for a method M: the
         dashboard's Actors view reads as the sweep (the token keeps a rerun's names unique)."""
         lab = self.run_labels
         if not lab:
             return None
         return f"{lab['method']} a={lab['alpha']} s={lab['seed']} {role} [{lab['run_id']} #{self._token}]"
 
-    def make_server(self, server_cls, config, env) -> Server:
+    def make_server(self, server_cls, config, env) -> RemoteServer:
+        self._worker_env = server_cls.worker_env
         self.server = RemoteServer(self.ray, server_cls, config, env, self.actor_name("central actor"), self.cfg.torch_threads)
         return self.server
 
@@ -358,7 +361,7 @@ class RayExecutor(Executor):
         self.n = self._fitting_actors(self.cfg.num_actors or env.num_clients, env.num_clients)
         # features and labels go into the object store once; every actor reads them zero-copy
         self._ctor = (client_cls, config, env, ray.put(np.asarray(train_x)), ray.put(np.asarray(train_y)))
-        self._environ = forwarded_environ(config)
+        self._environ = forwarded_environ(config, getattr(self, "_worker_env", ()))
         self._reserve()
         self.actors = [self._new_actor(a) for a in range(self.n)]
         self.devices = self._check_devices()
@@ -435,6 +438,10 @@ class RayExecutor(Executor):
         self.indices, self.noise = dict(enumerate(indices)), noise or {}
         self.ray.get([actor.set_task.remote(*self._clients_of(a)) for a, actor in enumerate(self.actors)])
 
+    def manifests(self, payloads) -> list:
+        """Payloads the central actor served carry their manifests; the driver never sees their arrays."""
+        return [p.manifest for p in payloads]
+
     def _put_arrays(self, jobs: list[ClientJob]) -> list[dict[str, Any]]:
         """Each job's name -> reference; payloads served by the central actor are stored already."""
         local = [j.payload for j in jobs if not isinstance(j.payload, RemotePayload)]
@@ -443,7 +450,7 @@ class RayExecutor(Executor):
 
     def _submit(self, a: int, jobs: list[ClientJob], refs: list[dict[str, Any]]) -> list:
         """Actor `a`'s jobs of the round in one call: [headers ref, update ref per job]."""
-        light = [ClientJob(j.client_id, Message({}, j.payload.meta), j.ctx) for j in jobs]  # arrays travel as refs only
+        light = [dataclasses.replace(j, payload=Message({}, j.payload.meta)) for j in jobs]  # arrays travel as refs only
         return self.actors[a].train.options(num_returns=1 + len(jobs)).remote(light, refs)
 
     def train(self, jobs: list[ClientJob]) -> list[ClientResult]:

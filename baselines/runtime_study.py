@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.config import load_config
 from bench.data import load_dataset
 from bench.features import FeatureStore
+from bench.loader import load_config
 from bench.runner import RunSpec, execute_run
 from bench.runtime import Executor, make_executor
 

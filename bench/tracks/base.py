@@ -1,0 +1,105 @@
+"""The track seam: what differs between kinds of federated experiment.
+
+A track turns a dataset and a config into stages (a stage is what the server learns at its
+start and which training samples each client holds during it), evaluates the server at the
+end of rounds, and says what a finished run reports: its summary columns and its own
+tables. Everything else (the runner's template loop, the executors, aggregation and attacks,
+the wire ledger, checkpoints, results, sweep, report) is shared by every track.
+
+A track is registered like a method (`@register_track`, or the `fedame_bench.tracks`
+entry-point group) and chosen by the config's `track` key; a method says which tracks it
+can run (`Server.tracks`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from bench.api import ServerHandle, TaskInfo
+from bench.config import ExperimentConfig
+from bench.data import Dataset
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: what the server learns as it starts, and each client's training
+    samples (indices into the training set) with its feature noise, if any."""
+
+    info: TaskInfo
+    client_indices: tuple[np.ndarray, ...]
+    noise: dict[int, tuple[float, int]] | None = None
+
+
+class Track(ABC):
+    """A kind of experiment: its stages, its evaluation, its results. Built once per run from
+    the run's config, the dataset and the inputs the method sees at evaluation (features or
+    images of the test split)."""
+
+    #: the config's `track` value
+    name: ClassVar[str]
+    #: one line for the docs and errors
+    summary: ClassVar[str]
+    #: tables this track writes for every run (name -> columns; every row also gets run_id)
+    extra_tables: ClassVar[dict[str, pa.Schema]] = {}
+    #: columns this track adds to the summary table
+    summary_columns: ClassVar[tuple[tuple[str, pa.DataType], ...]] = ()
+
+    def __init__(self, cfg: ExperimentConfig, ds: Dataset, test_x: np.ndarray) -> None:
+        self.cfg, self.ds, self.test_x = cfg, ds, test_x
+
+    @property
+    @abstractmethod
+    def num_stages(self) -> int: ...
+
+    @abstractmethod
+    def stage(self, t: int) -> Stage:
+        """Stage `t` (the runner asks once, when the stage starts)."""
+
+    @abstractmethod
+    def new_record(self) -> Any:
+        """What the track keeps of a run while it goes (checkpointed after every stage)."""
+
+    @abstractmethod
+    def evaluate(self, server: ServerHandle, t: int) -> tuple[float, Any]:
+        """(the headline number of the rounds table's `acc_seen`, the stage's details)."""
+
+    @abstractmethod
+    def end_stage(self, record: Any, t: int, headline: float, details: Any) -> None:
+        """Keep the evaluation made at stage `t`'s last round in `record`."""
+
+    @abstractmethod
+    def summarize(self, record: Any) -> dict[str, Any]:
+        """Values of `summary_columns` for a finished run."""
+
+    def rows(self, record: Any) -> dict[str, list[dict[str, Any]]]:
+        """A finished run's rows of `extra_tables` (run_id is added by the runner)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """The runs table's description of the scenario (number of stages and their sizes)."""
+        return {"num_tasks": self.num_stages}
+
+
+_TRACKS: dict[str, type[Track]] = {}
+ENTRY_POINT_GROUP = "fedame_bench.tracks"
+
+
+def register_track(cls: type[Track]) -> type[Track]:
+    if cls.name in _TRACKS and _TRACKS[cls.name] is not cls:
+        raise ValueError(f"track name {cls.name!r} registered twice")
+    _TRACKS[cls.name] = cls
+    return cls
+
+
+def available_tracks() -> dict[str, type[Track]]:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _TRACKS:
+            ep.load()
+    return dict(sorted(_TRACKS.items()))
