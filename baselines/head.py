@@ -44,11 +44,13 @@ def build_head(cfg: HeadConfig, env: MethodEnv, init: bool = True) -> nn.Module:
     """The head, initialised from a seed derived from the run seed (same on every worker).
     `init=False`: uninitialised memory for a head whose weights are loaded right after (a
     client's copy of the global head), without paying for the random init and reseeding."""
+
     def layers(device: str | None = None) -> nn.Module:
         if cfg.head == "linear":
             return nn.Linear(env.feature_dim, env.num_classes, device=device)
-        return nn.Sequential(nn.Linear(env.feature_dim, cfg.hidden, device=device), nn.ReLU(),
-                             nn.Linear(cfg.hidden, env.num_classes, device=device))
+        return nn.Sequential(
+            nn.Linear(env.feature_dim, cfg.hidden, device=device), nn.ReLU(), nn.Linear(cfg.hidden, env.num_classes, device=device)
+        )
 
     if not init:
         return layers("meta").to_empty(device="cpu")
@@ -139,7 +141,9 @@ class HeadServer(Server):
         return self._payload
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
-        avg = self.combine(updates, [k for k in updates[0].arrays if k.startswith(HEAD)], reference=self.payload_for(0).arrays)  # the global model the round started from
+        avg = self.combine(
+            updates, [k for k in updates[0].arrays if k.startswith(HEAD)], reference=self.payload_for(0).arrays
+        )  # the global model the round started from
         load_module_arrays(self.model, avg, HEAD)
         self._payload = None
 

@@ -155,10 +155,22 @@ def tiny_clip_config():
     from transformers import CLIPConfig
 
     return CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "vocab_size": 49408, "max_position_embeddings": 77},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "vocab_size": 49408,
+            "max_position_embeddings": 77,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=16,
     )
 
@@ -348,7 +360,9 @@ class MoEAdapterClient(Client):
         return ClientUpdate(arrays=arrays, num_samples=len(y), loss=total / max(count, 1))
 
 
-def train_autoencoder(clf: CLIPClassifier, images: torch.Tensor, task: int, ctx: TrainContext, gen: torch.Generator) -> dict[str, np.ndarray]:
+def train_autoencoder(
+    clf: CLIPClassifier, images: torch.Tensor, task: int, ctx: TrainContext, gen: torch.Generator
+) -> dict[str, np.ndarray]:
     """DDAS: this task's autoencoder on the client's frozen CLIP features (MSE, Adam, the run's
     epochs and batch size); returns its arrays, its training error included."""
     feats = torch.cat([clf.frozen_features(images[a : a + 256]) for a in range(0, len(images), 256)])
@@ -381,7 +395,9 @@ class MoEAdapterFL(Server):
 
             from bench.hf import load_hf
 
-            load_hf(CLIPModel.from_pretrained, config.model, "or set methods.moe_adapter.model=tiny-random")  # fails fast, with the alternatives, when absent
+            load_hf(
+                CLIPModel.from_pretrained, config.model, "or set methods.moe_adapter.model=tiny-random"
+            )  # fails fast, with the alternatives, when absent
 
     def setup(self) -> None:
         self.clf = CLIPClassifier(self.config, self.env, self.env.class_names)
@@ -413,7 +429,9 @@ class MoEAdapterFL(Server):
         if self.config.ddas:  # this task's autoencoder (its training error too), by the run's rule like the adapters
             ae = self.clf.autoencoders[f"task{self.task}"]
             prefix = f"ddas.task{self.task}."
-            load_module_arrays(ae, self.combine(updates, [k for k in updates[0].arrays if k.startswith(prefix)], reference=reference), prefix)
+            load_module_arrays(
+                ae, self.combine(updates, [k for k in updates[0].arrays if k.startswith(prefix)], reference=reference), prefix
+            )
         self._payload = None
 
     @torch.no_grad()

@@ -105,8 +105,9 @@ class GpuSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
-            out = subprocess.run([self.cmd, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, check=False).stdout
+            out = subprocess.run(
+                [self.cmd, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"], capture_output=True, text=True, check=False
+            ).stdout
             values = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
             if values:
                 self.samples.append(sum(values) / len(values))
@@ -130,10 +131,19 @@ def workload(clients: int, rounds: int, hidden: int, per_class: int, extra: list
     return load_config(
         "smoke",
         [
-            f"data.synthetic.train_per_class={per_class}", "data.synthetic.num_classes=10", "data.synthetic.test_per_class=20",
-            "scenario.tasks=[10]", f"scenario.num_clients={clients}", "scenario.partition=iid",
-            f"training.rounds={rounds}", "training.local_epochs=2", "training.batch_size=64", "eval.every=0",
-            "methods.fedavg.head=mlp", f"methods.fedavg.hidden={hidden}", *extra,
+            f"data.synthetic.train_per_class={per_class}",
+            "data.synthetic.num_classes=10",
+            "data.synthetic.test_per_class=20",
+            "scenario.tasks=[10]",
+            f"scenario.num_clients={clients}",
+            "scenario.partition=iid",
+            f"training.rounds={rounds}",
+            "training.local_epochs=2",
+            "training.batch_size=64",
+            "eval.every=0",
+            "methods.fedavg.head=mlp",
+            f"methods.fedavg.hidden={hidden}",
+            *extra,
         ],
     )
 
@@ -183,10 +193,18 @@ def run_benchmark(actors: list[int], clients: int, rounds: int, hidden: int, per
     cpus = os.cpu_count() or 1
     for n in actors:
         cpus_per = 0 if gpus else max(cpus / n, 0.25)
-        cfg = workload(clients, rounds, hidden, per_class, [
-            "runtime.executor=ray", f"runtime.num_actors={n}", f"runtime.cpus_per_client={cpus_per}",
-            f"runtime.gpus_per_client={gpus / n}",
-        ])
+        cfg = workload(
+            clients,
+            rounds,
+            hidden,
+            per_class,
+            [
+                "runtime.executor=ray",
+                f"runtime.num_actors={n}",
+                f"runtime.cpus_per_client={cpus_per}",
+                f"runtime.gpus_per_client={gpus / n}",
+            ],
+        )
         results.append(measure(cfg, Path(cache)))
     return results
 
@@ -200,13 +218,24 @@ def small_workload(extra: list[str]):
     """5 clients x 2,000 samples of 512-d features, a linear FedAvg head, 1 epoch of batch 64
     per round, 20 rounds, no evaluation but the last: rounds where orchestration shows."""
     w = SMALL
-    return load_config("smoke", [
-        f"data.synthetic.train_per_class={w['per_client'] * w['clients'] // w['classes']}",
-        f"data.synthetic.num_classes={w['classes']}", "data.synthetic.test_per_class=20", f"scenario.tasks=[{w['classes']}]",
-        f"scenario.num_clients={w['clients']}", "scenario.partition=iid", f"training.rounds={w['rounds']}",
-        f"training.local_epochs={w['epochs']}", f"training.batch_size={w['batch_size']}", "training.optimizer=sgd",
-        "eval.every=0", "methods.fedavg.head=linear", *extra,
-    ])
+    return load_config(
+        "smoke",
+        [
+            f"data.synthetic.train_per_class={w['per_client'] * w['clients'] // w['classes']}",
+            f"data.synthetic.num_classes={w['classes']}",
+            "data.synthetic.test_per_class=20",
+            f"scenario.tasks=[{w['classes']}]",
+            f"scenario.num_clients={w['clients']}",
+            "scenario.partition=iid",
+            f"training.rounds={w['rounds']}",
+            f"training.local_epochs={w['epochs']}",
+            f"training.batch_size={w['batch_size']}",
+            "training.optimizer=sgd",
+            "eval.every=0",
+            "methods.fedavg.head=linear",
+            *extra,
+        ],
+    )
 
 
 def plain_loop(cfg, train_x: np.ndarray, train_y: np.ndarray, parts: tuple[np.ndarray, ...]) -> list[float]:
@@ -258,13 +287,27 @@ def run_small_rounds(actors: list[int] | None = None) -> list[dict]:
     train_x = np.asarray(store.features("train"))
     scen = build_scenario(base.scenario, ds.train_y, ds.class_names, base.seed)
     plain = plain_loop(base, train_x, ds.train_y, scen.client_indices[0])[1:]
-    rows = [{"executor": "plain loop", "s_per_round": float(np.median(plain)), "critical_s": float(np.median(plain)),
-             "server_ms": 0.0, "dispatch_ms": 0.0, "overhead_ms": 0.0}]
+    rows = [
+        {
+            "executor": "plain loop",
+            "s_per_round": float(np.median(plain)),
+            "critical_s": float(np.median(plain)),
+            "server_ms": 0.0,
+            "dispatch_ms": 0.0,
+            "overhead_ms": 0.0,
+        }
+    ]
     rows.append(measure(base, cache))
     rows.append(measure(small_workload(["runtime.executor=ray"]), cache))
     for n in actors or []:
-        rows.append(measure(small_workload(["runtime.executor=ray", f"runtime.num_actors={n}",
-                                            f"runtime.cpus_per_client={max((os.cpu_count() or 1) / n, 0.25)}"]), cache))
+        rows.append(
+            measure(
+                small_workload(
+                    ["runtime.executor=ray", f"runtime.num_actors={n}", f"runtime.cpus_per_client={max((os.cpu_count() or 1) / n, 0.25)}"]
+                ),
+                cache,
+            )
+        )
     for r in rows:
         r["vs_plain"] = r["s_per_round"] / rows[0]["s_per_round"]
     return rows
@@ -309,9 +352,27 @@ def run_scale(clients: list[int], sampled: int, executors: list[str], config: st
     for ex in executors:
         for n in clients:
             dest = out / f"{ex}-{n}"
-            cmd = [sys.executable, "-m", "bench", "run", "-c", config, "--methods", "fedavg", "--out", str(dest),
-                   "--executor", ex, "--set", f"scenario.num_clients={n}", "--set", f"training.client_fraction={sampled / n}",
-                   "--set", "scenario.partition=iid", *[a for e in extra for a in ("--set", e)]]
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench",
+                "run",
+                "-c",
+                config,
+                "--methods",
+                "fedavg",
+                "--out",
+                str(dest),
+                "--executor",
+                ex,
+                "--set",
+                f"scenario.num_clients={n}",
+                "--set",
+                f"training.client_fraction={sampled / n}",
+                "--set",
+                "scenario.partition=iid",
+                *[a for e in extra for a in ("--set", e)],
+            ]
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             peak = 0
@@ -322,9 +383,16 @@ def run_scale(clients: list[int], sampled: int, executors: list[str], config: st
             if proc.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed: {err[-2000:]}")
             rounds = pq.read_table(dest / "rounds").to_pandas()
-            rows.append({"executor": ex, "clients": n, "sampled": int(rounds["clients_used"].iloc[0]),
-                         "s_per_round": float(rounds["wall_seconds"].median()), "peak_gb": peak / 1e9,
-                         "run_s": time.perf_counter() - t0})
+            rows.append(
+                {
+                    "executor": ex,
+                    "clients": n,
+                    "sampled": int(rounds["clients_used"].iloc[0]),
+                    "s_per_round": float(rounds["wall_seconds"].median()),
+                    "peak_gb": peak / 1e9,
+                    "run_s": time.perf_counter() - t0,
+                }
+            )
     return rows
 
 
@@ -347,6 +415,13 @@ def run_batched(counts: list[int], rounds: int = 6) -> list[dict]:
             cfg = small_workload([f"scenario.num_clients={n}", f"training.rounds={rounds}", f"runtime.batch_clients={batched}"])
             out = execute_run(RunSpec("fedavg", cfg), ds, store, make_executor(cfg.runtime), str(cache))
             wall = float(np.median([r["wall_seconds"] for r in out.tables["rounds"][1:]]))
-            rows.append({"clients": n, "path": "batched" if batched else "per client", "s_per_round": wall,
-                         "rounds_per_s": 1 / wall, "final_acc": out.summary["final_acc"]})
+            rows.append(
+                {
+                    "clients": n,
+                    "path": "batched" if batched else "per client",
+                    "s_per_round": wall,
+                    "rounds_per_s": 1 / wall,
+                    "final_acc": out.summary["final_acc"],
+                }
+            )
     return rows

@@ -36,8 +36,24 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "fedame_bench.methods"
 
 __all__ = [
-    "Aggregator", "Client", "ClientData", "ClientUpdate", "Combined", "Message", "MethodConfig", "MethodEnv", "RunFlag",
-    "Server", "ServerHandle", "TaskInfo", "TrainContext", "TrainSettings", "available_methods", "derive_seed", "get_method", "register",
+    "Aggregator",
+    "Client",
+    "ClientData",
+    "ClientUpdate",
+    "Combined",
+    "Message",
+    "MethodConfig",
+    "MethodEnv",
+    "RunFlag",
+    "Server",
+    "ServerHandle",
+    "TaskInfo",
+    "TrainContext",
+    "TrainSettings",
+    "available_methods",
+    "derive_seed",
+    "get_method",
+    "register",
 ]
 
 
@@ -230,7 +246,9 @@ class Server(ABC):
         started from (the attention rule embeds their change from it). Records each
         client's share of the result for the rounds table."""
         if self.env.aggregator is None:
-            raise RuntimeError("MethodEnv.aggregator is not set: build the env with bench.runner.method_env (or pass a bench.federation.RuleAggregator)")
+            raise RuntimeError(
+                "MethodEnv.aggregator is not set: build the env with bench.runner.method_env (or pass a bench.federation.RuleAggregator)"
+            )
         out = self.env.aggregator(updates, keys, weights, reference)
         for u, share in zip(updates, out.shares):
             self._shares.setdefault(u.client_id, []).append(float(share))
@@ -381,7 +399,5 @@ class UnknownMethodError(UserError, ValueError):
 def get_method(name: str) -> type[Server]:
     methods = available_methods()
     if name not in methods:
-        raise UnknownMethodError(
-            f"unknown method {name!r}; known methods: {', '.join(methods)} (see `fedame-bench methods`)"
-        )
+        raise UnknownMethodError(f"unknown method {name!r}; known methods: {', '.join(methods)} (see `fedame-bench methods`)")
     return methods[name]

@@ -39,7 +39,6 @@ class RunProgress:
     ledger: WireLedger = field(default_factory=WireLedger)  # bytes down: what clients do not hold yet (bench/wire.py)
 
 
-
 @dataclass
 class RunCheckpoint:
     run_id: str

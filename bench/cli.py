@@ -18,7 +18,9 @@ from bench.progress import console, progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated class-incremental learning benchmarks.")
 
-SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Skip result files that are not readable Parquet (each is named) instead of stopping")]
+SkipBadOpt = Annotated[
+    bool, typer.Option("--skip-bad", help="Skip result files that are not readable Parquet (each is named) instead of stopping")
+]
 
 
 def _warn_skipped(bad: list[Path] | None) -> None:
@@ -77,8 +79,12 @@ def run(
     from bench.results import ResultWriter
     from bench.sweep import expand, parse_floats, parse_ints, parse_methods, prepare, run_sweep
 
-    runtime = {"runtime.executor": executor, "runtime.address": address, "runtime.gpus_per_client": gpus_per_client,
-               "runtime.max_concurrent_runs": concurrent_runs}
+    runtime = {
+        "runtime.executor": executor,
+        "runtime.address": address,
+        "runtime.gpus_per_client": gpus_per_client,
+        "runtime.max_concurrent_runs": concurrent_runs,
+    }
     overrides = [*(set_ or []), *(f"{k}={v}" for k, v in runtime.items() if v is not None), *flag_overrides(ctx.args)]
     cfg = load_config(config, overrides)
     if cfg.data.dataset == "imagefolder":  # the folder is the dataset: recorded in the config and the run id
@@ -136,8 +142,11 @@ class SweepDisplay:
         if self.plain and not resume:
             self.bar.console.print(f"{label(spec)}: starting", highlight=False)
         if resume:
-            self.bar.console.print(f"{label(spec)}: resuming at task {resume.next_task} from {self.out}/checkpoints/{spec.run_id}.pkl",
-                                   highlight=False, soft_wrap=True)
+            self.bar.console.print(
+                f"{label(spec)}: resuming at task {resume.next_task} from {self.out}/checkpoints/{spec.run_id}.pkl",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     def round_done(self, spec, row) -> None:
         acc = "" if row["acc_seen"] is None else f" acc={row['acc_seen']:.3f}"
@@ -171,7 +180,9 @@ def _print_summary(out: Path, specs) -> None:
         table.add_column(col, justify="right" if col != "method" else "left")
     for row in sorted((r for r in summary if r["run_id"] in ids), key=lambda r: (r["method"], r["alpha"], r["seed"])):
         table.add_row(
-            row["method"], f"{row['alpha']:g}", str(row["seed"]),
+            row["method"],
+            f"{row['alpha']:g}",
+            str(row["seed"]),
             *(f"{row[k]:.4f}" if row[k] is not None else "-" for k in ("final_acc", "avg_acc", "forgetting", "bwt")),
             f"{row['wall_seconds']:.1f}",
         )
@@ -183,7 +194,9 @@ def _print_summary(out: Path, specs) -> None:
 def report(
     results: Annotated[list[Path], typer.Argument(help="One or more results directories")],
     format: Annotated[str, typer.Option("--format", "-f", help="markdown | latex | csv")] = "markdown",
-    metrics: Annotated[str, typer.Option("--metrics", help="Comma list: final_acc, avg_acc, forgetting, bwt, wall_seconds, bytes_down, bytes_up")] = "final_acc,avg_acc,forgetting",
+    metrics: Annotated[
+        str, typer.Option("--metrics", help="Comma list: final_acc, avg_acc, forgetting, bwt, wall_seconds, bytes_down, bytes_up")
+    ] = "final_acc,avg_acc,forgetting",
     by: Annotated[str, typer.Option("--by", help="Settings that make the columns, e.g. alpha,dataset")] = "alpha",
     skip_bad: SkipBadOpt = False,
 ) -> None:
@@ -219,7 +232,9 @@ def plot(
 @user_errors
 def prepare_cmd(
     config: ConfigOpt = "cifar100_local",
-    methods: Annotated[Optional[str], typer.Option("--methods", "-m", help="Methods whose inputs to make too (default: every method)")] = "all",
+    methods: Annotated[
+        Optional[str], typer.Option("--methods", "-m", help="Methods whose inputs to make too (default: every method)")
+    ] = "all",
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
@@ -231,14 +246,23 @@ def prepare_cmd(
     from bench.sweep import parse_methods
 
     cfg = load_config(config, list(set_ or []))
-    outcomes = prepare_inputs(cfg, resolve_data_dir(data_dir, cfg.data.root), parse_methods(methods, cfg),
-                              lambda line: console.print(line, highlight=False, soft_wrap=True))
+    outcomes = prepare_inputs(
+        cfg,
+        resolve_data_dir(data_dir, cfg.data.root),
+        parse_methods(methods, cfg),
+        lambda line: console.print(line, highlight=False, soft_wrap=True),
+    )
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
-        raise InputError(f"{len(failed)} of {len(outcomes)} inputs not ready: "
-                         + "; ".join(f"{o.input.what} at {o.input.path}: {o.detail}" for o in failed))
-    console.print(f"{len(outcomes)} inputs ready for {cfg.name}: "
-                  + ", ".join(f"{o.input.what} {o.status}" for o in outcomes), highlight=False, soft_wrap=True)
+        raise InputError(
+            f"{len(failed)} of {len(outcomes)} inputs not ready: "
+            + "; ".join(f"{o.input.what} at {o.input.path}: {o.detail}" for o in failed)
+        )
+    console.print(
+        f"{len(outcomes)} inputs ready for {cfg.name}: " + ", ".join(f"{o.input.what} {o.status}" for o in outcomes),
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("pretrain-backbone")
@@ -261,14 +285,18 @@ def pretrain_backbone(
     cfg = load_config(config, list(set_ or []))
     ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
     info = pretrain(ds, cfg.backbone, parse_classes(classes, ds.num_classes), epochs, out, batch_size, max_lr, seed=cfg.seed)
-    console.print(f"wrote {out} (test accuracy {info['test_accuracy']:.4f} on {len(info['classes'])} classes) and {out.with_suffix('.json')}")
+    console.print(
+        f"wrote {out} (test accuracy {info['test_accuracy']:.4f} on {len(info['classes'])} classes) and {out.with_suffix('.json')}"
+    )
 
 
 @app.command("probe-backbone")
 @user_errors
 def probe_backbone(
     config: ConfigOpt = "cifar100",
-    classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Class sets to probe, e.g. 0-49 (repeatable); default all")] = None,
+    classes: Annotated[
+        Optional[list[str]], typer.Option("--classes", help="Class sets to probe, e.g. 0-49 (repeatable); default all")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file for the probe table")] = Path("results/probe.parquet"),
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
@@ -289,7 +317,9 @@ def probe_backbone(
     rows = probe(FeatureStore(ds, cfg.backbone, default_cache_dir(cfg)), sets)
     table = Table("classes", "n classes", "NCM", "linear probe", "train", "test", title=f"frozen {rows[0]['backbone']} on {ds.name}")
     for r in rows:
-        table.add_row(r["classes"], str(r["num_classes"]), f"{r['ncm']:.4f}", f"{r['linear_probe']:.4f}", str(r["n_train"]), str(r["n_test"]))
+        table.add_row(
+            r["classes"], str(r["num_classes"]), f"{r['ncm']:.4f}", f"{r['linear_probe']:.4f}", str(r["n_train"]), str(r["n_test"])
+        )
     console.print(table)
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), out)

@@ -17,7 +17,9 @@ COMMANDS_GROUP = "fedame_bench.commands"
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="YAML config path, or a name in configs/ (default, cifar100, smoke ...)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: key.sub=value (repeatable)")]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the dataset files (else FEDAME_DATA_DIR, data.root, ~/.cache)")]
+DataDirOpt = Annotated[
+    Optional[str], typer.Option("--data-dir", help="Folder holding the dataset files (else FEDAME_DATA_DIR, data.root, ~/.cache)")
+]
 
 
 class FlagError(UserError, ValueError):

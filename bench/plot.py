@@ -104,8 +104,17 @@ def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Pat
         vals = [summary[(summary.method == m) & (summary.alpha == a)].forgetting for a in alphas]
         means = [v.mean() * 100 for v in vals]
         stds = [(v.std() if len(v) > 1 else 0) * 100 for v in vals]
-        ax.bar(np.arange(len(alphas)) + i * width, means, width, yerr=stds, label=m, color="white", edgecolor="black",
-               hatch=HATCHES[i % len(HATCHES)], capsize=3)
+        ax.bar(
+            np.arange(len(alphas)) + i * width,
+            means,
+            width,
+            yerr=stds,
+            label=m,
+            color="white",
+            edgecolor="black",
+            hatch=HATCHES[i % len(HATCHES)],
+            capsize=3,
+        )
     ax.set_xticks(np.arange(len(alphas)) + width * (len(methods) - 1) / 2, [f"alpha = {a:g}" for a in alphas])
     ax.set(ylabel="forgetting (%, lower is better)")
     ax.legend(fontsize="small")
@@ -177,4 +186,3 @@ def attention_weights(attacked: pd.DataFrame, out: Path, what: str) -> list[Path
     fig.suptitle(f"attention weight of each client per round: {what}", fontsize="medium")
     fig.tight_layout(rect=(0, 0.1, 1, 0.93))
     return _save(fig, out, "attention_weights")
-

@@ -84,9 +84,7 @@ class Outcome:
     detail: str
 
 
-def prepare_inputs(
-    cfg: ExperimentConfig, data_dir: Path, methods: list[str], say: Callable[[str], None]
-) -> list[Outcome]:
+def prepare_inputs(cfg: ExperimentConfig, data_dir: Path, methods: list[str], say: Callable[[str], None]) -> list[Outcome]:
     """Make what is missing, check what is there; one outcome per input, in order.
 
     The dataset comes first (the backbone and the anchors are made from it). An input that

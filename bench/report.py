@@ -27,7 +27,18 @@ METRICS = {
     "bytes_down": ("MB down", False, 1e-6, 1),  # what a deployment sends (bench/wire.py)
     "bytes_up": ("MB up", False, 1e-6, 1),
 }
-SETTING_COLUMNS = ("alpha", "dataset", "num_tasks", "num_clients", "partition", "rounds", "local_epochs", "backbone", "aggregation", "attack")
+SETTING_COLUMNS = (
+    "alpha",
+    "dataset",
+    "num_tasks",
+    "num_clients",
+    "partition",
+    "rounds",
+    "local_epochs",
+    "backbone",
+    "aggregation",
+    "attack",
+)
 NOTE = (
     "Mean ± std over seeds (n = seeds). R[i,j] = accuracy on task j after task i. Final acc.: accuracy on all seen "
     "test samples after the last task; Avg. inc. acc.: mean over tasks of that accuracy after each task; "

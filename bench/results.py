@@ -149,7 +149,9 @@ class ResultWriter:
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
-            raise ResultsDirError(f"output directory {self.out} is not writable ({e.strerror}); pass --out to a writable directory") from None
+            raise ResultsDirError(
+                f"output directory {self.out} is not writable ({e.strerror}); pass --out to a writable directory"
+            ) from None
 
     def path(self, table: str, run_id: str) -> Path:
         return self.out / table / f"{run_id}.parquet"

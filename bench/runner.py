@@ -53,7 +53,9 @@ class RunSpec:
     @functools.cached_property
     def run_id(self) -> str:
         """Stable across executors and machines: a digest of what determines the numbers."""
-        ident = self.config.model_dump(mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods", "aggregation", "prepare", "track"})
+        ident = self.config.model_dump(
+            mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods", "aggregation", "prepare", "track"}
+        )
         if self.config.track != "class_incremental":
             ident["track"] = self.config.track
         data = ident["data"]
@@ -141,8 +143,9 @@ class RunLoop:
     -> evaluate, each round's row appended to `progress`. What a stage is and how the server
     is evaluated is the run's track's (bench/tracks/)."""
 
-    def __init__(self, spec: RunSpec, server: ServerHandle, executor: Executor, track: Track, env: MethodEnv,
-                 progress: RunProgress) -> None:
+    def __init__(
+        self, spec: RunSpec, server: ServerHandle, executor: Executor, track: Track, env: MethodEnv, progress: RunProgress
+    ) -> None:
         self.spec, self.cfg, self.server, self.executor = spec, spec.config, server, executor
         self.track, self.env, self.progress = track, env, progress
         self.attack = self.cfg.scenario.attack
@@ -220,7 +223,11 @@ def execute_run(
     started = resume.started if resume else datetime.now(timezone.utc)
     t_start = time.perf_counter() - (resume.elapsed if resume else 0.0)
     method_cls = get_method(spec.method)
-    train_x, test_x = (store.features("train"), store.features("test")) if method_cls.input == "features" else (store.images("train"), store.images("test"))
+    train_x, test_x = (
+        (store.features("train"), store.features("test"))
+        if method_cls.input == "features"
+        else (store.images("train"), store.images("test"))
+    )
     env = method_env(cfg, ds, int(train_x.shape[1]) if method_cls.input == "features" else 0, cache_dir)
     track = get_track(cfg.track)(cfg, ds, test_x)
     server = start_run(spec, executor, env, train_x, ds.train_y, resume)
@@ -237,7 +244,9 @@ def execute_run(
             if on_task_end is not None:
                 on_task_end(server, t, track, train_x, test_x)
             if save_checkpoint is not None and t < track.num_stages - 1:
-                save_checkpoint(RunCheckpoint(spec.run_id, t + 1, server.state(), copy.deepcopy(progress), time.perf_counter() - t_start, started))
+                save_checkpoint(
+                    RunCheckpoint(spec.run_id, t + 1, server.state(), copy.deepcopy(progress), time.perf_counter() - t_start, started)
+                )
         extra = server.extra_rows()  # before stop(): on Ray the server lives in an actor
     finally:
         executor.stop()
@@ -246,8 +255,9 @@ def execute_run(
     return run_tables(spec, ds.name, track, progress, extra, runs_row, time.perf_counter() - t_start)
 
 
-def start_run(spec: RunSpec, executor: Executor, env: MethodEnv, train_x: np.ndarray, train_y: np.ndarray,
-              resume: RunCheckpoint | None) -> ServerHandle:
+def start_run(
+    spec: RunSpec, executor: Executor, env: MethodEnv, train_x: np.ndarray, train_y: np.ndarray, resume: RunCheckpoint | None
+) -> ServerHandle:
     """The run's server (restored from `resume`) and its client workers, ready for stage 0;
     a failed start releases what it reserved (central actor, placement group)."""
     method_cls, mcfg = get_method(spec.method), method_config(spec.config, spec.method)
@@ -266,8 +276,15 @@ def start_run(spec: RunSpec, executor: Executor, env: MethodEnv, train_x: np.nda
     return server
 
 
-def run_tables(spec: RunSpec, dataset: str, track: Track, progress: RunProgress, extra: dict[str, list[dict[str, Any]]],
-               runs_row: dict[str, Any], wall: float) -> RunOutput:
+def run_tables(
+    spec: RunSpec,
+    dataset: str,
+    track: Track,
+    progress: RunProgress,
+    extra: dict[str, list[dict[str, Any]]],
+    runs_row: dict[str, Any],
+    wall: float,
+) -> RunOutput:
     """A finished run's rows for every table (the harness's, its track's, its method's), and its summary."""
     summary = {
         "run_id": spec.run_id,
@@ -300,9 +317,7 @@ def attack_label(cfg: ExperimentConfig, malicious: tuple[int, ...]) -> str:
     return "none" if kind == "none" else f"{kind} x{len(malicious)}"
 
 
-def run_row(
-    spec: RunSpec, dataset: str, executor: str, status: str, error: str | None, started: datetime
-) -> dict[str, Any]:
+def run_row(spec: RunSpec, dataset: str, executor: str, status: str, error: str | None, started: datetime) -> dict[str, Any]:
     cfg = spec.config
     tasks = cfg.scenario.tasks
     n_tasks = len(tasks) if tasks else (cfg.scenario.n_tasks or 1)

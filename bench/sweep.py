@@ -44,7 +44,9 @@ def default_cache_dir(cfg: ExperimentConfig) -> Path:
 def parse_methods(text: str | None, cfg: ExperimentConfig) -> list[str]:
     names = cfg.sweep.methods if not text else [m.strip() for m in text.split(",") if m.strip()]
     if not names:
-        raise ConfigError(f"{cfg.name} names no methods: pass --methods (e.g. --methods all; `fedame-bench methods` lists them) or set sweep.methods")
+        raise ConfigError(
+            f"{cfg.name} names no methods: pass --methods (e.g. --methods all; `fedame-bench methods` lists them) or set sweep.methods"
+        )
     if names == ["all"]:
         return [name for name, cls in available_methods().items() if cfg.track in cls.tracks]
     _no_duplicates(names, "methods", text)
@@ -92,13 +94,13 @@ def expand(cfg: ExperimentConfig, methods: list[str], alphas: list[float], seeds
     for m in methods:
         method_config(cfg, m)  # validate every method's section before any work
         if cfg.track not in get_method(m).tracks:
-            raise ConfigError(f"{m} does not run the {cfg.track} track (it runs {', '.join(get_method(m).tracks)}); "
-                              "`fedame-bench methods` lists the methods of each track")
+            raise ConfigError(
+                f"{m} does not run the {cfg.track} track (it runs {', '.join(get_method(m).tracks)}); "
+                "`fedame-bench methods` lists the methods of each track"
+            )
         for a in alphas:
             for s in seeds:
-                c = ExperimentConfig.model_validate(
-                    {**cfg.model_dump(), "seed": s, "scenario": {**cfg.scenario.model_dump(), "alpha": a}}
-                )
+                c = ExperimentConfig.model_validate({**cfg.model_dump(), "seed": s, "scenario": {**cfg.scenario.model_dump(), "alpha": a}})
                 specs.append(RunSpec(m, c, sweep=cfg.name))
     return specs
 
@@ -185,9 +187,11 @@ def ctrl_c_sets(stop: threading.Event) -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _run_todo(todo: list[RunSpec], prepared: Prepared, writer: ResultWriter, stop: threading.Event,
-              on_run_start, on_round, on_run_end) -> list[dict | None]:
+def _run_todo(
+    todo: list[RunSpec], prepared: Prepared, writer: ResultWriter, stop: threading.Event, on_run_start, on_round, on_run_end
+) -> list[dict | None]:
     """Each run's summary (None for a failed or cancelled run); `stop` ends them at a round's end."""
+
     def round_done(spec: RunSpec, row: dict) -> None:
         if stop.is_set():
             raise KeyboardInterrupt

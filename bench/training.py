@@ -102,8 +102,9 @@ def load_module_arrays(module: nn.Module, arrays: dict[str, np.ndarray], prefix:
     module.load_state_dict(state, assign=assign)
 
 
-def module_from_arrays(build: Callable[[], nn.Module], arrays: dict[str, np.ndarray], prefix: str = "",
-                       device: str | torch.device = "cpu") -> nn.Module:
+def module_from_arrays(
+    build: Callable[[], nn.Module], arrays: dict[str, np.ndarray], prefix: str = "", device: str | torch.device = "cpu"
+) -> nn.Module:
     """`build()`'s module holding (copies of) the arrays at `prefix`, on `device`. Built on the
     meta device, so its random initialisation, overwritten anyway, is never computed: a
     client that rebuilds a model from every payload spent more on initialising it than on

@@ -132,14 +132,18 @@ def anchors_input(cfg: AnchorConfig) -> Input | None:
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
-                np.savez(f, features=feats, class_names=np.array(names), prompt=np.array(cfg.templates[0]),
-                         model=np.array(cfg.model))
+                np.savez(f, features=feats, class_names=np.array(names), prompt=np.array(cfg.templates[0]), model=np.array(cfg.model))
 
         atomic_write(path, write)
         write_sidecar(path)
 
-    return Input(f"CLIP text anchors ({cfg.model})", path, check=lambda: check_sidecar(path), make=make,
-                 cost="from the CLIP weights in the Hugging Face cache")
+    return Input(
+        f"CLIP text anchors ({cfg.model})",
+        path,
+        check=lambda: check_sidecar(path),
+        make=make,
+        cost="from the CLIP weights in the Hugging Face cache",
+    )
 
 
 def random_anchors(names: list[str], dim: int, seed: int = 0) -> np.ndarray:

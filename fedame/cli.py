@@ -20,7 +20,9 @@ def diagnose(
     config: ConfigOpt = "cifar100_local",
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="Dirichlet alpha (default: the config's)")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Run seed (default: the config's)")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file for the per-task diagnosis")] = Path("results/fedame_diagnosis.parquet"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file for the per-task diagnosis")] = Path(
+        "results/fedame_diagnosis.parquet"
+    ),
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
@@ -48,10 +50,20 @@ def diagnose(
 
     spec = specs[0]
     with console.status(f"fedame on {cfg.name}, alpha {spec.alpha:g}, seed {spec.seed}"):
-        execute_run(spec, ds, prepared.store, make_executor(spec.config.runtime.model_copy(update={"executor": "local"})),
-                    str(prepared.cache_dir), on_task_end=after_task)
-    table = Table("after task", *(str(r["task"]) for r in rows), title=f"FedAME diagnosis: {cfg.name}, alpha {spec.alpha:g}, "
-                  f"seed {spec.seed}, {cfg.training.rounds} rounds x {cfg.training.local_epochs} epochs")
+        execute_run(
+            spec,
+            ds,
+            prepared.store,
+            make_executor(spec.config.runtime.model_copy(update={"executor": "local"})),
+            str(prepared.cache_dir),
+            on_task_end=after_task,
+        )
+    table = Table(
+        "after task",
+        *(str(r["task"]) for r in rows),
+        title=f"FedAME diagnosis: {cfg.name}, alpha {spec.alpha:g}, "
+        f"seed {spec.seed}, {cfg.training.rounds} rounds x {cfg.training.local_epochs} epochs",
+    )
     for key in [k for k in rows[0] if k != "task"]:  # one metric per row: fits a terminal
         table.add_row(key, *(str(r[key]) if isinstance(r[key], int) else f"{r[key]:.3f}" for r in rows))
     console.print(table)

@@ -66,7 +66,9 @@ def routing(server: FedAME, x: torch.Tensor) -> np.ndarray:
     return np.asarray(alive)[scores.argmax(1).numpy()]
 
 
-def diagnose_task(server: FedAME, task: int, new: list[int], train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+def diagnose_task(
+    server: FedAME, task: int, new: list[int], train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]
+) -> dict[str, Any]:
     seen = list(server.seen)
     tx, ty = test
     m = np.isin(ty, seen)

@@ -89,7 +89,8 @@ def anchor_logits(z: torch.Tensor, class_anchors: torch.Tensor, log_scale: torch
     return log_scale.exp() * z @ class_anchors.T
 
 
-def contrastive_loss(u: torch.Tensor, class_anchors: torch.Tensor, target_pos: torch.Tensor, temperature: float,
-                     reduction: str = "mean") -> torch.Tensor:
+def contrastive_loss(
+    u: torch.Tensor, class_anchors: torch.Tensor, target_pos: torch.Tensor, temperature: float, reduction: str = "mean"
+) -> torch.Tensor:
     """InfoNCE between projected features and the class anchors (positives: own class)."""
     return F.cross_entropy(u @ class_anchors.T / temperature, target_pos, reduction=reduction)

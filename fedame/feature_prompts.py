@@ -66,7 +66,9 @@ def scatter_rows(pos: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
     return dense
 
 
-def merge_class(counts: np.ndarray, sums: np.ndarray, factors: np.ndarray, rest: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+def merge_class(
+    counts: np.ndarray, sums: np.ndarray, factors: np.ndarray, rest: np.ndarray, rank: int
+) -> tuple[np.ndarray, np.ndarray, float]:
     """One class from K client reports: (mean, d x rank factor L, isotropic variance s^2)."""
     n = counts.sum()
     mean = sums.sum(0) / n
@@ -112,8 +114,12 @@ class FeaturePromptBank:
         n = self.count[c]
         dof = max(n - 1.0, 1.0)
         d = self.mean[c].shape[0]
-        return {"fp_count": np.float64(n), "fp_sum": n * self.mean[c], "fp_factor": np.sqrt(dof) * self.factor[c].T,
-                "fp_rest": np.float64(self.iso[c] * dof * d)}
+        return {
+            "fp_count": np.float64(n),
+            "fp_sum": n * self.mean[c],
+            "fp_factor": np.sqrt(dof) * self.factor[c].T,
+            "fp_rest": np.float64(self.iso[c] * dof * d),
+        }
 
     def update(self, classes: np.ndarray, reports: list[dict[str, np.ndarray]]) -> None:
         """Rebuild the prompts of `classes` (positions in the reports) from every client's report
@@ -155,8 +161,9 @@ def draw_noise(m: int, rank: int, dim: int, gen: torch.Generator) -> tuple[torch
     return torch.randn(m, rank, generator=gen), torch.randn(m, dim, generator=gen)
 
 
-def features_from_noise(mu: torch.Tensor, L: torch.Tensor, sd: torch.Tensor, which: torch.Tensor, z: torch.Tensor,
-                        e: torch.Tensor) -> torch.Tensor:
+def features_from_noise(
+    mu: torch.Tensor, L: torch.Tensor, sd: torch.Tensor, which: torch.Tensor, z: torch.Tensor, e: torch.Tensor
+) -> torch.Tensor:
     """mu + L z + sd e for each row's prompt `which[i]`. The low-rank term is one batched
     product over the prompts drawn, each prompt's rows padded to the most drawn one, instead
     of gathering a d x rank factor per row (8 MB for 128 rows): the same dot products (at

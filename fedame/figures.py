@@ -25,15 +25,18 @@ def expert_pool_figure(rounds: pd.DataFrame, decisions: pd.DataFrame | None) -> 
     for i, a in enumerate(alphas):
         sel = fed[fed.alpha == a].groupby("global_round").experts_alive.mean()
         mk, ls = STYLES[i % len(STYLES)]
-        axes[0].plot(sel.index, sel.values, marker=mk, linestyle=ls, color="black", markevery=max(1, len(sel) // 10), label=f"alpha = {a:g}")
+        axes[0].plot(
+            sel.index, sel.values, marker=mk, linestyle=ls, color="black", markevery=max(1, len(sel) // 10), label=f"alpha = {a:g}"
+        )
     axes[0].set(xlabel="communication round", ylabel="experts alive (count)", title="FedAME expert pool")
     axes[0].legend()
     if decisions is not None and not decisions.empty:
         counts = decisions.groupby(["source", "action"]).size().unstack(fill_value=0)
         bottom = np.zeros(len(counts))
         for j, action in enumerate(counts.columns):
-            axes[1].bar(counts.index, counts[action], bottom=bottom, color="white", edgecolor="black",
-                        hatch=HATCHES[j % len(HATCHES)], label=action)
+            axes[1].bar(
+                counts.index, counts[action], bottom=bottom, color="white", edgecolor="black", hatch=HATCHES[j % len(HATCHES)], label=action
+            )
             bottom += counts[action].to_numpy()
         axes[1].set(xlabel="decision source", ylabel="decisions (count)", title="FedAME decisions")
         axes[1].legend(fontsize="small")

@@ -114,8 +114,10 @@ class DecisionMaker:
     def fall_back(self, cls: int, experts: list[ExpertView], why: str, latency: float | None = None, digest: str | None = None) -> Decision:
         """The rule's decision where the LLM was meant to decide: recorded, or an error when required."""
         if self.llm.required:
-            raise LLMRequiredError(f"methods.fedame.llm.required: {why} (class {display_name(self.names[cls])!r}); "
-                                   f"check {self.llm.base_url} and ${self.llm.api_key_env}, or drop --require-llm")
+            raise LLMRequiredError(
+                f"methods.fedame.llm.required: {why} (class {display_name(self.names[cls])!r}); "
+                f"check {self.llm.base_url} and ${self.llm.api_key_env}, or drop --require-llm"
+            )
         self.fallback_reason = self.fallback_reason or why
         d = self.heuristic(cls, experts, note=f"{why}; ")
         return Decision(d.action, d.expert, d.source, d.latency_s if latency is None else latency, digest, d.reason, fallback=True)
@@ -140,7 +142,11 @@ class DecisionMaker:
             target = int(sims.argmax())
             if sims[target] < self.rule.assign_threshold:
                 return Decision(
-                    "new_expert", None, "heuristic", time.perf_counter() - t0, None,
+                    "new_expert",
+                    None,
+                    "heuristic",
+                    time.perf_counter() - t0,
+                    None,
                     note + f"max similarity {sims[target]:.2f} < {self.rule.assign_threshold}",
                 )
             why = f"most similar expert (sim {sims[target]:.2f})"
@@ -152,12 +158,20 @@ class DecisionMaker:
         too_diverse = self.cluster_of is None and spread < self.rule.min_spread
         if (too_big or too_diverse) and len(e.classes) < 2:  # nothing to split: start a new expert
             return Decision(
-                "new_expert", None, "heuristic", time.perf_counter() - t0, None,
+                "new_expert",
+                None,
+                "heuristic",
+                time.perf_counter() - t0,
+                None,
                 note + f"joining expert {e.id} would be too diverse (sim {spread:.2f})",
             )
         if too_big or too_diverse:
             return Decision(
-                "split", e.id, "heuristic", time.perf_counter() - t0, None,
+                "split",
+                e.id,
+                "heuristic",
+                time.perf_counter() - t0,
+                None,
                 note + f"expert {e.id} would hold {len(members)} classes (min pair sim {spread:.2f})",
             )
         return Decision("assign", e.id, "heuristic", time.perf_counter() - t0, None, note + why)
@@ -171,9 +185,7 @@ class DecisionMaker:
             lines.append(f"- expert {e.id}: classes [{names}]; anchor similarity to the new class {sim:.3f}")
         if not experts:
             lines.append("- (none yet)")
-        lines.append(
-            f"An expert should hold at most {self.rule.max_classes} classes. Answer with the JSON object only."
-        )
+        lines.append(f"An expert should hold at most {self.rule.max_classes} classes. Answer with the JSON object only.")
         return "\n".join(lines)
 
     def _client_or_none(self):
@@ -254,8 +266,7 @@ def ask_clusters(dm: DecisionMaker, names: list[str], k: int) -> list[int] | Non
         return None
     prompt = (
         f"Group these {len(names)} class names into {k} semantic clusters. Answer with one JSON object "
-        '{"clusters": [[class names], ...]} using every name exactly once.\nClasses: '
-        + json.dumps([display_name(n) for n in names])
+        '{"clusters": [[class names], ...]} using every name exactly once.\nClasses: ' + json.dumps([display_name(n) for n in names])
     )
     try:
         raw, source = dm._ask(prompt)

@@ -140,8 +140,10 @@ class FedAMEConfig(MethodConfig):
     @model_validator(mode="after")
     def _gaussian_needs_feature_prompts(self) -> FedAMEConfig:
         if self.gaussian_weight > 0 and self.prompt_space != "feature":
-            raise ValueError("gaussian_weight > 0 scores test features against the feature-space prompts: "
-                             "set prompt_space: feature, or gaussian_weight: 0")
+            raise ValueError(
+                "gaussian_weight > 0 scores test features against the feature-space prompts: "
+                "set prompt_space: feature, or gaussian_weight: 0"
+            )
         return self
 
 
@@ -160,12 +162,14 @@ def build_projector(cfg: FedAMEConfig, env: MethodEnv, anchor_dim: int) -> Proje
         return proj
 
 
-def load_experts(arrays: dict[str, np.ndarray], ids: np.ndarray, prefix: str, device: str = "cpu",
-                 trainable: bool = False) -> list[dict[str, torch.Tensor]]:
+def load_experts(
+    arrays: dict[str, np.ndarray], ids: np.ndarray, prefix: str, device: str = "cpu", trainable: bool = False
+) -> list[dict[str, torch.Tensor]]:
     """The weights of experts `ids` as tensors on `device` (copies: training leaves the
     payload alone); `trainable`: leaves that require a gradient."""
-    return [{k: as_tensor(np.array(arrays[f"{prefix}expert.{int(e)}.{k}"]), device).requires_grad_(trainable) for k in EXPERT_KEYS}
-            for e in ids]
+    return [
+        {k: as_tensor(np.array(arrays[f"{prefix}expert.{int(e)}.{k}"]), device).requires_grad_(trainable) for k in EXPERT_KEYS} for e in ids
+    ]
 
 
 def t(a: np.ndarray, device: str = "cpu") -> torch.Tensor:
@@ -178,8 +182,16 @@ class AnchorMoE:
     The router scores every expert of the pool (their anchors are cheap to send); only the
     `experts` held here (at score columns `positions`) are mixed."""
 
-    def __init__(self, cfg: FedAMEConfig, router: RouterHead, experts: list[ExpertWeights], positions: list[int],
-                 expert_anchors: torch.Tensor, class_anchors: torch.Tensor, log_scale: torch.Tensor) -> None:
+    def __init__(
+        self,
+        cfg: FedAMEConfig,
+        router: RouterHead,
+        experts: list[ExpertWeights],
+        positions: list[int],
+        expert_anchors: torch.Tensor,
+        class_anchors: torch.Tensor,
+        log_scale: torch.Tensor,
+    ) -> None:
         self.cfg, self.router, self.experts, self.positions = cfg, router, experts, positions
         self.expert_anchors, self.class_anchors, self.log_scale = expert_anchors, class_anchors, log_scale
         self.usable = torch.zeros(expert_anchors.shape[0], dtype=torch.bool, device=expert_anchors.device)
@@ -239,8 +251,15 @@ class Replay:
     are one grouped product instead of one gather and product per step (the same dot
     products; batched differently, they may round apart in the last bit)."""
 
-    def __init__(self, feature: bool, cls_pos: torch.Tensor, which: torch.Tensor, prompts: tuple[torch.Tensor, ...],
-                 n_classes: int, per_step: list[int]) -> None:
+    def __init__(
+        self,
+        feature: bool,
+        cls_pos: torch.Tensor,
+        which: torch.Tensor,
+        prompts: tuple[torch.Tensor, ...],
+        n_classes: int,
+        per_step: list[int],
+    ) -> None:
         self.feature, self.cls_pos, self.which, self.prompts, self.per_step = feature, cls_pos, which, prompts, per_step
         self.n = len(which)
         self.drawn = 0  # samples replayed so far (reported, so an ablation can be checked)
@@ -308,8 +327,12 @@ class FedAMEClient(Client):
         prompt_of[prompt_pos] = torch.arange(len(prompt_pos), device=dev)
         is_old = torch.zeros(len(pos), dtype=torch.bool, device=dev)
         is_old[old_pos] = True
-        own = replace(ctx.train, optimizer=cfg.optimizer or ctx.train.optimizer, lr=cfg.lr or ctx.train.lr,
-                      batch_size=cfg.batch_size or ctx.train.batch_size)
+        own = replace(
+            ctx.train,
+            optimizer=cfg.optimizer or ctx.train.optimizer,
+            lr=cfg.lr or ctx.train.lr,
+            batch_size=cfg.batch_size or ctx.train.batch_size,
+        )
 
         def replayed(b: int) -> int:  # replayed samples in a step of b real ones
             return max(1, int(round(cfg.replay_ratio * b)))
@@ -378,8 +401,9 @@ class FedAMEClient(Client):
 
         return self._update(a, proj, moe, frozen, x, y, len(pos), loss, meta={"client_id": data.client_id, "replayed": replay.drawn})
 
-    def _teacher_logits(self, a: dict[str, np.ndarray], x: torch.Tensor, A: torch.Tensor, old_pos: torch.Tensor,
-                        replay: Replay, key: tuple[int, int]) -> torch.Tensor:
+    def _teacher_logits(
+        self, a: dict[str, np.ndarray], x: torch.Tensor, A: torch.Tensor, old_pos: torch.Tensor, replay: Replay, key: tuple[int, int]
+    ) -> torch.Tensor:
         """The previous task's model's logits over the old classes on this client's samples.
 
         Within a task the teacher, the anchors and a client's samples do not change, and the
@@ -419,8 +443,18 @@ class FedAMEClient(Client):
         """The projector of a payload (the current one, or the teacher's), on `dev`."""
         return module_from_arrays(lambda: Projector(self.env.feature_dim, dim, self.config.projector_hidden), a, prefix, dev)
 
-    def _update(self, a: dict[str, np.ndarray], proj: Projector, moe: AnchorMoE, frozen: bool, x: torch.Tensor,
-                y: torch.Tensor, n_seen: int, loss: float, meta: dict[str, Any]) -> ClientUpdate:
+    def _update(
+        self,
+        a: dict[str, np.ndarray],
+        proj: Projector,
+        moe: AnchorMoE,
+        frozen: bool,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        n_seen: int,
+        loss: float,
+        meta: dict[str, Any],
+    ) -> ClientUpdate:
         """What the client sends: its trained arrays (projector unless frozen, router, scale, its
         experts), per-class statistics of its projected features, the backbone-feature report
         once per task, and how many of its samples trained each expert."""
@@ -443,8 +477,7 @@ class FedAMEClient(Client):
                 samples_per_expert[owner] += int(n_c)
         return ClientUpdate(arrays=arrays, meta={"expert_samples": samples_per_expert, **meta}, num_samples=len(y), loss=loss)
 
-    def _replay_source(self, a: dict[str, np.ndarray], pos: dict[int, int], is_old: torch.Tensor, dev: str,
-                       per_step: list[int]) -> Replay:
+    def _replay_source(self, a: dict[str, np.ndarray], pos: dict[int, int], is_old: torch.Tensor, dev: str, per_step: list[int]) -> Replay:
         """The prompts this client replays (none with replay off), `per_step` samples per step."""
         cfg = self.config
         feature = cfg.prompt_space == "feature"
@@ -452,7 +485,9 @@ class FedAMEClient(Client):
         cls_pos = t(np.array([pos[int(c)] for c in classes], dtype=np.int64), dev)
         chosen = torch.ones(len(cls_pos), dtype=torch.bool, device=dev) if cfg.replay_classes == "seen" else is_old[cls_pos]
         which = torch.nonzero(chosen).flatten() if cfg.replay else torch.zeros(0, dtype=torch.long, device=dev)
-        prompts = (t(a["fp_mu"], dev), t(a["fp_L"], dev), t(a["fp_sd"], dev)) if feature else (t(a["prompt_mu"], dev), t(a["prompt_var"], dev))
+        prompts = (
+            (t(a["fp_mu"], dev), t(a["fp_L"], dev), t(a["fp_sd"], dev)) if feature else (t(a["prompt_mu"], dev), t(a["prompt_var"], dev))
+        )
         return Replay(feature, cls_pos, which, prompts, len(pos), per_step)
 
 
@@ -495,8 +530,9 @@ class FedAME(Server):
             if config.decisions != "llm" or not config.llm.enabled:
                 raise LLMRequiredError("methods.fedame.llm.required needs decisions: llm and llm.enabled: true")
             if not os.environ.get(config.llm.api_key_env):
-                raise LLMRequiredError(f"methods.fedame.llm.required: ${config.llm.api_key_env} is not set; "
-                                       "export the key or drop --require-llm")
+                raise LLMRequiredError(
+                    f"methods.fedame.llm.required: ${config.llm.api_key_env} is not set; export the key or drop --require-llm"
+                )
         if config.clusters.source == "superclasses" and dataset.superclasses is None:
             raise AnchorError(f"clusters.source=superclasses: {dataset.name} has no superclasses; use kmeans or config")
 
@@ -690,8 +726,13 @@ class FedAME(Server):
             alive = self.pool.alive
             arrays = {f"expert.{e}.{k}": v for e in alive for k, v in self.pool.params[e].items()}
             moe = AnchorMoE(
-                self.config, self.router, load_experts(arrays, np.asarray(alive), ""),
-                list(range(len(alive))), t(self.pool.expert_anchors(alive)), t(self.anchors[self.seen]), t(self.log_scale),
+                self.config,
+                self.router,
+                load_experts(arrays, np.asarray(alive), ""),
+                list(range(len(alive))),
+                t(self.pool.expert_anchors(alive)),
+                t(self.anchors[self.seen]),
+                t(self.log_scale),
             )
             protos = self.class_prototypes()
             parts.append(lambda xb: moe(self.proj(xb), protos)[0])

@@ -33,8 +33,16 @@ def export(path: str) -> None:
     x = np.asarray(FeatureStore(ds, cfg.backbone, default_cache_dir(cfg)).features("train"), dtype=np.float32)
     parts = build_scenario(cfg.scenario, ds.train_y, ds.class_names, cfg.seed).client_indices[0]
     t = cfg.training
-    np.savez(path, x=x, y=ds.train_y.astype(np.int64), rounds=t.rounds, epochs=t.local_epochs, batch=t.batch_size, lr=t.lr,
-             **{f"client_{k}": ix for k, ix in enumerate(parts)})
+    np.savez(
+        path,
+        x=x,
+        y=ds.train_y.astype(np.int64),
+        rounds=t.rounds,
+        epochs=t.local_epochs,
+        batch=t.batch_size,
+        lr=t.lr,
+        **{f"client_{k}": ix for k, ix in enumerate(parts)},
+    )
     print(f"wrote {path}: {len(parts)} clients, {x.shape[0]} samples of {x.shape[1]}-d features, {t.rounds} rounds")
 
 
@@ -83,17 +91,23 @@ def run(path: str) -> None:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n_clients,
-                          min_available_nodes=n_clients, train_metrics_aggr_fn=aggregate_metrics)
+        strategy = FedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=n_clients,
+            min_available_nodes=n_clients,
+            train_metrics_aggr_fn=aggregate_metrics,
+        )
         strategy.start(grid=grid, initial_arrays=ArrayRecord(torch.nn.Linear(dim, n_classes).state_dict()), num_rounds=rounds)
 
-    run_simulation(server_app, client_app, num_supernodes=n_clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    run_simulation(server_app, client_app, num_supernodes=n_clients, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     import flwr
 
     per_round = np.diff(stamps)  # round r's time: from the end of round r-1 to the end of round r (rounds 2..R)
-    print(f"flower {flwr.__version__}: {n_clients} clients, {rounds} rounds; s/round, median of rounds 2-{rounds}: "
-          f"{np.median(per_round):.4f} (min {per_round.min():.4f}, max {per_round.max():.4f})")
+    print(
+        f"flower {flwr.__version__}: {n_clients} clients, {rounds} rounds; s/round, median of rounds 2-{rounds}: "
+        f"{np.median(per_round):.4f} (min {per_round.min():.4f}, max {per_round.max():.4f})"
+    )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,11 @@ class GpuSampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                capture_output=True,
+                text=True,
+            )
             try:
                 util, mem = (float(v) for v in out.stdout.strip().split(","))
                 self.samples.append((util, mem))
@@ -86,8 +89,13 @@ class GpuSampler:
 
 
 def device_tests(out: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_device.py"], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_device.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     (out / "test_device.log").write_text(proc.stdout + proc.stderr)
     last = (proc.stdout.strip().splitlines() or [""])[-1]
     return {"returncode": proc.returncode, "result": last, "ok": proc.returncode == 0}
@@ -132,11 +140,15 @@ def one_run(method: str, work: Workload, executor_kind: str, gpus: float, device
     rounds = out.tables["rounds"]
     actors = getattr(executor, "devices", [])  # the Ray executor's client actors, as they described themselves
     row = {
-        "method": method, "executor": executor_kind, "gpus_per_client": gpus if executor_kind == "ray" else None, "device": device,
+        "method": method,
+        "executor": executor_kind,
+        "gpus_per_client": gpus if executor_kind == "ray" else None,
+        "device": device,
         "actors": len(actors) or None,
         "actor_devices": sorted({d["device"] for d in actors}) or None,
         "actor_gpu_ids": [d["gpu_ids"] for d in actors] or None,
-        "wall_s": wall, "s_per_round": float(np.mean([r["wall_seconds"] for r in rounds])),
+        "wall_s": wall,
+        "s_per_round": float(np.mean([r["wall_seconds"] for r in rounds])),
         "samples_per_s": work.trained / sum(r["wall_seconds"] for r in rounds),
         "final_acc": out.summary["final_acc"],
         "matrix": [[r["after_task"], r["eval_task"], r["accuracy"]] for r in out.tables["accuracy"]],
@@ -166,18 +178,23 @@ def compare(row: dict, ref: dict) -> float:
 
 
 def summary_md(result: dict) -> str:
-    lines = [f"# GPU check ({result['mode']}, {result['workload']})", "",
-             f"device tests: {result['device_tests']['result']}", "",
-             "| method | executor | GPU share | actors | trained on | s/round | samples/s | GPU mem MB | GPU util % | final | max cell diff vs CPU (points) | check |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU check ({result['mode']}, {result['workload']})",
+        "",
+        f"device tests: {result['device_tests']['result']}",
+        "",
+        "| method | executor | GPU share | actors | trained on | s/round | samples/s | GPU mem MB | GPU util % | final | max cell diff vs CPU (points) | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["runs"]:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"| {r['method']} | {r['executor']} | {fmt(r['gpus_per_client'], 'g')} | {r['actors'] or '-'} | "
-                     f"{','.join(r['actor_devices'] or [r['device']])} | {r['s_per_round']:.3f} | {r['samples_per_s']:.0f} | "
-                     f"{fmt(r['gpu_mem_mb'], '.0f')} | {fmt(r['gpu_util_pct'], '.0f')} | {r['final_acc']:.4f} | "
-                     f"{fmt(r.get('diff_points'), '.2f')} | {r.get('problem') or 'ok'} |")
-    lines += ["", f"tolerance: {result['tolerance']} points in any cell of the accuracy matrix; "
-              f"all checks passed: {result['ok']}", ""]
+        lines.append(
+            f"| {r['method']} | {r['executor']} | {fmt(r['gpus_per_client'], 'g')} | {r['actors'] or '-'} | "
+            f"{','.join(r['actor_devices'] or [r['device']])} | {r['s_per_round']:.3f} | {r['samples_per_s']:.0f} | "
+            f"{fmt(r['gpu_mem_mb'], '.0f')} | {fmt(r['gpu_util_pct'], '.0f')} | {r['final_acc']:.4f} | "
+            f"{fmt(r.get('diff_points'), '.2f')} | {r.get('problem') or 'ok'} |"
+        )
+    lines += ["", f"tolerance: {result['tolerance']} points in any cell of the accuracy matrix; all checks passed: {result['ok']}", ""]
     return "\n".join(lines)
 
 
@@ -198,8 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     config, overrides = workload(args.cpu)
-    result: dict = {"mode": "cuda" if cuda else "cpu", "workload": config, "overrides": overrides, "tolerance": args.tolerance,
-                    "device_tests": device_tests(args.out), "runs": []}
+    result: dict = {
+        "mode": "cuda" if cuda else "cpu",
+        "workload": config,
+        "overrides": overrides,
+        "tolerance": args.tolerance,
+        "device_tests": device_tests(args.out),
+        "runs": [],
+    }
     print(f"device tests: {result['device_tests']['result']}", flush=True)
 
     import ray
@@ -214,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             ref = one_run(method, work, "local", 0, "cpu")
             result["runs"].append(ref)
             runs = ([one_run(method, work, "local", 0, "cuda")] if cuda else []) + [
-                one_run(method, work, "ray", g, device) for g in PACKINGS]
+                one_run(method, work, "ray", g, device) for g in PACKINGS
+            ]
             for r in runs:
                 r["diff_points"] = compare(r, ref)
                 problems = [packing_ok(r, cuda)] if r["executor"] == "ray" else []
@@ -222,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
                     problems.append(f"{r['diff_points']:.2f} points from the CPU run")
                 r["problem"] = "; ".join(p for p in problems if p) or None
                 result["runs"].append(r)
-                print(f"{method} {r['executor']} share={r['gpus_per_client']} s/round={r['s_per_round']:.3f} "
-                      f"diff={r['diff_points']:.2f} {r['problem'] or 'ok'}", flush=True)
+                print(
+                    f"{method} {r['executor']} share={r['gpus_per_client']} s/round={r['s_per_round']:.3f} "
+                    f"diff={r['diff_points']:.2f} {r['problem'] or 'ok'}",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
     result["ok"] = result["device_tests"]["ok"] and not any(r.get("problem") for r in result["runs"])

@@ -84,9 +84,11 @@ def time_shares(averages) -> str:
     products = sum(e.self_cpu_time_total for e in averages if e.key in PRODUCTS)
     optimiser = sum(e.self_cpu_time_total for e in averages if e.key.startswith(OPTIMISER))
     ops = sum(e.count for e in averages if e.key.startswith("aten::"))
-    return (f"self time: matrix products {products / total:.0%}, optimiser step {optimiser / total:.0%}, "
-            f"the rest (elementwise, gathers, scatters, copies) {(total - products - optimiser) / total:.0%}; "
-            f"{ops} aten calls (nested ones included)")
+    return (
+        f"self time: matrix products {products / total:.0%}, optimiser step {optimiser / total:.0%}, "
+        f"the rest (elementwise, gathers, scatters, copies) {(total - products - optimiser) / total:.0%}; "
+        f"{ops} aten calls (nested ones included)"
+    )
 
 
 def main() -> None:
@@ -99,13 +101,17 @@ def main() -> None:
     client, payload, data, ctx = capture(args.job, args.run_args)
     payload.arrays["want_feature_stats"] = np.array(False)  # the once-per-task report is timed apart
     a = payload.arrays
-    print(f"client update {args.job}: task {ctx.task}, round {ctx.round}, client {ctx.client_id}: "
-          f"{len(data.y)} samples, {len(a['held'])} experts held, {len(a['seen'])} classes seen, "
-          f"minibatch {client.config.batch_size or ctx.train.batch_size}")
+    print(
+        f"client update {args.job}: task {ctx.task}, round {ctx.round}, client {ctx.client_id}: "
+        f"{len(data.y)} samples, {len(a['held'])} experts held, {len(a['seen'])} classes seen, "
+        f"minibatch {client.config.batch_size or ctx.train.batch_size}"
+    )
     first = best_time(client, payload, data, ctx, args.repeats, first_round=True)
     full = best_time(client, payload, data, ctx, args.repeats)
-    print(f"local_train: {first * 1000:.0f} ms in the client's first round of the task, "
-          f"{full * 1000:.0f} ms in a later one (teacher's logits memoised; best of {args.repeats} each)")
+    print(
+        f"local_train: {first * 1000:.0f} ms in the client's first round of the task, "
+        f"{full * 1000:.0f} ms in a later one (teacher's logits memoised; best of {args.repeats} each)"
+    )
     from torch.profiler import profile
 
     with profile() as prof:

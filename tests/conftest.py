@@ -77,8 +77,9 @@ def requires_shared_data():
     return pytest.mark.skipif(not (SHARED_DATA / "cifar-100-python" / "train").exists(), reason="../shared/data absent")
 
 
-def write_image_folder(root: Path, layout: str = "split", classes: int = 6, train: int = 12, test: int = 4,
-                       size: int = 40, seed: int = 0) -> Path:
+def write_image_folder(
+    root: Path, layout: str = "split", classes: int = 6, train: int = 12, test: int = 4, size: int = 40, seed: int = 0
+) -> Path:
     """Small PNG folders: "split" (ROOT/train/<class>, ROOT/test/<class>), "pool" (ROOT/<class>)
     or "tiny" (Tiny-ImageNet: train/<wnid>/images, val/images + val_annotations.txt, words.txt).
     Each class is a coloured 4x4 pattern plus noise, the same pattern in every split."""
@@ -139,8 +140,12 @@ def write_tiny_hf_vision(root: Path, kind: str, image_size: int = 32) -> Path:
         proc = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     else:
         model = Dinov2Model(Dinov2Config(**small))
-        proc = BitImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                                 image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        proc = BitImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        )
     model.save_pretrained(root)
     proc.save_pretrained(root)
     return root
@@ -163,11 +168,19 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "num_gpus": 2, "node_ip_address": "127.0.0.1", "object_store_memory": 1 << 30,
-        "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": 0,
-        "_system_config": {"metrics_report_interval_ms": 1000},  # metrics reach the endpoint within a second
-    })
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "num_gpus": 2,
+            "node_ip_address": "127.0.0.1",
+            "object_store_memory": 1 << 30,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": 0,
+            "_system_config": {"metrics_report_interval_ms": 1000},  # metrics reach the endpoint within a second
+        },
+    )
     ray.init(address=c.address, log_to_driver=False)
     yield c
     ray.shutdown()

@@ -17,8 +17,24 @@ runner = CliRunner()
 
 def test_pretrain_one_epoch_writes_loadable_weights_and_json(tmp_path):
     out = tmp_path / "w" / "b.pt"
-    res = runner.invoke(app, ["pretrain-backbone", "--config", "smoke", "--classes", "0-3", "--epochs", "1",
-                              "--batch-size", "32", "--out", str(out), "--set", "backbone.variant=cifar"])
+    res = runner.invoke(
+        app,
+        [
+            "pretrain-backbone",
+            "--config",
+            "smoke",
+            "--classes",
+            "0-3",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--out",
+            str(out),
+            "--set",
+            "backbone.variant=cifar",
+        ],
+    )
     assert res.exit_code == 0, res.output
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["classes"] == [0, 1, 2, 3] and info["epochs"] == 1 and 0 <= info["test_accuracy"] <= 1

@@ -43,8 +43,18 @@ def test_a_dirichlet_split_that_cannot_be_had_fails_in_seconds(tmp_path):
     import time
 
     t0 = time.monotonic()
-    fails(tmp_path, "--config", "smoke", "--set", "data.synthetic.train_per_class=2000", "--set", "scenario.num_clients=4000",
-          "--set", "scenario.min_samples=1", match="could not give each of 4000 clients")
+    fails(
+        tmp_path,
+        "--config",
+        "smoke",
+        "--set",
+        "data.synthetic.train_per_class=2000",
+        "--set",
+        "scenario.num_clients=4000",
+        "--set",
+        "scenario.min_samples=1",
+        match="could not give each of 4000 clients",
+    )
     assert time.monotonic() - t0 < 60
 
 
@@ -68,7 +78,11 @@ def test_malformed_config_file(tmp_path):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("training.roundz=3", "training.roundz"), ("training.rounds=abc", "training.rounds"), ("methods.fedprox.muu=1", "methods.fedprox.muu")],
+    [
+        ("training.roundz=3", "training.roundz"),
+        ("training.rounds=abc", "training.rounds"),
+        ("methods.fedprox.muu=1", "methods.fedprox.muu"),
+    ],
 )
 def test_unknown_key_or_wrong_type_names_the_key(tmp_path, override, key):
     fails(tmp_path, "--config", "smoke", "--set", override, match=key)

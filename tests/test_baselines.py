@@ -37,8 +37,16 @@ def test_fedlwf_runs_and_distils_after_the_first_task(tmp_path):
 
 
 def _env(dim=4, k=3):
-    return MethodEnv(aggregator=mean_aggregator(), feature_dim=dim, num_classes=k, class_names=("a", "b", "c"), dataset="x", run_seed=0,
-                     num_clients=2, train=TrainSettings(1, 8, "sgd", 0.1, 0.0, 0.0))
+    return MethodEnv(
+        aggregator=mean_aggregator(),
+        feature_dim=dim,
+        num_classes=k,
+        class_names=("a", "b", "c"),
+        dataset="x",
+        run_seed=0,
+        num_clients=2,
+        train=TrainSettings(1, 8, "sgd", 0.1, 0.0, 0.0),
+    )
 
 
 def test_fedncm_means_equal_centralised_means():
@@ -62,8 +70,16 @@ def test_fedncm_means_equal_centralised_means():
 def _moe(text_adapters=False):
     from baselines.moe_adapter import MoEAdapterConfig, MoEAdapterFL
 
-    env = MethodEnv(aggregator=mean_aggregator(), feature_dim=0, num_classes=3, class_names=("cat", "dog", "car"), dataset="x", run_seed=0,
-                    num_clients=1, train=TrainSettings(1, 4, "sgd", 0.1, 0.0, 0.0))
+    env = MethodEnv(
+        aggregator=mean_aggregator(),
+        feature_dim=0,
+        num_classes=3,
+        class_names=("cat", "dog", "car"),
+        dataset="x",
+        run_seed=0,
+        num_clients=1,
+        train=TrainSettings(1, 4, "sgd", 0.1, 0.0, 0.0),
+    )
     cfg = MoEAdapterConfig(model="tiny-random", text_adapters=text_adapters)
     return MoEAdapterFL, cfg, env
 

@@ -22,11 +22,14 @@ def smoke(tmp_path_factory):
     return cfg, ds, store
 
 
-@pytest.mark.parametrize("method,overrides", [
-    ("fedavg", ["training.optimizer=sgd", "training.momentum=0.9", "training.weight_decay=1e-3", "training.local_epochs=2"]),
-    ("fedprox", ["methods.fedprox.mu=0.5", "training.optimizer=adam", "training.lr=0.01"]),
-    ("fedlwf", ["methods.fedlwf.head=mlp", "methods.fedlwf.hidden=16"]),
-])
+@pytest.mark.parametrize(
+    "method,overrides",
+    [
+        ("fedavg", ["training.optimizer=sgd", "training.momentum=0.9", "training.weight_decay=1e-3", "training.local_epochs=2"]),
+        ("fedprox", ["methods.fedprox.mu=0.5", "training.optimizer=adam", "training.lr=0.01"]),
+        ("fedlwf", ["methods.fedlwf.head=mlp", "methods.fedlwf.hidden=16"]),
+    ],
+)
 def test_batched_clients_equal_the_per_client_path(smoke, method, overrides, tmp_path):
     cfg0, ds, store = smoke
     cfg = load_config("smoke", ["scenario.num_clients=6", "scenario.alpha=0.3", "training.batch_size=7", *overrides])

@@ -125,7 +125,9 @@ def test_a_run_resumed_from_its_checkpoint_writes_the_uninterrupted_tables(metho
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_typo_in_its_config_section_is_one_error_line(method, tmp_path):
-    res = CliRunner().invoke(app, ["run", "-c", "smoke", "--methods", method, "--out", str(tmp_path), "--set", f"methods.{method}.no_such_knob=1"])
+    res = CliRunner().invoke(
+        app, ["run", "-c", "smoke", "--methods", method, "--out", str(tmp_path), "--set", f"methods.{method}.no_such_knob=1"]
+    )
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), res.output

@@ -80,12 +80,28 @@ def test_real_cifar100_run_with_shared_backbone(tmp_path):
     if not weights.exists():
         pytest.skip("../shared/weights absent")
     out = tmp_path / "r"
-    res = CliRunner().invoke(app, [
-        "run", "--config", "cifar100_local", "--methods", "fedncm,fedavg", "--out", str(out),
-        "--data-dir", str(SHARED_DATA), "--set", f"backbone.weights={weights}",
-        "--set", "data.max_train_per_class=100", "--set", "data.max_test_per_class=40",
-        "--set", "training.rounds=2",
-    ])
+    res = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--config",
+            "cifar100_local",
+            "--methods",
+            "fedncm,fedavg",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(SHARED_DATA),
+            "--set",
+            f"backbone.weights={weights}",
+            "--set",
+            "data.max_train_per_class=100",
+            "--set",
+            "data.max_test_per_class=40",
+            "--set",
+            "training.rounds=2",
+        ],
+    )
     assert res.exit_code == 0, res.output
     s = {r["method"]: r for r in read_table(out, "summary").to_pylist()}
     # 100 classes: chance is 1%; the backbone's frozen features make NCM far better than that

@@ -148,8 +148,10 @@ def test_skips_say_where_and_the_executor_is_part_of_the_run_id(smoke_out):
     local = expand(load_config("smoke"), ["fedavg"], [0.5], [0])[0].run_id
     ray = expand(load_config("smoke", ["runtime.executor=ray"]), ["fedavg"], [0.5], [0])[0].run_id
     assert local != ray  # a Ray run into a directory of local results is run, not skipped
-    pinned = [expand(load_config("smoke", [f"runtime.executor={e}", "runtime.torch_threads=1"]), ["fedavg"], [0.5], [0])[0].run_id
-              for e in ("local", "ray")]
+    pinned = [
+        expand(load_config("smoke", [f"runtime.executor={e}", "runtime.torch_threads=1"]), ["fedavg"], [0.5], [0])[0].run_id
+        for e in ("local", "ray")
+    ]
     assert pinned[0] == pinned[1] != local  # one thread count: the executors agree, so one run
 
 
@@ -158,8 +160,9 @@ def test_every_method_runs_on_an_image_folder(tmp_path):
 
     root = write_image_folder(tmp_path / "folder", "split", classes=6, train=16, test=6, size=32)
     out = tmp_path / "r"
-    res = run_cli("run", "--config", "smoke", "--methods", "all", "--set", "data.dataset=imagefolder",
-                  "--set", f"data.root={root}", "--out", str(out))
+    res = run_cli(
+        "run", "--config", "smoke", "--methods", "all", "--set", "data.dataset=imagefolder", "--set", f"data.root={root}", "--out", str(out)
+    )
     assert res.exit_code == 0, res.output
     summary = read_table(out, "summary").to_pandas()
     from bench.api import available_methods
@@ -172,14 +175,41 @@ def test_every_method_runs_on_an_image_folder(tmp_path):
 
 def test_label_quantity_and_feature_noise_scenarios_run_end_to_end(tmp_path):
     out = tmp_path / "r"
-    res = run_cli("run", "--config", "smoke", "--methods", "fedavg,fedncm", "--set", "scenario.partition=label_quantity",
-                  "--set", "scenario.classes_per_client=1", "--set", "scenario.feature_noise=0.5", "--out", str(out))
+    res = run_cli(
+        "run",
+        "--config",
+        "smoke",
+        "--methods",
+        "fedavg,fedncm",
+        "--set",
+        "scenario.partition=label_quantity",
+        "--set",
+        "scenario.classes_per_client=1",
+        "--set",
+        "scenario.feature_noise=0.5",
+        "--out",
+        str(out),
+    )
     assert res.exit_code == 0, res.output
     runs = read_table(out, "runs").to_pandas()
     assert (runs["partition"] == "label_quantity").all()
     clean = tmp_path / "c"
-    assert run_cli("run", "--config", "smoke", "--methods", "fedavg", "--set", "scenario.partition=label_quantity",
-                   "--set", "scenario.classes_per_client=1", "--out", str(clean)).exit_code == 0
+    assert (
+        run_cli(
+            "run",
+            "--config",
+            "smoke",
+            "--methods",
+            "fedavg",
+            "--set",
+            "scenario.partition=label_quantity",
+            "--set",
+            "scenario.classes_per_client=1",
+            "--out",
+            str(clean),
+        ).exit_code
+        == 0
+    )
 
     def losses(folder):
         r = read_table(folder, "rounds").to_pandas()
@@ -193,9 +223,25 @@ def test_a_domain_incremental_scenario_runs_end_to_end(tmp_path):
 
     root = write_domain_folders(tmp_path / "domains", domains=3, classes=4)
     out = tmp_path / "r"
-    res = run_cli("run", "--config", "smoke", "--methods", "fedavg,fedncm,fedame", "--set", "data.dataset=imagefolder",
-                  "--set", f"data.root={root}", "--set", "data.domains=true", "--set", "scenario.tasks_by=domain",
-                  "--set", "scenario.tasks=null", "--out", str(out))
+    res = run_cli(
+        "run",
+        "--config",
+        "smoke",
+        "--methods",
+        "fedavg,fedncm,fedame",
+        "--set",
+        "data.dataset=imagefolder",
+        "--set",
+        f"data.root={root}",
+        "--set",
+        "data.domains=true",
+        "--set",
+        "scenario.tasks_by=domain",
+        "--set",
+        "scenario.tasks=null",
+        "--out",
+        str(out),
+    )
     assert res.exit_code == 0, res.output
     acc = read_table(out, "accuracy").to_pandas()
     ncm = acc[acc["method"] == "fedncm"].set_index(["after_task", "eval_task"])["accuracy"]

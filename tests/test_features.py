@@ -111,8 +111,9 @@ def test_hugging_face_backbones_build_a_feature_cache_and_a_run(tmp_path, kind, 
     assert store.paths("train")[0].exists()
     model, _ = load_backbone(cfg.backbone)
     assert isinstance(model, HFFeatures) and not any(p.requires_grad for p in model.parameters())
-    res = CliRunner().invoke(app, ["run", "--config", "smoke", "--methods", "fedncm", "--set", f"backbone.arch=hf:{folder}",
-                                   "--out", str(tmp_path / "out")])
+    res = CliRunner().invoke(
+        app, ["run", "--config", "smoke", "--methods", "fedncm", "--set", f"backbone.arch=hf:{folder}", "--out", str(tmp_path / "out")]
+    )
     assert res.exit_code == 0, res.output
 
 

@@ -66,9 +66,15 @@ def test_split_leaves_every_class_owned_by_exactly_one_expert():
 
 
 def _env(num_classes=6, dim=12):
-    return MethodEnv(aggregator=mean_aggregator(),
-        feature_dim=dim, num_classes=num_classes, class_names=tuple(f"c{i}" for i in range(num_classes)),
-        dataset="synthetic", run_seed=0, num_clients=2, train=TrainSettings(1, 8, "sgd", 0.05, 0.9, 0.0),
+    return MethodEnv(
+        aggregator=mean_aggregator(),
+        feature_dim=dim,
+        num_classes=num_classes,
+        class_names=tuple(f"c{i}" for i in range(num_classes)),
+        dataset="synthetic",
+        run_seed=0,
+        num_clients=2,
+        train=TrainSettings(1, 8, "sgd", 0.05, 0.9, 0.0),
         superclasses=(0, 0, 1, 1, 2, 2),
     )
 

@@ -31,10 +31,19 @@ def test_llm_decisions_flow_into_the_results(tmp_path, monkeypatch):
         server.answer = {"action": "new_expert", "expert": None, "reason": "each class alone"}
         out = tmp_path / "r"
         args = [
-            "run", "--config", "smoke", "--methods", "fedame", "--out", str(out),
-            "--set", f"methods.fedame.llm.base_url={server.base_url}",
-            "--set", "methods.fedame.llm.api_key_env=FEDAME_TEST_KEY",
-            "--set", "methods.fedame.llm.max_retries=0",
+            "run",
+            "--config",
+            "smoke",
+            "--methods",
+            "fedame",
+            "--out",
+            str(out),
+            "--set",
+            f"methods.fedame.llm.base_url={server.base_url}",
+            "--set",
+            "methods.fedame.llm.api_key_env=FEDAME_TEST_KEY",
+            "--set",
+            "methods.fedame.llm.max_retries=0",
         ]
         res = runner.invoke(app, args)
         assert res.exit_code == 0, res.output

@@ -16,9 +16,11 @@ DIM, TASKS, PER_TASK = 16, 3, 2
 def _data(seed: int = 0, n: int = 60):
     g = np.random.default_rng(seed)
     centres = g.normal(size=(TASKS * PER_TASK, DIM)) * 3.0
+
     def draw(m):
         y = np.repeat(np.arange(len(centres)), m)
         return (centres[y] + g.normal(size=(len(y), DIM))).astype(np.float32), y
+
     return draw(n), draw(30)
 
 
@@ -29,8 +31,17 @@ def run(**overrides):
     overrides = {"batch_size": None, **overrides}
     torch.manual_seed(0)
     names = tuple(f"c{i}" for i in range(TASKS * PER_TASK))
-    env = MethodEnv(aggregator=mean_aggregator(), feature_dim=DIM, num_classes=len(names), class_names=names, dataset="synthetic", run_seed=0,
-                    num_clients=2, train=TrainSettings(3, 16, "sgd", 0.05, 0.9, 0.0), superclasses=(0, 0, 1, 1, 2, 2))
+    env = MethodEnv(
+        aggregator=mean_aggregator(),
+        feature_dim=DIM,
+        num_classes=len(names),
+        class_names=names,
+        dataset="synthetic",
+        run_seed=0,
+        num_clients=2,
+        train=TrainSettings(3, 16, "sgd", 0.05, 0.9, 0.0),
+        superclasses=(0, 0, 1, 1, 2, 2),
+    )
     cfg = FedAMEConfig(anchors=AnchorConfig(source="random", dim=16), expert_hidden=16, decisions="heuristic", **overrides)
     server, client = FedAME(cfg, env), FedAME.ClientClass(cfg, env)
     server.setup()
@@ -160,8 +171,16 @@ def test_default_config_is_the_seed_setting():
     assert sc.partition == "dirichlet" and sc.alpha == 0.5 and (tr.rounds, tr.local_epochs) == (100, 5)
     fed = method_config(cfg, "fedame").model_copy(update={"anchors": AnchorConfig(source="random", dim=16)})
     names = tuple(sc.class_order)
-    env = MethodEnv(aggregator=mean_aggregator(), feature_dim=8, num_classes=10, class_names=names, dataset="cifar10", run_seed=0,
-                    num_clients=5, train=TrainSettings(1, 8, "sgd", 0.05, 0.9, 0.0))
+    env = MethodEnv(
+        aggregator=mean_aggregator(),
+        feature_dim=8,
+        num_classes=10,
+        class_names=names,
+        dataset="cifar10",
+        run_seed=0,
+        num_clients=5,
+        train=TrainSettings(1, 8, "sgd", 0.05, 0.9, 0.0),
+    )
     server = FedAME(fed, env)
     server.setup()
     server.begin_task(TaskInfo(0, (0, 1, 2, 3), (0, 1, 2, 3), {0: (0, 1, 2, 3)}))

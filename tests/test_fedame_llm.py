@@ -125,8 +125,10 @@ def test_no_key_is_a_counted_fallback_through_the_cli(tmp_path, monkeypatch):
     assert res.exit_code == 2 and len(errors) == 1 and "DEEPSEEK_API_KEY is not set" in errors[0] and "Traceback" not in res.output
     assert not (tmp_path / "q" / "runs").exists()
     # decisions: heuristic is the rule by choice, not a fallback
-    res = CliRunner().invoke(app, ["run", "--config", "smoke", "--methods", "fedame", "--out", str(tmp_path / "h"),
-                                   "--set", "methods.fedame.decisions=heuristic"])
+    res = CliRunner().invoke(
+        app,
+        ["run", "--config", "smoke", "--methods", "fedame", "--out", str(tmp_path / "h"), "--set", "methods.fedame.decisions=heuristic"],
+    )
     assert "6 rule" in res.output and "fell back" not in res.output
 
 

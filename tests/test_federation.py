@@ -86,10 +86,21 @@ def test_attacks_change_parameters_only_as_defined():
 
 # ----------------------------------------------------------------------- end to end
 
+
 def run(tmp_path: Path, *overrides: str):
     """FedAvg on a generated 6-class task, 5 IID clients, one task of 6 rounds."""
-    cfg = load_config("smoke", ["scenario.num_clients=5", "scenario.partition=iid", "scenario.tasks=[6]", "training.rounds=6",
-                                "data.synthetic.train_per_class=120", "data.synthetic.test_per_class=60", *overrides])
+    cfg = load_config(
+        "smoke",
+        [
+            "scenario.num_clients=5",
+            "scenario.partition=iid",
+            "scenario.tasks=[6]",
+            "training.rounds=6",
+            "data.synthetic.train_per_class=120",
+            "data.synthetic.test_per_class=60",
+            *overrides,
+        ],
+    )
     ds = load_dataset(cfg.data, None)
     return execute_run(RunSpec("fedavg", cfg), ds, FeatureStore(ds, cfg.backbone, tmp_path), LocalExecutor(), str(tmp_path))
 

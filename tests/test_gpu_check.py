@@ -12,8 +12,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_gpu_check_cpu_mode_runs_every_packing_and_matches_the_cpu_reference(tmp_path):
     out = tmp_path / "check"
-    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--cpu", "--out", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1", "FEDAME_CACHE_DIR": str(tmp_path / "cache")})
+    proc = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--cpu", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "FEDAME_CACHE_DIR": str(tmp_path / "cache")},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "check.json").read_text())
     assert result["mode"] == "cpu" and result["ok"] and result["device_tests"]["ok"]

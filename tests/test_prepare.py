@@ -14,8 +14,14 @@ runner = CliRunner()
 
 
 def _paths(root: Path) -> list[str]:
-    return ["--set", f"data.root={root / 'data'}", "--set", f"backbone.weights={root / 'weights' / 'b50.pt'}",
-            "--set", f"methods.fedame.anchors.file={root / 'data' / 'anchors' / 'clip.npz'}"]
+    return [
+        "--set",
+        f"data.root={root / 'data'}",
+        "--set",
+        f"backbone.weights={root / 'weights' / 'b50.pt'}",
+        "--set",
+        f"methods.fedame.anchors.file={root / 'data' / 'anchors' / 'clip.npz'}",
+    ]
 
 
 def write_tiny_clip(folder: Path) -> Path:
@@ -30,8 +36,11 @@ def write_tiny_clip(folder: Path) -> Path:
     (folder / "merges.txt").write_text("#version: 0.2\n")
     CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
     small = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
-    cfg = CLIPConfig(text_config={**small, "vocab_size": len(vocab), "max_position_embeddings": 77},
-                     vision_config={**small, "image_size": 32, "patch_size": 16}, projection_dim=8)
+    cfg = CLIPConfig(
+        text_config={**small, "vocab_size": len(vocab), "max_position_embeddings": 77},
+        vision_config={**small, "image_size": 32, "patch_size": 16},
+        projection_dim=8,
+    )
     CLIPModel(cfg).save_pretrained(folder)
     return folder
 
@@ -39,8 +48,7 @@ def write_tiny_clip(folder: Path) -> Path:
 def test_main_job_without_its_inputs_is_one_line_naming_prepare_and_writes_nothing(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = runner.invoke(app, ["run", "-c", "cifar100_local", "--methods", "fedame,fedavg", "--out", str(empty / "results"),
-                              *_paths(empty)])
+    res = runner.invoke(app, ["run", "-c", "cifar100_local", "--methods", "fedame,fedavg", "--out", str(empty / "results"), *_paths(empty)])
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     text = " ".join(lines)
@@ -53,9 +61,20 @@ def test_main_job_without_its_inputs_is_one_line_naming_prepare_and_writes_nothi
 def test_prepare_makes_what_is_missing_checks_what_is_there_and_keeps_going_past_a_failure(tmp_path):
     write_cifar_fixture(tmp_path / "data", "cifar100", per_class_train=4, per_class_test=2)
     clip = write_tiny_clip(tmp_path / "clip")
-    args = ["prepare", "-c", "cifar100_local", "--methods", "fedame", *_paths(tmp_path),
-            "--set", f"methods.fedame.anchors.model={clip}", "--set", "prepare.backbone.epochs=1",
-            "--set", "prepare.backbone.batch_size=64"]
+    args = [
+        "prepare",
+        "-c",
+        "cifar100_local",
+        "--methods",
+        "fedame",
+        *_paths(tmp_path),
+        "--set",
+        f"methods.fedame.anchors.model={clip}",
+        "--set",
+        "prepare.backbone.epochs=1",
+        "--set",
+        "prepare.backbone.batch_size=64",
+    ]
     res = runner.invoke(app, args)
     # the fixture is not torchvision's official file: that input fails, the other two are still made
     assert res.exit_code == 2, res.output

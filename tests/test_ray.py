@@ -115,13 +115,21 @@ def test_a_run_interrupted_under_ray_resumes_from_its_checkpoint_with_the_same_n
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        execute_run(spec, ds, store, RayExecutor(spec.config.runtime), str(tmp_path), on_task_end=stop_after_task_1,
-                    save_checkpoint=checkpoints.save)
+        execute_run(
+            spec,
+            ds,
+            store,
+            RayExecutor(spec.config.runtime),
+            str(tmp_path),
+            on_task_end=stop_after_task_1,
+            save_checkpoint=checkpoints.save,
+        )
     ckpt = checkpoints.load(spec.run_id)  # task 0's checkpoint, read back from disk
     assert ckpt.next_task == 1 and len(ckpt.progress.rounds_rows) == spec.config.training.rounds
     resumed = execute_run(spec, ds, store, RayExecutor(spec.config.runtime), str(tmp_path), resume=ckpt)
     assert matrix(resumed) == matrix(whole)
     assert resumed.summary["bytes_down"] == whole.summary["bytes_down"]  # the wire ledger went on where it was
+
     def decided(out):
         return [{k: v for k, v in d.items() if k != "latency_s"} for d in out.tables["decisions"]]
 
@@ -153,8 +161,16 @@ def test_failing_run_does_not_stop_the_sweep(cluster, tmp_path):
             super().aggregate(updates)
             raise RuntimeError("simulated crash")
 
-    cfg = load_config("smoke", ["runtime.executor=ray", "runtime.cpus_per_client=0", "runtime.gpus_per_client=0.5",
-                              "runtime.num_actors=1", "runtime.max_concurrent_runs=2"])  # two runs share the cluster
+    cfg = load_config(
+        "smoke",
+        [
+            "runtime.executor=ray",
+            "runtime.cpus_per_client=0",
+            "runtime.gpus_per_client=0.5",
+            "runtime.num_actors=1",
+            "runtime.max_concurrent_runs=2",
+        ],
+    )  # two runs share the cluster
     specs = expand(cfg, ["fedavg", "exploding", "fedncm"], [0.5], [0])
     writer = ResultWriter(tmp_path / "out")
     try:
@@ -220,8 +236,12 @@ def busy_core():
 
 # Where the SIGINT lands: a line of the sweep's output (plain mode: not a terminal), or the
 # first finished run's row on disk.
-CTRL_C_POINTS = [("before the first run", "sweep smoke"), ("while actors start", ": starting"),
-                 ("mid-run", "task 0 done"), ("between runs", "runs/*.parquet")]
+CTRL_C_POINTS = [
+    ("before the first run", "sweep smoke"),
+    ("while actors start", ": starting"),
+    ("mid-run", "task 0 done"),
+    ("between runs", "runs/*.parquet"),
+]
 
 
 def test_ctrl_c_under_ray_stops_at_every_point_and_the_rerun_finishes(cluster, tmp_path, busy_core):
@@ -239,10 +259,32 @@ def test_ctrl_c_under_ray_stops_at_every_point_and_the_rerun_finishes(cluster, t
     from bench.results import read_table
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bench", "run", "--config", "smoke", "--methods", "fedncm,fedavg,fedprox,fedlwf",
-           "--executor", "ray", "--address", ray.get_runtime_context().gcs_address, "--concurrent-runs", "2",
-           "--set", "training.rounds=15", "--set", "runtime.cpus_per_client=0", "--set", "runtime.gpus_per_client=0.5",
-           "--set", "runtime.num_actors=1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "run",
+        "--config",
+        "smoke",
+        "--methods",
+        "fedncm,fedavg,fedprox,fedlwf",
+        "--executor",
+        "ray",
+        "--address",
+        ray.get_runtime_context().gcs_address,
+        "--concurrent-runs",
+        "2",
+        "--set",
+        "training.rounds=15",
+        "--set",
+        "runtime.cpus_per_client=0",
+        "--set",
+        "runtime.gpus_per_client=0.5",
+        "--set",
+        "runtime.num_actors=1",
+        "--out",
+        str(out),
+    ]
 
     def done_methods() -> list[str]:
         return sorted(r["method"] for r in read_table(out, "runs").to_pylist()) if (out / "runs").exists() else []
@@ -310,9 +352,18 @@ def test_llm_key_set_after_the_cluster_started_reaches_the_central_actor(cluster
     monkeypatch.setenv("FEDAME_CACHE_DIR", str(tmp_path / "cache"))  # no decisions cached by earlier tests
     with FakeLLM() as server:
         server.answer = {"action": "new_expert", "expert": None, "reason": "each class alone"}
-        cfg = load_config("smoke", ["runtime.executor=ray", "runtime.cpus_per_client=0", "runtime.gpus_per_client=0.5",
-                                  "runtime.num_actors=2", f"methods.fedame.llm.base_url={server.base_url}",
-                                  "methods.fedame.llm.api_key_env=FEDAME_RAY_TEST_LLM", "methods.fedame.llm.max_retries=0"])
+        cfg = load_config(
+            "smoke",
+            [
+                "runtime.executor=ray",
+                "runtime.cpus_per_client=0",
+                "runtime.gpus_per_client=0.5",
+                "runtime.num_actors=2",
+                f"methods.fedame.llm.base_url={server.base_url}",
+                "methods.fedame.llm.api_key_env=FEDAME_RAY_TEST_LLM",
+                "methods.fedame.llm.max_retries=0",
+            ],
+        )
         specs = expand(cfg, ["fedame"], [0.5], [0])
         run_sweep(specs, prepare(cfg, specs, None), ResultWriter(tmp_path / "out"))
         assert len(server.requests) == 6
@@ -325,8 +376,17 @@ def test_concurrent_runs_that_each_fill_the_cluster_take_turns(cluster, tmp_path
     from bench.results import ResultWriter, read_table
     from bench.sweep import expand, prepare, run_sweep
 
-    cfg = load_config("smoke", ["runtime.executor=ray", "runtime.cpus_per_client=0", "runtime.gpus_per_client=0.5",
-                              "scenario.num_clients=4", "runtime.num_actors=4", "runtime.max_concurrent_runs=2"])
+    cfg = load_config(
+        "smoke",
+        [
+            "runtime.executor=ray",
+            "runtime.cpus_per_client=0",
+            "runtime.gpus_per_client=0.5",
+            "scenario.num_clients=4",
+            "runtime.num_actors=4",
+            "runtime.max_concurrent_runs=2",
+        ],
+    )
     specs = expand(cfg, ["fedavg", "fedprox"], [0.5], [0])
     done = run_sweep(specs, prepare(cfg, specs, None), ResultWriter(tmp_path / "out"))
     assert len(done) == 2
@@ -379,8 +439,10 @@ def test_progress_metrics_reach_the_nodes_metrics_endpoint_labelled_by_run(clust
     spec, ds, store = smoke("fedavg", tmp_path, "seed=7")  # a run id no other test in the module uses
     out = run(spec, ds, store, RayExecutor(spec.config.runtime), tmp_path)
     labels = f'alpha="0.5",method="fedavg",.*run_id="{spec.run_id}",seed="7"'
-    want = {"ray_fedame_rounds_completed_total": len(out.tables["rounds"]),
-            "ray_fedame_client_updates_total": sum(r["clients_used"] for r in out.tables["rounds"])}
+    want = {
+        "ray_fedame_rounds_completed_total": len(out.tables["rounds"]),
+        "ray_fedame_client_updates_total": sum(r["clients_used"] for r in out.tables["rounds"]),
+    }
     ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
     found: dict[str, float] = {}
     deadline = time.monotonic() + 60
@@ -408,11 +470,23 @@ def test_one_thread_count_makes_local_and_ray_identical_on_real_data(cluster, me
     from bench.sweep import default_cache_dir
 
     root = Path(__file__).resolve().parents[1]
-    over = ["runtime.torch_threads=1", "runtime.cpus_per_client=0", "runtime.gpus_per_client=0.5", "runtime.num_actors=2",
-            "training.rounds=1", "eval.every=1"]
-    cfg = load_config(str(root / "configs" / "cifar100_local.yaml"), [*over, f"data.root={SHARED / 'data'}",
-                      f"backbone.weights={SHARED / 'weights' / 'resnet18_cifar100_b50.pt'}",
-                      f"methods.fedame.anchors.file={SHARED / 'data' / 'anchors' / 'cifar100_clip_vit-b-32.npz'}"])
+    over = [
+        "runtime.torch_threads=1",
+        "runtime.cpus_per_client=0",
+        "runtime.gpus_per_client=0.5",
+        "runtime.num_actors=2",
+        "training.rounds=1",
+        "eval.every=1",
+    ]
+    cfg = load_config(
+        str(root / "configs" / "cifar100_local.yaml"),
+        [
+            *over,
+            f"data.root={SHARED / 'data'}",
+            f"backbone.weights={SHARED / 'weights' / 'resnet18_cifar100_b50.pt'}",
+            f"methods.fedame.anchors.file={SHARED / 'data' / 'anchors' / 'cifar100_clip_vit-b-32.npz'}",
+        ],
+    )
     ds = load_dataset(cfg.data, Path(cfg.data.root))
     cache = default_cache_dir(cfg)
     store = FeatureStore(ds, cfg.backbone, cache)
@@ -467,9 +541,26 @@ def test_a_second_sweep_joins_the_running_cluster_with_address(cluster, tmp_path
     import sys
 
     out = tmp_path / "joined"
-    argv = [sys.executable, "-m", "bench", "run", "--config", "smoke", "--methods", "fedavg", "--executor", "ray",
-            "--address", cluster.address, "--set", "runtime.cpus_per_client=0", "--set", "runtime.gpus_per_client=0.5",
-            "--out", str(out)]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench",
+        "run",
+        "--config",
+        "smoke",
+        "--methods",
+        "fedavg",
+        "--executor",
+        "ray",
+        "--address",
+        cluster.address,
+        "--set",
+        "runtime.cpus_per_client=0",
+        "--set",
+        "runtime.gpus_per_client=0.5",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     said = " ".join((proc.stdout + proc.stderr).split())
     assert proc.returncode == 0, said[-2000:]

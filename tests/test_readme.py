@@ -25,7 +25,9 @@ runner = CliRunner()
 def blocks() -> list[tuple[str, str, str]]:
     """(language, code, the line before the fence) of every fenced block."""
     text = (ROOT / "README.md").read_text()
-    return [(m["lang"], m["code"], m["before"]) for m in re.finditer(r"(?P<before>[^\n]*)\n```(?P<lang>\w*)\n(?P<code>.*?)\n```", text, re.S)]
+    return [
+        (m["lang"], m["code"], m["before"]) for m in re.finditer(r"(?P<before>[^\n]*)\n```(?P<lang>\w*)\n(?P<code>.*?)\n```", text, re.S)
+    ]
 
 
 def commands(code: str) -> list[str]:

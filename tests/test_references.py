@@ -16,8 +16,16 @@ D, K = 6, 4
 
 
 def _env(seed=0):
-    return MethodEnv(aggregator=mean_aggregator(), feature_dim=D, num_classes=K, class_names=tuple("abcd"), dataset="x", run_seed=seed,
-                     num_clients=3, train=TrainSettings(1, 8, "sgd", 0.1, 0.0, 0.0))
+    return MethodEnv(
+        aggregator=mean_aggregator(),
+        feature_dim=D,
+        num_classes=K,
+        class_names=tuple("abcd"),
+        dataset="x",
+        run_seed=seed,
+        num_clients=3,
+        train=TrainSettings(1, 8, "sgd", 0.1, 0.0, 0.0),
+    )
 
 
 def _data(rng, n=120):

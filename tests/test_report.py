@@ -15,23 +15,79 @@ runner = CliRunner()
 
 def write_run(writer, run_id, method, alpha, seed, final, forgetting, status="completed"):
     now = datetime.now(timezone.utc)
-    runs = [{"run_id": run_id, "method": method, "dataset": "cifar100", "alpha": alpha, "seed": seed, "num_tasks": 2,
-             "num_clients": 5, "partition": "dirichlet", "rounds": 3, "local_epochs": 1, "backbone": "b", "status": status,
-             "start_time": now, "end_time": now}]
+    runs = [
+        {
+            "run_id": run_id,
+            "method": method,
+            "dataset": "cifar100",
+            "alpha": alpha,
+            "seed": seed,
+            "num_tasks": 2,
+            "num_clients": 5,
+            "partition": "dirichlet",
+            "rounds": 3,
+            "local_epochs": 1,
+            "backbone": "b",
+            "status": status,
+            "start_time": now,
+            "end_time": now,
+        }
+    ]
     tables = {"runs": runs}
     if status == "completed":
-        tables["summary"] = [{"run_id": run_id, "method": method, "dataset": "cifar100", "alpha": alpha, "seed": seed,
-                              "num_tasks": 2, "final_acc": final, "avg_acc": final + 0.1, "forgetting": forgetting, "bwt": -forgetting,
-                              "wall_seconds": 1.0, "gpu_seconds": 0.0, "bytes_up": 1, "bytes_down": 1}]
-        tables["rounds"] = [{"run_id": run_id, "method": method, "task": t, "round": r, "acc_seen": final + 0.1 * (1 - t),
-                             "loss": 1.0, "wall_seconds": 0.1, "client_seconds": 0.1, "bytes_up": 1, "bytes_down": 1,
-                             "clients_used": 5, "retries": 0,
-                             "stats": json.dumps({"experts_alive": 2 + t}) if method == "fedame" else None}
-                            for t in range(2) for r in range(3)]
+        tables["summary"] = [
+            {
+                "run_id": run_id,
+                "method": method,
+                "dataset": "cifar100",
+                "alpha": alpha,
+                "seed": seed,
+                "num_tasks": 2,
+                "final_acc": final,
+                "avg_acc": final + 0.1,
+                "forgetting": forgetting,
+                "bwt": -forgetting,
+                "wall_seconds": 1.0,
+                "gpu_seconds": 0.0,
+                "bytes_up": 1,
+                "bytes_down": 1,
+            }
+        ]
+        tables["rounds"] = [
+            {
+                "run_id": run_id,
+                "method": method,
+                "task": t,
+                "round": r,
+                "acc_seen": final + 0.1 * (1 - t),
+                "loss": 1.0,
+                "wall_seconds": 0.1,
+                "client_seconds": 0.1,
+                "bytes_up": 1,
+                "bytes_down": 1,
+                "clients_used": 5,
+                "retries": 0,
+                "stats": json.dumps({"experts_alive": 2 + t}) if method == "fedame" else None,
+            }
+            for t in range(2)
+            for r in range(3)
+        ]
         tables["accuracy"] = []
         if method == "fedame":
-            tables["decisions"] = [{"run_id": run_id, "task": 0, "class_id": 0, "class_name": "apple", "action": "new_expert",
-                                    "expert": 0, "source": "heuristic", "latency_s": 0.0, "response_digest": None, "reason": "x"}]
+            tables["decisions"] = [
+                {
+                    "run_id": run_id,
+                    "task": 0,
+                    "class_id": 0,
+                    "class_name": "apple",
+                    "action": "new_expert",
+                    "expert": 0,
+                    "source": "heuristic",
+                    "latency_s": 0.0,
+                    "response_digest": None,
+                    "reason": "x",
+                }
+            ]
     writer.write_run(run_id, tables)
 
 
@@ -122,8 +178,7 @@ def test_report_and_plot_refuse_to_average_different_sweeps_as_seeds(tmp_path):
     out = tmp_path / "r"
     # the README's smoke check and a second setting written to one directory
     assert runner.invoke(app, ["run", "--config", "smoke", "--methods", "fedncm", "--out", str(out)]).exit_code == 0
-    res = runner.invoke(app, ["run", "--config", "smoke", "--methods", "fedncm", "--out", str(out),
-                              "--set", "scenario.num_clients=2"])
+    res = runner.invoke(app, ["run", "--config", "smoke", "--methods", "fedncm", "--out", str(out), "--set", "scenario.num_clients=2"])
     assert res.exit_code == 0, res.output
     for command in (["report", str(out)], ["plot", str(out), "-o", str(tmp_path / "f")]):
         res = runner.invoke(app, command)

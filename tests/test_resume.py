@@ -26,8 +26,7 @@ def table(out, name):
 
 def kill_after_task(out, task: int) -> None:
     """Run the CLI in its own process and SIGKILL it once the checkpoint of `task` is written."""
-    proc = subprocess.Popen([sys.executable, "-m", "bench", *COMMAND, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "bench", *COMMAND, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     try:
         while proc.poll() is None and time.monotonic() < deadline:

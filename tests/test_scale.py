@@ -8,7 +8,10 @@ from bench.runtime import LocalExecutor
 
 
 def test_only_sampled_clients_get_data_and_payloads(tmp_path):
-    cfg = load_config("smoke", ["data.synthetic.train_per_class=200", "scenario.num_clients=100", "scenario.partition=iid", "training.client_fraction=0.05"])
+    cfg = load_config(
+        "smoke",
+        ["data.synthetic.train_per_class=200", "scenario.num_clients=100", "scenario.partition=iid", "training.client_fraction=0.05"],
+    )
     ds = load_dataset(cfg.data, None)
     store = FeatureStore(ds, cfg.backbone, tmp_path)
     ex = LocalExecutor(cfg.runtime)

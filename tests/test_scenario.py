@@ -123,8 +123,9 @@ def test_domain_incremental_tasks_are_domains_with_all_their_classes():
     rng = np.random.default_rng(0)
     labels = rng.permutation(LABELS)  # every domain holds every class
     names = ("sketch", "photo", "clipart")
-    s = build_scenario(ScenarioConfig(tasks_by="domain", domain_order=["photo", "sketch", "clipart"], num_clients=4),
-                       labels, NAMES, 0, domains, names)
+    s = build_scenario(
+        ScenarioConfig(tasks_by="domain", domain_order=["photo", "sketch", "clipart"], num_clients=4), labels, NAMES, 0, domains, names
+    )
     assert s.domain_order == (1, 0, 2) and s.num_tasks == 3
     assert all(set(t) == set(range(10)) for t in s.tasks)
     assert s.new_classes(0) == s.tasks[0] and s.new_classes(1) == () and len(s.seen_classes(2)) == 10

@@ -53,8 +53,10 @@ def test_warm_up_pays_the_first_optimisers_lazy_import_before_any_run():
     import subprocess
     import sys
 
-    code = ("import sys; from bench.training import warm_up; before = 'torch._dynamo' in sys.modules; "
-            "warm_up(); print(before, 'torch._dynamo' in sys.modules)")
+    code = (
+        "import sys; from bench.training import warm_up; before = 'torch._dynamo' in sys.modules; "
+        "warm_up(); print(before, 'torch._dynamo' in sys.modules)"
+    )
     before, after = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     if before == "True":
         pytest.skip("this torch imports torch._dynamo eagerly: nothing left to warm up")

@@ -36,6 +36,7 @@ class Dataset:
     def without_images(self) -> Dataset:
         """The same dataset without its pixels (shapes kept): once a sweep of feature methods has
         its features cached, the images are only memory (CIFAR-100: 184 MB in the driver)."""
+
         def empty(x: np.ndarray) -> np.ndarray:
             return np.broadcast_to(np.zeros((), np.uint8), x.shape)
 

@@ -100,15 +100,21 @@ def dataset_input(cfg: DataConfig, data_dir: Path) -> Input | None:
     if cfg.dataset == "synthetic":
         return None
     if cfg.dataset == "imagefolder":
-        return Input("the image folder", Path(data_dir), check=lambda: (True, "not checksummed (a user's folder)"),
-                     advice="an image folder is the user's own data: put it there or pass --data-dir")
+        return Input(
+            "the image folder",
+            Path(data_dir),
+            check=lambda: (True, "not checksummed (a user's folder)"),
+            advice="an image folder is the user's own data: put it there or pass --data-dir",
+        )
     name = cfg.dataset
     label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
     return Input(
-        f"{label} (torchvision's files)", Path(data_dir) / _LAYOUT[name][0],
+        f"{label} (torchvision's files)",
+        Path(data_dir) / _LAYOUT[name][0],
         check=lambda: _check_cifar(Path(data_dir), name),
         make=lambda ctx: ensure_cifar(Path(data_dir), name),
-        cost="downloads about 170 MB", fetched_by_run=True,
+        cost="downloads about 170 MB",
+        fetched_by_run=True,
     )
 
 
@@ -188,6 +194,13 @@ def load_dataset(cfg: DataConfig, data_dir: Path) -> Dataset:
     if cfg.max_train_per_class or cfg.max_test_per_class:
         tr, te = _cap_per_class(ds.train_y, cfg.max_train_per_class), _cap_per_class(ds.test_y, cfg.max_test_per_class)
         dom = (ds.train_domain[tr], ds.test_domain[te]) if ds.train_domain is not None else (None, None)
-        ds = replace(ds, train_x=ds.train_x[tr], train_y=ds.train_y[tr], test_x=ds.test_x[te], test_y=ds.test_y[te],
-                     train_domain=dom[0], test_domain=dom[1])
+        ds = replace(
+            ds,
+            train_x=ds.train_x[tr],
+            train_y=ds.train_y[tr],
+            test_x=ds.test_x[te],
+            test_y=ds.test_y[te],
+            train_domain=dom[0],
+            test_domain=dom[1],
+        )
     return ds

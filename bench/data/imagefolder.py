@@ -79,8 +79,10 @@ def _listing(root: Path, test_fraction: float) -> tuple[list[str], list[str], Pa
         return classes, classes, train, test
     classes = [p.name for p in _class_folders(root)]
     if not classes:
-        raise DataError(f"data.dataset=imagefolder: no class folders in {where(root)} (expected ROOT/<class>/<image> "
-                        "or ROOT/train/<class>/ with ROOT/test/<class>/)")
+        raise DataError(
+            f"data.dataset=imagefolder: no class folders in {where(root)} (expected ROOT/<class>/<image> "
+            "or ROOT/train/<class>/ with ROOT/test/<class>/)"
+        )
     train, test = [], []
     for c in classes:
         files = _images_in(root / c)
@@ -94,7 +96,6 @@ def _listing(root: Path, test_fraction: float) -> tuple[list[str], list[str], Pa
 
 def _decode(pairs: list[tuple[Path, str]], index: dict[str, int], size: int | None, label: str) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
-
 
     unknown = sorted({c for _, c in pairs if c not in index})
     if unknown:
@@ -141,8 +142,10 @@ def load_imagefolder(root: Path, cfg: DataConfig):
         classes, names, pairs_train, pairs_test = _listing(root, cfg.test_fraction)
         domains, train, test = None, [(f, c, 0) for f, c in pairs_train], [(f, c, 0) for f, c in pairs_test]
     if not train or not test:
-        raise DataError(f"data.dataset=imagefolder: {where(root)} has {len(train)} training and {len(test)} test images; "
-                        "both splits need images (set data.test_fraction for a single folder)")
+        raise DataError(
+            f"data.dataset=imagefolder: {where(root)} has {len(train)} training and {len(test)} test images; "
+            "both splits need images (set data.test_fraction for a single folder)"
+        )
     index = {c: i for i, c in enumerate(classes)}
     train_x, train_y = _decode([(f, c) for f, c, _ in train], index, cfg.image_size, "train")
     test_x, test_y = _decode([(f, c) for f, c, _ in test], index, cfg.image_size or train_x.shape[1], "test")
@@ -150,5 +153,14 @@ def load_imagefolder(root: Path, cfg: DataConfig):
     def domain_ids(triples) -> np.ndarray | None:
         return np.array([d for *_, d in triples], dtype=np.int64) if domains else None
 
-    return Dataset(f"imagefolder-{root.name}", tuple(names), train_x, train_y, test_x, test_y,
-                   train_domain=domain_ids(train), test_domain=domain_ids(test), domain_names=tuple(domains) if domains else None)
+    return Dataset(
+        f"imagefolder-{root.name}",
+        tuple(names),
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        train_domain=domain_ids(train),
+        test_domain=domain_ids(test),
+        domain_names=tuple(domains) if domains else None,
+    )

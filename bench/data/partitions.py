@@ -64,9 +64,7 @@ def shard_partition(
     return [np.sort(np.concatenate([shards[s] for s in row])) for row in deal]
 
 
-def label_quantity_partition(
-    labels: np.ndarray, idx: np.ndarray, num_clients: int, k: int, rng: np.random.Generator
-) -> list[np.ndarray]:
+def label_quantity_partition(labels: np.ndarray, idx: np.ndarray, num_clients: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
     """NIID-Bench's #C=k: every client gets k distinct classes of the task (each class goes to
     at least one client while clients remain), and a class's samples are split evenly among
     the clients that hold it."""

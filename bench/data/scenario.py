@@ -101,13 +101,16 @@ def split_tasks(cfg: ScenarioConfig, order: tuple[int, ...]) -> tuple[tuple[int,
     return tuple(tuple(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
-def domain_tasks(cfg: ScenarioConfig, order: tuple[int, ...], labels: np.ndarray, domains: np.ndarray | None,
-                 domain_names: tuple[str, ...] | None) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+def domain_tasks(
+    cfg: ScenarioConfig, order: tuple[int, ...], labels: np.ndarray, domains: np.ndarray | None, domain_names: tuple[str, ...] | None
+) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
     """Domain-incremental: the domains in task order, and each task's classes (those present in
     its domain, in the class order)."""
     if domains is None or domain_names is None:
-        raise ScenarioError("scenario.tasks_by=domain needs a dataset with domains: data.dataset=imagefolder with "
-                            "data.domains=true and ROOT/<domain>/<class>/ folders")
+        raise ScenarioError(
+            "scenario.tasks_by=domain needs a dataset with domains: data.dataset=imagefolder with "
+            "data.domains=true and ROOT/<domain>/<class>/ folders"
+        )
     names = cfg.domain_order or sorted(domain_names)
     unknown = [n for n in names if n not in domain_names]
     if unknown:
@@ -118,8 +121,12 @@ def domain_tasks(cfg: ScenarioConfig, order: tuple[int, ...], labels: np.ndarray
 
 
 def build_scenario(
-    cfg: ScenarioConfig, labels: np.ndarray, class_names: tuple[str, ...], seed: int,
-    domains: np.ndarray | None = None, domain_names: tuple[str, ...] | None = None,
+    cfg: ScenarioConfig,
+    labels: np.ndarray,
+    class_names: tuple[str, ...],
+    seed: int,
+    domains: np.ndarray | None = None,
+    domain_names: tuple[str, ...] | None = None,
 ) -> Scenario:
     order = resolve_class_order(cfg, class_names, seed)
     domain_ids = None

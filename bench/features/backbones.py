@@ -82,8 +82,11 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     from torchvision.models import ResNet18_Weights
 
     weights = ResNet18_Weights.IMAGENET1K_V1
-    _require_cached_or_network(weights, "use backbone.weights=none, a path to a state dict (e.g. one from `fedame-bench "
-                               "pretrain-backbone`), or set TORCH_HOME to a directory whose hub/checkpoints holds resnet18-f37072fd.pth")
+    _require_cached_or_network(
+        weights,
+        "use backbone.weights=none, a path to a state dict (e.g. one from `fedame-bench "
+        "pretrain-backbone`), or set TORCH_HOME to a directory whose hub/checkpoints holds resnet18-f37072fd.pth",
+    )
     return weights.get_state_dict(progress=True)
 
 
@@ -98,13 +101,15 @@ def _torchvision_weights(arch: str):
     from torchvision.models import get_model_weights, list_models
 
     if arch not in list_models():
-        raise BackboneError(f"backbone.arch {arch!r} is not a torchvision model; use resnet18, a name from "
-                            "torchvision.models.list_models() (e.g. resnet50, vit_b_16) or hf:<model id>")
+        raise BackboneError(
+            f"backbone.arch {arch!r} is not a torchvision model; use resnet18, a name from "
+            "torchvision.models.list_models() (e.g. resnet50, vit_b_16) or hf:<model id>"
+        )
     return get_model_weights(arch).DEFAULT
 
 
 def _hf_source(cfg: BackboneConfig) -> str:
-    return cfg.arch[len(HF_PREFIX):]
+    return cfg.arch[len(HF_PREFIX) :]
 
 
 def _file_digest(path: Path) -> str:
@@ -269,5 +274,3 @@ def extract(model: nn.Module, images: np.ndarray, cfg: BackboneConfig, out: np.n
             b = min(a + cfg.batch_size, len(images))
             out[a:b] = model(preprocess(images[a:b], cfg, device)).float().cpu().numpy()
             bar.advance(job, b - a)
-
-

@@ -86,8 +86,16 @@ def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, cfg: Backbone
 
 
 def pretrain(
-    ds: Dataset, cfg: BackboneConfig, classes: list[int], epochs: int, out: Path,
-    batch_size: int = 128, max_lr: float = 0.2, weight_decay: float = 5e-4, label_smoothing: float = 0.1, seed: int = 0,
+    ds: Dataset,
+    cfg: BackboneConfig,
+    classes: list[int],
+    epochs: int,
+    out: Path,
+    batch_size: int = 128,
+    max_lr: float = 0.2,
+    weight_decay: float = 5e-4,
+    label_smoothing: float = 0.1,
+    seed: int = 0,
 ) -> dict:
     device = best_device(cfg.device)
     xtr, ytr = _subset(ds.train_x, ds.train_y, classes)
@@ -206,14 +214,24 @@ def backbone_input(cfg: ExperimentConfig) -> Input | None:
     path = Path(bb.weights).expanduser()
     recipe = cfg.prepare.backbone
     if recipe is None or family(bb) != "resnet18":
-        return Input("backbone weights", path, check=lambda: _check_weights(path),
-                     advice="this config has no prepare.backbone recipe: train one with `fedame-bench pretrain-backbone` "
-                     "and point backbone.weights at it")
+        return Input(
+            "backbone weights",
+            path,
+            check=lambda: _check_weights(path),
+            advice="this config has no prepare.backbone recipe: train one with `fedame-bench pretrain-backbone` "
+            "and point backbone.weights at it",
+        )
 
     def make(ctx: PrepareContext) -> None:
         ds = ctx.dataset()
-        pretrain(ds, bb, parse_classes(recipe.classes, ds.num_classes), recipe.epochs, path,
-                 recipe.batch_size, recipe.max_lr, seed=recipe.seed)
+        pretrain(
+            ds, bb, parse_classes(recipe.classes, ds.num_classes), recipe.epochs, path, recipe.batch_size, recipe.max_lr, seed=recipe.seed
+        )
 
-    return Input(f"backbone trained on classes {recipe.classes}", path, check=lambda: _check_weights(path), make=make,
-                 cost=f"trains {recipe.epochs} epochs, {recipe.cost}" if recipe.cost else f"trains {recipe.epochs} epochs")
+    return Input(
+        f"backbone trained on classes {recipe.classes}",
+        path,
+        check=lambda: _check_weights(path),
+        make=make,
+        cost=f"trains {recipe.epochs} epochs, {recipe.cost}" if recipe.cost else f"trains {recipe.epochs} epochs",
+    )

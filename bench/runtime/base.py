@@ -45,9 +45,7 @@ class Executor(ABC):
     name: str = "base"
 
     @abstractmethod
-    def start(
-        self, client_cls: type[Client], config: MethodConfig, env: MethodEnv, train_x: np.ndarray, train_y: np.ndarray
-    ) -> None: ...
+    def start(self, client_cls: type[Client], config: MethodConfig, env: MethodEnv, train_x: np.ndarray, train_y: np.ndarray) -> None: ...
 
     @abstractmethod
     def set_task(self, task: int, indices: tuple[np.ndarray, ...], noise: dict[int, tuple[float, int]] | None = None) -> None:
@@ -113,7 +111,9 @@ def preflight_device(cfg: RuntimeConfig) -> None:
         return
     if executor_kind(cfg) == "ray":
         if cfg.gpus_per_client == 0:
-            raise DeviceUnavailable("runtime.device=cuda with the Ray executor: give client actors a GPU with --gpus-per-client (e.g. 0.25)")
+            raise DeviceUnavailable(
+                "runtime.device=cuda with the Ray executor: give client actors a GPU with --gpus-per-client (e.g. 0.25)"
+            )
         return
     import torch
 
@@ -148,7 +148,11 @@ class TaskData:
     GPU, a copy there, kept for the rest of the task)."""
 
     def __init__(
-        self, train_x: np.ndarray, train_y: np.ndarray, indices: dict[int, np.ndarray], device: str,
+        self,
+        train_x: np.ndarray,
+        train_y: np.ndarray,
+        indices: dict[int, np.ndarray],
+        device: str,
         noise: dict[int, tuple[float, int]] | None = None,
     ) -> None:
         self.train_x, self.train_y, self.indices, self.device = train_x, train_y, indices, device

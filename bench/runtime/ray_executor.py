@@ -163,7 +163,15 @@ class ClientActor:
     """Hosts the virtual clients assigned to it; built once per run."""
 
     def __init__(
-        self, client_cls, config, env, train_x: np.ndarray, train_y: np.ndarray, threads: int, device: str, environ: dict[str, str],
+        self,
+        client_cls,
+        config,
+        env,
+        train_x: np.ndarray,
+        train_y: np.ndarray,
+        threads: int,
+        device: str,
+        environ: dict[str, str],
         batched: bool = False,
     ) -> None:
         import ray
@@ -185,8 +193,12 @@ class ClientActor:
     def describe(self) -> dict[str, Any]:
         import ray
 
-        return {"pid": os.getpid(), "device": self.device, "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "node": ray.get_runtime_context().get_node_id()}
+        return {
+            "pid": os.getpid(),
+            "device": self.device,
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "node": ray.get_runtime_context().get_node_id(),
+        }
 
     def train(self, jobs: list[ClientJob], array_refs: list[dict[str, Any]]) -> tuple:
         """This actor's jobs of a round in one call (called with num_returns = 1 + len(jobs)):
@@ -272,8 +284,10 @@ class RemoteServer:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.actor = ray.remote(ServerHost).options(num_cpus=0, scheduling_strategy=here, name=name).remote(
-            server_cls, config, env, forwarded_environ(config, server_cls.worker_env), threads
+        self.actor = (
+            ray.remote(ServerHost)
+            .options(num_cpus=0, scheduling_strategy=here, name=name)
+            .remote(server_cls, config, env, forwarded_environ(config, server_cls.worker_env), threads)
         )
         self._stats: dict | None = None  # the last aggregation's stats (until an evaluation may change them)
         self._report: dict | None = None  # and its aggregation report (until read)
@@ -421,8 +435,13 @@ class RayExecutor(Executor):
         where = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=a) if self.pg else None
         return (
             self.ray.remote(ClientActor)
-            .options(num_cpus=self.cfg.cpus_per_client, num_gpus=self.cfg.gpus_per_client, max_restarts=0, scheduling_strategy=where,
-                     name=self.actor_name(f"client actor {a}" + (f" restart {self._restarts[a]}" if self._restarts.get(a) else "")))
+            .options(
+                num_cpus=self.cfg.cpus_per_client,
+                num_gpus=self.cfg.gpus_per_client,
+                max_restarts=0,
+                scheduling_strategy=where,
+                name=self.actor_name(f"client actor {a}" + (f" restart {self._restarts[a]}" if self._restarts.get(a) else "")),
+            )
             .remote(*self._ctor, threads, self.cfg.device, self._environ, self.cfg.batch_clients)
         )
 
@@ -476,7 +495,13 @@ class RayExecutor(Executor):
                     clients = [jobs[i].client_id for i in ix]
                     if retries > self.cfg.max_retries:
                         raise RuntimeError(f"clients {clients} failed {retries} times: {e}") from e
-                    log.warning("clients %s: actor failed (%s); restoring and retrying (%d/%d)", clients, type(e).__name__, retries, self.cfg.max_retries)
+                    log.warning(
+                        "clients %s: actor failed (%s); restoring and retrying (%d/%d)",
+                        clients,
+                        type(e).__name__,
+                        retries,
+                        self.cfg.max_retries,
+                    )
                     self._restore(a)
                     futures[a] = self._submit(a, [jobs[i] for i in ix], [refs[i] for i in ix])
             for i, res, update_ref in zip(ix, headers, update_refs):
