@@ -16,7 +16,7 @@ import hashlib
 import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -299,6 +299,114 @@ class Replay:
         return proj(self.prompts[0]) if self.feature else F.normalize(self.prompts[0], dim=-1)
 
 
+def replayed_count(cfg: FedAMEConfig, b: int) -> int:
+    """Replayed samples in a step of b real ones."""
+    return max(1, int(round(cfg.replay_ratio * b)))
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """A client's round as its loss sees it: class anchors (seen classes, in `seen` order), the
+    class positions, its samples and their positions, the projector and the mixture."""
+
+    A: torch.Tensor
+    pos: dict[int, int]
+    x: torch.Tensor
+    y: torch.Tensor
+    proj: Projector
+    moe: AnchorMoE
+    frozen: bool
+
+
+@dataclass
+class StepLoss:
+    """FedAME's loss on one minibatch of sample indices: classification and routing over the
+    real and replayed samples (replayed ones class-balanced), the contrastive term to the
+    anchors, the KL to the previous task's model on the old classes, and the distribution
+    term to the class prompts."""
+
+    cfg: FedAMEConfig
+    inp: StepInputs
+    owner_pos: torch.Tensor  # per seen class: its owner's column among all experts
+    replay: Replay
+    gen: torch.Generator
+    real_cls: torch.Tensor  # classes whose real samples enter the classification terms
+    replay_weight: float
+    old_pos: torch.Tensor
+    teacher_logits: torch.Tensor | None
+    prompt_pos: torch.Tensor
+    prompt_of: torch.Tensor
+    mu: torch.Tensor
+    var: torch.Tensor
+
+    def __call__(self, xb: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
+        yb, b = self.inp.y[ib], len(ib)
+        y_all, weight, s_r = self.with_replay(yb, b, xb.dtype)
+        u, u_all, protos = self.embed(xb, b, s_r)
+        # real and replayed samples go through the mixture in one pass; per sample each
+        # term is what it was
+        logits_all, scores = self.inp.moe(u_all, protos)
+        return self.terms(ib, yb, u, u_all, y_all, weight, logits_all, scores)
+
+    def with_replay(self, yb: torch.Tensor, b: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Labels and weights of the real samples followed by the replayed ones; the replayed
+        samples themselves (None without replay)."""
+        y_all, weight, s_r = yb, self.real_cls[yb].to(dtype), None
+        if self.replaying:
+            m = replayed_count(self.cfg, b)
+            y_r, s_r = self.replay.draw(m, self.gen)
+            # class-balanced: a replayed sample weighs what a real one of an average class does
+            y_all = torch.cat([yb, y_r])
+            weight = torch.cat([weight, torch.full((m,), self.replay_weight * b / m, dtype=dtype, device=yb.device)])
+        return y_all, weight, s_r
+
+    @property
+    def replaying(self) -> bool:
+        return bool(self.replay.n) and self.cfg.replay_ratio > 0
+
+    def embed(self, xb: torch.Tensor, b: int, s_r: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One projector pass over the real samples, the replayed features and the prompt
+        means: (real samples in the anchor space, real and replayed ones, class prototypes)."""
+        replay, use_protos = self.replay, self.cfg.prototype_weight > 0
+        parts = [xb]
+        if self.replaying and replay.feature:
+            parts.append(s_r)
+        n_real = sum(len(p) for p in parts)
+        if use_protos and replay.feature and len(replay.cls_pos):
+            parts.append(replay.prompts[0])
+        out = self.inp.proj(torch.cat(parts)) if len(parts) > 1 else self.inp.proj(xb)
+        u = out[:b]
+        u_all = out[:n_real] if not self.replaying or replay.feature else torch.cat([u, s_r])
+        protos = None
+        if use_protos:
+            target = out[n_real:] if replay.feature else replay.targets(self.inp.proj)
+            protos = prototypes(self.inp.A, self.cfg.prompt_radius, replay.cls_pos, target)
+        return u, u_all, protos
+
+    def terms(self, ib, yb, u, u_all, y_all, weight, logits_all, scores) -> torch.Tensor:
+        """The weighted sum of the loss terms (each term's weight from `lambdas`)."""
+        cfg, lam, A, frozen = self.cfg, self.cfg.lambdas, self.inp.A, self.inp.frozen
+        n = max(float(weight.sum()), 1.0)
+        ce = (F.cross_entropy(logits_all, y_all, reduction="none") * weight).sum()
+        route_l = (routing_loss(scores, self.owner_pos[y_all], "none") * weight).sum()
+        loss = ce / n + lam.route * route_l / n
+        if lam.contrast > 0 and not frozen:
+            if cfg.contrast_samples == "real":
+                loss = loss + lam.contrast * contrastive_loss(u, A, yb, cfg.contrast_temperature)
+            else:
+                con = contrastive_loss(u_all, A, y_all, cfg.contrast_temperature, reduction="none")
+                loss = loss + lam.contrast * (con * weight).sum() / n
+        if self.teacher_logits is not None:
+            logits = logits_all[: len(ib)]
+            loss = loss + lam.forget * distillation(logits.index_select(1, self.old_pos), self.teacher_logits[ib], cfg.kd_temperature)
+        if lam.dist > 0 and len(self.prompt_pos) and not frozen:
+            has = torch.nonzero(self.prompt_of[yb] >= 0).flatten()
+            if len(has):
+                k = self.prompt_of[yb[has]]  # index_select: its backward is an index_add, not an index_put
+                loss = loss + lam.dist * distribution_loss(u.index_select(0, has), self.mu[k], self.var[k])
+        return loss
+
+
 class FedAMEClient(Client):
     config: FedAMEConfig
 
@@ -307,99 +415,49 @@ class FedAMEClient(Client):
         self._teacher_memo: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}  # (client, task) -> (inputs' digest, logits)
 
     def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
-        cfg, a, lam, dev = self.config, payload.arrays, self.config.lambdas, ctx.device
+        a, dev = payload.arrays, ctx.device
         A = t(a["class_anchors"], dev)  # seen classes x d, in `seen` order
         pos = {int(c): i for i, c in enumerate(a["seen"])}
         y = torch.tensor([pos[int(c)] for c in np.asarray(data.y)], dtype=torch.long, device=dev)
         x = as_tensor(data.x, dev, torch.float32)
-        owner_pos = t(a["owner_pos"], dev)  # per seen class: its owner's column among all experts
-
         frozen = bool(a["proj_frozen"])
         proj = self._projector(a, "proj.", A.shape[1], dev)
         proj.requires_grad_(not frozen)
-        moe = build_moe(cfg, a, "", A)
+        moe = build_moe(self.config, a, "", A)
+        own = replace(
+            ctx.train,
+            optimizer=self.config.optimizer or ctx.train.optimizer,
+            lr=self.config.lr or ctx.train.lr,
+            batch_size=self.config.batch_size or ctx.train.batch_size,
+        )
+        step = self._step_loss(a, data, ctx, StepInputs(A, pos, x, y, proj, moe, frozen), own.batch_size)
         params = [*([] if frozen else proj.parameters()), *moe.parameters()]
+        # minibatches of sample indices: the loss looks up labels and cached teacher logits
+        loss = train_epochs(params, x, torch.arange(len(y), device=dev), replace(ctx, train=own), step, step.gen)
+        return self._update(a, proj, moe, frozen, x, y, len(pos), loss, meta={"client_id": data.client_id, "replayed": step.replay.drawn})
 
+    def _step_loss(self, a: dict[str, np.ndarray], data: ClientData, ctx: TrainContext, inp: StepInputs, batch_size: int) -> StepLoss:
+        """The minibatch loss of this client's round: its replay source, the weights of real
+        and replayed samples, the teacher's logits, the prompts the distribution term uses."""
+        cfg, dev, pos, y = self.config, ctx.device, inp.pos, inp.y
         old_pos = t(a["old_pos"], dev)
         prompt_pos = t(np.array([pos[int(c)] for c in a["prompt_classes"]], dtype=np.int64), dev)
-        mu, var = t(a["prompt_mu"], dev), t(a["prompt_var"], dev)
         prompt_of = torch.full((len(pos),), -1, dtype=torch.long, device=dev)
         prompt_of[prompt_pos] = torch.arange(len(prompt_pos), device=dev)
         is_old = torch.zeros(len(pos), dtype=torch.bool, device=dev)
         is_old[old_pos] = True
-        own = replace(
-            ctx.train,
-            optimizer=cfg.optimizer or ctx.train.optimizer,
-            lr=cfg.lr or ctx.train.lr,
-            batch_size=cfg.batch_size or ctx.train.batch_size,
-        )
-
-        def replayed(b: int) -> int:  # replayed samples in a step of b real ones
-            return max(1, int(round(cfg.replay_ratio * b)))
-
-        per_step = [replayed(min(own.batch_size, len(y) - i)) for i in range(0, len(y), own.batch_size)]
+        per_step = [replayed_count(cfg, min(batch_size, len(y) - i)) for i in range(0, len(y), batch_size)]
         replay = self._replay_source(a, pos, is_old, dev, per_step)
-        gen = torch_generator(ctx.seed)
         # classes whose real samples enter the classification terms
         real_cls = ~replay.covers if cfg.replay_classes == "seen" else torch.ones(len(pos), dtype=torch.bool, device=dev)
         client_classes = max(1, int(((torch.bincount(y, minlength=len(pos)) > 0) & real_cls).sum()))
-        replay_weight = replay.n / client_classes if cfg.balanced_replay else cfg.replay_ratio
-        use_protos = cfg.prototype_weight > 0
-        replaying = bool(replay.n) and cfg.replay_ratio > 0
-
-        has_teacher = lam.forget > 0 and len(old_pos) > 0 and len(a.get("teacher.held", ())) > 0
-        teacher_logits = self._teacher_logits(a, x, A, old_pos, replay, (data.client_id, ctx.task)) if has_teacher else None
-
-        def loss_fn(xb: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
-            yb, b = y[ib], len(ib)
-            y_all, weight = yb, real_cls[yb].to(x.dtype)
-            # one projector pass over real samples, replayed features and prompt means
-            parts = [xb]
-            if replaying:
-                m = replayed(b)
-                y_r, s_r = replay.draw(m, gen)
-                # class-balanced: a replayed sample weighs what a real one of an average class does
-                y_all = torch.cat([yb, y_r])
-                weight = torch.cat([weight, torch.full((m,), replay_weight * b / m, dtype=x.dtype, device=dev)])
-                if replay.feature:
-                    parts.append(s_r)
-            n_real = sum(len(p) for p in parts)
-            if use_protos and replay.feature and len(replay.cls_pos):
-                parts.append(replay.prompts[0])
-            out = proj(torch.cat(parts)) if len(parts) > 1 else proj(xb)
-            u = out[:b]
-            u_all = out[:n_real] if not replaying or replay.feature else torch.cat([u, s_r])
-            protos = None
-            if use_protos:
-                target = out[n_real:] if replay.feature else replay.targets(proj)
-                protos = prototypes(A, cfg.prompt_radius, replay.cls_pos, target)
-            # real and replayed samples go through the mixture in one pass; per sample each
-            # term is what it was
-            logits_all, scores = moe(u_all, protos)
-            logits = logits_all[:b]
-            n = max(float(weight.sum()), 1.0)
-            ce = (F.cross_entropy(logits_all, y_all, reduction="none") * weight).sum()
-            route_l = (routing_loss(scores, owner_pos[y_all], "none") * weight).sum()
-            loss = ce / n + lam.route * route_l / n
-            if lam.contrast > 0 and not frozen:
-                if cfg.contrast_samples == "real":
-                    loss = loss + lam.contrast * contrastive_loss(u, A, yb, cfg.contrast_temperature)
-                else:
-                    con = contrastive_loss(u_all, A, y_all, cfg.contrast_temperature, reduction="none")
-                    loss = loss + lam.contrast * (con * weight).sum() / n
-            if teacher_logits is not None:
-                loss = loss + lam.forget * distillation(logits.index_select(1, old_pos), teacher_logits[ib], cfg.kd_temperature)
-            if lam.dist > 0 and len(prompt_pos) and not frozen:
-                has = torch.nonzero(prompt_of[yb] >= 0).flatten()
-                if len(has):
-                    k = prompt_of[yb[has]]  # index_select: its backward is an index_add, not an index_put
-                    loss = loss + lam.dist * distribution_loss(u.index_select(0, has), mu[k], var[k])
-            return loss
-
-        # minibatches of sample indices: the loss looks up labels and cached teacher logits
-        loss = train_epochs(params, x, torch.arange(len(y), device=dev), replace(ctx, train=own), loss_fn, gen)
-
-        return self._update(a, proj, moe, frozen, x, y, len(pos), loss, meta={"client_id": data.client_id, "replayed": replay.drawn})
+        has_teacher = cfg.lambdas.forget > 0 and len(old_pos) > 0 and len(a.get("teacher.held", ())) > 0
+        teacher = self._teacher_logits(a, inp.x, inp.A, old_pos, replay, (data.client_id, ctx.task)) if has_teacher else None
+        return StepLoss(
+            cfg, inp, t(a["owner_pos"], dev), replay, torch_generator(ctx.seed), real_cls,
+            replay.n / client_classes if cfg.balanced_replay else cfg.replay_ratio, old_pos, teacher,
+            prompt_pos, prompt_of, t(a["prompt_mu"], dev), t(a["prompt_var"], dev),
+        )  # fmt: skip
 
     def _teacher_logits(
         self, a: dict[str, np.ndarray], x: torch.Tensor, A: torch.Tensor, old_pos: torch.Tensor, replay: Replay, key: tuple[int, int]
