@@ -9,7 +9,7 @@ The table's strongest classifiers are not linear heads: FeCAM scores shrunk clas
 Gaussians, and FedAME adds its prompts' Gaussian log-likelihoods to its logits. So the
 bound fits both forms centrally and adds them (`gaussian_weight`, as FedAME does): head
 logits - w/2 x FeCAM's Mahalanobis distance on the pooled data. gaussian_weight 0 is the
-head alone (the bound of the linear-head methods; the behaviour before).
+head alone (the bound of the linear-head methods).
 """
 
 from __future__ import annotations

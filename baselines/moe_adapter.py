@@ -45,7 +45,7 @@ from pydantic import Field
 from torch import nn
 
 from bench.api import Client, ClientData, ClientUpdate, Message, MethodConfig, Server, TaskInfo, TrainContext, derive_seed, register
-from bench.training import as_tensor, load_module_arrays, module_arrays, torch_generator
+from bench.training import as_tensor, load_module_arrays, module_arrays, torch_generator, train_epochs
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -341,23 +341,16 @@ class MoEAdapterClient(Client):
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
         )
-        total, count = 0.0, 0
         with torch.random.fork_rng():
             torch.manual_seed(ctx.seed)  # dropout draws
-            for _ in range(ctx.train.local_epochs):
-                for idx in torch.randperm(len(y), generator=gen).split(ctx.train.batch_size):
-                    idx = idx.to(ctx.device)
-                    loss = F.cross_entropy(clf.logits(images[idx], seen), y[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    total += float(loss.detach()) * len(idx)
-                    count += len(idx)
+            loss = train_epochs(
+                clf.trainable(), images, y, ctx, lambda xb, yb: F.cross_entropy(clf.logits(xb, seen), yb), gen,
+                optimizer=opt, after_step=sched.step,
+            )  # fmt: skip
         arrays = module_arrays(clf.adapters, "adapter.")
         if self.config.ddas:
             arrays.update(train_autoencoder(clf, images, payload.meta["task"], ctx, gen))
-        return ClientUpdate(arrays=arrays, num_samples=len(y), loss=total / max(count, 1))
+        return ClientUpdate(arrays=arrays, num_samples=len(y), loss=loss)
 
 
 def train_autoencoder(

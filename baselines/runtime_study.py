@@ -209,7 +209,7 @@ def run_benchmark(actors: list[int], clients: int, rounds: int, hidden: int, per
     return results
 
 
-# ------------------------------------------------------------------ small rounds (issue #15)
+# ------------------------------------------------------------------ small rounds
 
 SMALL = {"clients": 5, "per_client": 2000, "classes": 10, "rounds": 20, "batch_size": 64, "epochs": 1}
 
@@ -313,7 +313,7 @@ def run_small_rounds(actors: list[int] | None = None) -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------ many clients (issue #15)
+# ------------------------------------------------------------------ many clients
 
 
 def tree_pss_bytes(root_pid: int) -> int:
@@ -396,7 +396,7 @@ def run_scale(clients: list[int], sampled: int, executors: list[str], config: st
     return rows
 
 
-# ------------------------------------------------------------------ batched clients (issue #15)
+# ------------------------------------------------------------------ batched clients
 
 
 def run_batched(counts: list[int], rounds: int = 6) -> list[dict]:

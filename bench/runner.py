@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,47 +54,69 @@ class RunSpec:
     @functools.cached_property
     def run_id(self) -> str:
         """Stable across executors and machines: a digest of what determines the numbers."""
-        ident = self.config.model_dump(
-            mode="json", exclude={"runtime", "sweep", "name", "cache_dir", "methods", "aggregation", "prepare", "track"}
-        )
-        if self.config.track != "class_incremental":
-            ident["track"] = self.config.track
-        data = ident["data"]
-        root = data.pop("root", None)
-        if data["dataset"] == "imagefolder":  # the folder is the dataset: its name enters the id
-            data["folder"] = Path(root).name if root else None
-        else:  # fields added for folders: earlier run ids stay as they were
-            data.pop("image_size")
-            data.pop("test_fraction")
-            data.pop("domains")
-        scen = ident["scenario"]  # fields added later enter only when used: earlier run ids stay as they were
-        if scen["partition"] != "label_quantity":
-            scen.pop("classes_per_client")
-        if not scen["feature_noise"]:
-            scen.pop("feature_noise")
-        if scen["tasks_by"] == "classes":
-            scen.pop("tasks_by")
-            scen.pop("domain_order")
-        attack = ident["scenario"].pop("attack")  # only when used: run ids without one stay as they were
-        if attack["kind"] != "none":
-            ident["attack"] = attack
-        if self.config.aggregation.rule != "mean":
-            ident["aggregation"] = self.config.aggregation.model_dump(mode="json")
-        ident["method"] = self.method
-        mcfg = method_config(self.config, self.method)
-        ident["method_config"] = mcfg.model_dump(mode="json")
-        threads = self.config.runtime.torch_threads
-        if threads:  # one thread count everywhere: every executor gives the same numbers
-            ident["torch_threads"] = threads
-        elif executor_kind(self.config.runtime) != "local":  # thread counts differ between the local
-            ident["executor"] = executor_kind(self.config.runtime)  # process and actors: not one run
-        if self.config.runtime.batch_clients and get_method(self.method).ClientClass.batched:
-            ident["batch_clients"] = True  # equal to float rounding, not to the bit: its own run
-        extra = get_method(self.method).identity(mcfg)
-        if extra:  # only when present: run ids of methods without such facts stay as they were
-            ident["method_identity"] = extra
+        ident = {**config_identity(self.config), **runtime_identity(self.method, self.config), **method_identity(self.method, self.config)}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.method}-{self.config.data.dataset}-a{self.alpha:g}-s{self.seed}-{digest}"
+
+
+#: Config fields that enter a run's identity only when the run uses them, so that adding a
+#: field to the config leaves the ids of all runs that do not use it unchanged.
+WHEN_USED: dict[tuple[str, str], Callable[[ExperimentConfig], bool]] = {
+    ("data", "image_size"): lambda c: c.data.dataset == "imagefolder",
+    ("data", "test_fraction"): lambda c: c.data.dataset == "imagefolder",
+    ("data", "domains"): lambda c: c.data.dataset == "imagefolder",
+    ("scenario", "classes_per_client"): lambda c: c.scenario.partition == "label_quantity",
+    ("scenario", "feature_noise"): lambda c: bool(c.scenario.feature_noise),
+    ("scenario", "tasks_by"): lambda c: c.scenario.tasks_by != "classes",
+    ("scenario", "domain_order"): lambda c: c.scenario.tasks_by != "classes",
+}
+
+
+def config_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The sections that decide a run's numbers (not where it runs, how it is named or where
+    its files are); an image folder by its name, not its path; the attack, the aggregation
+    rule and the track only when they are not the defaults."""
+    ident = cfg.model_dump(mode="json", include={"seed", "data", "scenario", "backbone", "training", "eval"})
+    for (section, key), used in WHEN_USED.items():
+        if not used(cfg):
+            ident[section].pop(key)
+    root = ident["data"].pop("root")
+    if cfg.data.dataset == "imagefolder":  # the folder is the dataset
+        ident["data"]["folder"] = Path(root).name if root else None
+    attack = ident["scenario"].pop("attack")
+    if cfg.scenario.attack.kind != "none":
+        ident["attack"] = attack
+    if cfg.aggregation.rule != "mean":
+        ident["aggregation"] = cfg.aggregation.model_dump(mode="json")
+    if cfg.track != "class_incremental":
+        ident["track"] = cfg.track
+    return ident
+
+
+def runtime_identity(method: str, cfg: ExperimentConfig) -> dict[str, Any]:
+    """What of the runtime changes the numbers: torch's thread count changes float summation
+    order, so with one count everywhere every executor gives the same numbers, and without
+    one a Ray run (whose actors use other counts than the local process) is a run of its
+    own; batched clients agree with one-by-one training to float rounding, not to the bit."""
+    rt, ident = cfg.runtime, {}
+    if rt.torch_threads:
+        ident["torch_threads"] = rt.torch_threads
+    elif executor_kind(rt) != "local":
+        ident["executor"] = executor_kind(rt)
+    if rt.batch_clients and get_method(method).ClientClass.batched:
+        ident["batch_clients"] = True
+    return ident
+
+
+def method_identity(method: str, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The method, its resolved hyperparameters, and the facts outside the config it declares
+    (`Server.identity`; only when it has any)."""
+    mcfg = method_config(cfg, method)
+    ident: dict[str, Any] = {"method": method, "method_config": mcfg.model_dump(mode="json")}
+    extra = get_method(method).identity(mcfg)
+    if extra:
+        ident["method_identity"] = extra
+    return ident
 
 
 @dataclass

@@ -64,16 +64,23 @@ def train_epochs(
     ctx: TrainContext,
     loss_fn: LossFn,
     gen: torch.Generator,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    after_step: Callable[[], object] | None = None,
+    after_epoch: Callable[[int], object] | None = None,
 ) -> float:
-    """The one local-training loop: `local_epochs` passes of seeded minibatches; mean loss.
+    """The one training loop: `local_epochs` passes of seeded minibatches; mean loss.
 
     The minibatch order comes from a CPU generator, so it is the same on every device; the
-    loss is summed on the device (no host sync per step) and read once at the end."""
-    opt = make_optimizer(params, ctx.train)
+    loss is summed on the device (no host sync per step) and read once at the end. Hooks:
+    `optimizer` instead of the one `ctx.train` describes (a method's own, say AdamW),
+    `after_step` after each optimiser step (a learning-rate schedule, a progress bar),
+    `after_epoch(epoch)` after each pass (an evaluation)."""
+    opt = optimizer if optimizer is not None else make_optimizer(params, ctx.train)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     count = 0
     on_cpu = x.device.type == "cpu"
-    for _ in range(ctx.train.local_epochs):
+    for epoch in range(ctx.train.local_epochs):
         for idx in minibatches(len(x), ctx.train.batch_size, gen):
             if not on_cpu:
                 idx = idx.to(x.device, non_blocking=True)
@@ -81,8 +88,12 @@ def train_epochs(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total.add_(loss.detach(), alpha=len(idx))  # exact product in float64, one rounding: as before
+            if after_step is not None:
+                after_step()
+            total.add_(loss.detach(), alpha=len(idx))  # the exact product in float64, one rounding
             count += len(idx)
+        if after_epoch is not None:
+            after_epoch(epoch)
     return float(total) / max(count, 1)
 
 

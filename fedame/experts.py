@@ -50,9 +50,8 @@ def mix(experts: list[ExpertWeights], positions: list[int], u: torch.Tensor, top
     `positions[i]` is expert i's index in the router's score columns. Sparse dispatch: each
     expert runs only on the samples routed to it. The (sample, slot) pairs are grouped by
     expert with one stable sort, so every step is a handful of operations over all pairs,
-    not a dozen per expert: a dozen per expert made the dispatch half of a CPU step, since
-    a step's operations are small (docs/fedame.md, "Third pass"; a step is now mostly passes
-    over its rows, "Fifth pass"). The pairs of an expert keep their sample order and each
+    not a dozen per expert, whose per-operation overhead would add up to a large share of a
+    CPU step (docs/fedame.md, cost). The pairs of an expert keep their sample order and each
     sample sums its experts in held order, as a loop over experts would."""
     column = torch.full((max(positions) + 1,), -1, dtype=torch.long, device=u.device)
     column[torch.as_tensor(positions, device=u.device)] = torch.arange(len(positions), device=u.device)

@@ -2,8 +2,8 @@
 
 Why: each group's rows are few (an expert's share of a minibatch, a prompt's draws), so one
 small product per group costs its per-operation overhead many times over; one batched
-product over every group's run padded to the same length was measured faster (docs/fedame.md,
-"Third pass"). The padding rows are zeros and are never read back.
+product over every group's run padded to the same length is faster (docs/fedame.md, cost).
+The padding rows are zeros and are never read back.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class FedAMEConfig(MethodConfig):
     rule: RuleConfig = RuleConfig()
     projector_hidden: int = Field(0, ge=0)
     # lightweight experts: a residual MLP d -> expert_hidden -> d each. 32 costs a quarter of
-    # 128's bytes and arithmetic at the same accuracy (measured in docs/fedame.md, "Cost")
+    # 128's bytes and arithmetic at the same accuracy (docs/fedame.md, cost)
     expert_hidden: int = Field(32, ge=1)
     # route on the projected feature itself (false: the plain anchor-based router; the
     # projector learns to route through the routing loss) or on a learned d x d map of it
@@ -112,14 +112,14 @@ class FedAMEConfig(MethodConfig):
     # covariance shrunk by `gaussian_shrink` as FeCAM does): the log-likelihood of the prompt's
     # Gaussian, so w = 1 multiplies the mixture's class probabilities by the prompts'. The
     # prompts are exact summaries of frozen features, so this term does not forget and does not
-    # depend on routing. 0: the mixture alone (the behaviour before; needs no feature prompts)
+    # depend on routing. 0: the mixture alone (needs no feature prompts)
     gaussian_weight: float = Field(1.0, ge=0)
     gaussian_shrink: float = Field(1.0, ge=0)
     # which samples the contrastive term (InfoNCE to the class anchors) sees: "replay" the same
     # samples and weights as CE (old classes through their prompts, so old and new classes are
-    # pulled to their anchors alike); "real" only the current task's real samples (the behaviour
-    # before: it sharpens the current classes alone, and they are over-predicted until the next
-    # task arrives; measured in docs/fedame.md)
+    # pulled to their anchors alike); "real" only the current task's real samples (it sharpens
+    # the current classes alone, and they are over-predicted until the next task arrives;
+    # docs/fedame.md)
     contrast_samples: Literal["replay", "real"] = "replay"
     balanced_replay: bool = True  # weigh replay so old and new classes count alike
     prompt_radius: float = Field(0.5, gt=0)
@@ -130,8 +130,8 @@ class FedAMEConfig(MethodConfig):
     optimizer: Literal["sgd", "adam", "adamw"] | None = "adam"
     lr: float | None = Field(1e-3, gt=0)
     # FedAME's own minibatch size (null: the training section's). On a CPU 128 nearly halves
-    # the time of 64 at the same accuracy: a step of 64 was mostly per-operation overhead, one
-    # of 128 is mostly passes over its rows (docs/fedame.md, "Second pass", "Fifth pass")
+    # the time of 64 at the same accuracy: a step of 64 is mostly per-operation overhead, one
+    # of 128 mostly passes over its rows (docs/fedame.md, cost)
     batch_size: int | None = Field(128, ge=1)
     # freeze the projector after this task so prompts stay valid (-1: from the start; None: never)
     freeze_projector_after: int | None = Field(None, ge=-1)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.api import TrainContext, TrainSettings
 from bench.config import BackboneConfig, ExperimentConfig
 from bench.data import Dataset
 from bench.errors import UserError
@@ -30,6 +31,7 @@ from bench.features.backbones import family
 from bench.inputs import Input, PrepareContext
 from bench.progress import progress_bar
 from bench.seeds import derive_seed
+from bench.training import train_epochs
 
 
 class ClassSpecError(UserError):
@@ -108,25 +110,25 @@ def pretrain(
     steps = epochs * ((len(xtr) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps)
     gen = torch.Generator().manual_seed(derive_seed(seed, "pretrain", "batches"))
-    history = []
+    history: list[float] = []
     t0 = time.time()
+
+    def loss_fn(ib: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:  # minibatches of image indices
+        xb = augment(preprocess(xtr[ib.numpy()], cfg, device), gen)
+        return F.cross_entropy(model(xb), yb.to(device), label_smoothing=label_smoothing)
+
+    recipe = TrainContext(seed, 0, 0, 0, TrainSettings(epochs, batch_size, "sgd", max_lr, 0.9, weight_decay))
     with progress_bar() as bar:
         job = bar.add_task(f"pretrain {cfg.variant} on {len(classes)} classes", total=steps)
-        for epoch in range(epochs):
+
+        def evaluate(epoch: int) -> None:
+            history.append(accuracy(model, xte, yte, cfg, device))
+            bar.console.print(f"epoch {epoch + 1}/{epochs}: test accuracy on the {len(classes)} classes {history[-1]:.4f}")
             model.train()
-            perm = torch.randperm(len(xtr), generator=gen).numpy()
-            for a in range(0, len(xtr), batch_size):
-                idx = perm[a : a + batch_size]
-                xb = augment(preprocess(xtr[idx], cfg, device), gen)
-                loss = F.cross_entropy(model(xb), torch.from_numpy(ytr[idx]).to(device), label_smoothing=label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.advance(job)
-            acc = accuracy(model, xte, yte, cfg, device)
-            history.append(acc)
-            bar.console.print(f"epoch {epoch + 1}/{epochs}: test accuracy on the {len(classes)} classes {acc:.4f}")
+
+        model.train()
+        train_epochs(model.parameters(), torch.arange(len(xtr)), torch.from_numpy(ytr), recipe, loss_fn, gen, optimizer=opt,
+                     after_step=lambda: (sched.step(), bar.advance(job)), after_epoch=evaluate)  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)

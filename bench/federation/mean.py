@@ -33,8 +33,8 @@ _CHUNK = 1 << 15
 def _weighted_sum(arrays: list[np.ndarray], w: np.ndarray) -> np.ndarray:
     """sum_i w_i * arrays[i] in float64, cast back to the arrays' dtype. Computed over column
     blocks through one small reused buffer: the same dot products as stacking everything
-    (identical bits) without allocating a float64 copy of all updates at once, which cost a
-    wide head's aggregation 120 ms of page faults per round; blocked, it takes 8 ms."""
+    (identical bits) without allocating a float64 copy of all updates at once, whose page
+    faults would dominate a wide head's aggregation."""
     flat = [a.reshape(-1) for a in arrays]
     n = flat[0].size
     out = np.empty(n, dtype=arrays[0].dtype)
