@@ -173,7 +173,7 @@ def train_epochs_batched(
     are grouped by its size (a last minibatch may be smaller) and each group is one vmap
     call; a client whose last step is done is copied out then, so the steps the others
     still take cannot move it. The same arithmetic as the per-client loop, summed in
-    another order: results agree to float rounding (tests/test_batched.py states the
+    another order: results agree to float rounding (tests/training/test_batched.py states the
     tolerance). Returns each client's final parameters and mean loss."""
     from torch.func import vmap
 

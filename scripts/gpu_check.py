@@ -6,7 +6,7 @@ to end on the CPU (``--cpu``) so that CI keeps it from rotting.
 
 Steps (docs/results.md, "GPU check", says what each proves):
 
-1. ``tests/test_device.py`` (the CUDA tests) in a subprocess; on the CPU they are skipped.
+1. ``tests/runtime/test_device.py`` (the CUDA tests) in a subprocess; on the CPU they are skipped.
 2. FedAvg and FedAME on the workload (the main job when ``../shared`` is there, else the smoke
    config), each run on the CPU as the reference, then locally on the device, then under Ray
    with ``gpus_per_client`` 1, 0.5, 0.25 and 0.125 on one GPU (1, 2, 4 and 8 client actors).
@@ -90,7 +90,7 @@ class GpuSampler:
 
 def device_tests(out: Path) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_device.py"],
+        [sys.executable, "-m", "pytest", "-q", "-rs", "tests/runtime/test_device.py"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -88,7 +88,7 @@ def test_imagenet_offline_fails_fast_with_alternatives(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ other backbones
 
-from .conftest import write_tiny_hf_vision  # noqa: E402
+from tests.conftest import write_tiny_hf_vision  # noqa: E402
 
 
 @pytest.mark.parametrize("kind,dim", [("vit", 32), ("clip", 32), ("dinov2", 32)])

@@ -4,8 +4,7 @@ import pytest
 from bench.config import DataConfig
 from bench.data import DataError, load_dataset
 from bench.data import datasets as data_mod
-
-from .conftest import SHARED_DATA, requires_shared_data
+from tests.conftest import SHARED_DATA, requires_shared_data
 
 
 def test_cifar10_loader_on_fixture(cifar_root):
@@ -111,7 +110,7 @@ def test_real_cifar100_run_with_shared_backbone(tmp_path):
 
 # ------------------------------------------------------------------ image folders
 
-from .conftest import write_image_folder  # noqa: E402
+from tests.conftest import write_image_folder  # noqa: E402
 
 
 def _folder_cfg(root, *extra):

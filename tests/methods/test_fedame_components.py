@@ -115,7 +115,7 @@ def test_clip_source_offline_fails_fast_with_alternatives(tmp_path):
 
 
 def test_shared_clip_anchor_file_loads_in_dataset_order(tmp_path):
-    from .conftest import SHARED_DATA
+    from tests.conftest import SHARED_DATA
 
     f = SHARED_DATA / "anchors" / "cifar100_clip_vit-b-32.npz"
     if not f.exists():

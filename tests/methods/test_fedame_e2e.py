@@ -4,8 +4,7 @@ from typer.testing import CliRunner
 
 from bench.cli import app
 from bench.results import read_table, stats_column
-
-from .llm_server import FakeLLM
+from tests.llm_server import FakeLLM
 
 runner = CliRunner()
 
@@ -62,7 +61,7 @@ def test_profile_script_replays_a_captured_client_update():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_fedame_step.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "profile_fedame_step.py"
     run = lambda *a: subprocess.run([sys.executable, str(script), *a], capture_output=True, text=True, timeout=300)
     res = run("--job", "8", "--repeats", "1", "--rows", "3", "--", "-c", "smoke")
     assert res.returncode == 0, res.stderr

@@ -156,7 +156,7 @@ def test_skips_say_where_and_the_executor_is_part_of_the_run_id(smoke_out):
 
 
 def test_every_method_runs_on_an_image_folder(tmp_path):
-    from .conftest import write_image_folder
+    from tests.conftest import write_image_folder
 
     root = write_image_folder(tmp_path / "folder", "split", classes=6, train=16, test=6, size=32)
     out = tmp_path / "r"
@@ -219,7 +219,7 @@ def test_label_quantity_and_feature_noise_scenarios_run_end_to_end(tmp_path):
 
 
 def test_a_domain_incremental_scenario_runs_end_to_end(tmp_path):
-    from .conftest import write_domain_folders
+    from tests.conftest import write_domain_folders
 
     root = write_domain_folders(tmp_path / "domains", domains=3, classes=4)
     out = tmp_path / "r"

@@ -5,8 +5,7 @@ import pytest
 
 from fedame.anchors import normalize
 from fedame.llm import DecisionMaker, ExpertView, LLMConfig, RuleConfig
-
-from .llm_server import FakeLLM
+from tests.llm_server import FakeLLM
 
 NAMES = ("apple", "pear", "bus", "train", "tiger")
 

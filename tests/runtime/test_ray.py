@@ -345,8 +345,7 @@ def test_llm_key_set_after_the_cluster_started_reaches_the_central_actor(cluster
     here the key is set after the cluster started, so only forwarding can deliver it."""
     from bench.results import ResultWriter, read_table
     from bench.sweep import expand, prepare, run_sweep
-
-    from .llm_server import FakeLLM
+    from tests.llm_server import FakeLLM
 
     monkeypatch.setenv("FEDAME_RAY_TEST_LLM", "sk-local")  # named by the config, not by a prefix rule alone
     monkeypatch.setenv("FEDAME_CACHE_DIR", str(tmp_path / "cache"))  # no decisions cached by earlier tests
@@ -456,7 +455,7 @@ def test_progress_metrics_reach_the_nodes_metrics_endpoint_labelled_by_run(clust
     assert re.search(rf"^ray_fedame_acc_seen{{[^}}]*{labels}[^}}]*}} 0\.\d+$", text, re.M)  # the latest accuracy gauge
 
 
-SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared"
 
 
 @pytest.mark.slow
@@ -469,7 +468,7 @@ def test_one_thread_count_makes_local_and_ray_identical_on_real_data(cluster, me
 
     from bench.sweep import default_cache_dir
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     over = [
         "runtime.torch_threads=1",
         "runtime.cpus_per_client=0",

@@ -148,7 +148,7 @@ def test_no_module_under_bench_names_a_method():
     """bench/ finds methods through the registry only: no module, comment or message names one
     (`fedame-bench`, the `fedame_*` metrics and `FEDAME_*` variables are the product's name)."""
     pattern = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, METHODS)) + r")(?![\w-])", re.IGNORECASE)
-    bench = Path(__file__).resolve().parents[1] / "bench"
+    bench = Path(__file__).resolve().parents[2] / "bench"
     found = [
         f"{p.relative_to(bench.parent)}:{i}: {line.strip()}"
         for p in sorted(bench.rglob("*.py"))

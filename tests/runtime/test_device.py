@@ -1,5 +1,5 @@
 """Clients on a CUDA GPU. Skipped without CUDA (CI has none); run on a GPU machine with
-`HF_HUB_OFFLINE=1 python -m pytest -q tests/test_device.py`."""
+`HF_HUB_OFFLINE=1 python -m pytest -q tests/runtime/test_device.py`."""
 
 import numpy as np
 import pytest

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from bench.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
 runner = CliRunner()
 
