@@ -1,0 +1,177 @@
+"""FedAME's client: trains the experts it holds (and the projector) on its features plus replayed
+samples, and reports its trained arrays and per-class feature statistics."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.api import (
+    Client,
+    ClientData,
+    ClientUpdate,
+    Message,
+    MethodEnv,
+    TrainContext,
+)
+from bench.training import (
+    as_tensor,
+    module_arrays,
+    module_from_arrays,
+    tensor_arrays,
+    torch_generator,
+    train_epochs,
+)
+from fedame.config import FedAMEConfig
+from fedame.feature_prompts import client_report
+from fedame.losses import StepInputs, StepLoss, replayed_count
+from fedame.model import AnchorMoE, build_moe, prototypes, t
+from fedame.prompts import class_statistics
+from fedame.replay import Replay
+from fedame.router import Projector
+
+
+class FedAMEClient(Client):
+    config: FedAMEConfig
+
+    def __init__(self, config: FedAMEConfig, env: MethodEnv) -> None:
+        super().__init__(config, env)
+        self._teacher_memo: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}  # (client, task) -> (inputs' digest, logits)
+
+    def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
+        a, dev = payload.arrays, ctx.device
+        A = t(a["class_anchors"], dev)  # seen classes x d, in `seen` order
+        pos = {int(c): i for i, c in enumerate(a["seen"])}
+        y = torch.tensor([pos[int(c)] for c in np.asarray(data.y)], dtype=torch.long, device=dev)
+        x = as_tensor(data.x, dev, torch.float32)
+        frozen = bool(a["proj_frozen"])
+        proj = self._projector(a, "proj.", A.shape[1], dev)
+        proj.requires_grad_(not frozen)
+        moe = build_moe(self.config, a, "", A)
+        own = replace(
+            ctx.train,
+            optimizer=self.config.optimizer or ctx.train.optimizer,
+            lr=self.config.lr or ctx.train.lr,
+            batch_size=self.config.batch_size or ctx.train.batch_size,
+        )
+        step = self._step_loss(a, data, ctx, StepInputs(A, pos, x, y, proj, moe, frozen), own.batch_size)
+        params = [*([] if frozen else proj.parameters()), *moe.parameters()]
+        # minibatches of sample indices: the loss looks up labels and cached teacher logits
+        loss = train_epochs(params, x, torch.arange(len(y), device=dev), replace(ctx, train=own), step, step.gen)
+        return self._update(a, proj, moe, frozen, x, y, len(pos), loss, meta={"client_id": data.client_id, "replayed": step.replay.drawn})
+
+    def _step_loss(self, a: dict[str, np.ndarray], data: ClientData, ctx: TrainContext, inp: StepInputs, batch_size: int) -> StepLoss:
+        """The minibatch loss of this client's round: its replay source, the weights of real
+        and replayed samples, the teacher's logits, the prompts the distribution term uses."""
+        cfg, dev, pos, y = self.config, ctx.device, inp.pos, inp.y
+        old_pos = t(a["old_pos"], dev)
+        prompt_pos = t(np.array([pos[int(c)] for c in a["prompt_classes"]], dtype=np.int64), dev)
+        prompt_of = torch.full((len(pos),), -1, dtype=torch.long, device=dev)
+        prompt_of[prompt_pos] = torch.arange(len(prompt_pos), device=dev)
+        is_old = torch.zeros(len(pos), dtype=torch.bool, device=dev)
+        is_old[old_pos] = True
+        per_step = [replayed_count(cfg, min(batch_size, len(y) - i)) for i in range(0, len(y), batch_size)]
+        replay = self._replay_source(a, pos, is_old, dev, per_step)
+        # classes whose real samples enter the classification terms
+        real_cls = ~replay.covers if cfg.replay_classes == "seen" else torch.ones(len(pos), dtype=torch.bool, device=dev)
+        client_classes = max(1, int(((torch.bincount(y, minlength=len(pos)) > 0) & real_cls).sum()))
+        has_teacher = cfg.lambdas.forget > 0 and len(old_pos) > 0 and len(a.get("teacher.held", ())) > 0
+        teacher = self._teacher_logits(a, inp.x, inp.A, old_pos, replay, (data.client_id, ctx.task)) if has_teacher else None
+        return StepLoss(
+            cfg, inp, t(a["owner_pos"], dev), replay, torch_generator(ctx.seed), real_cls,
+            replay.n / client_classes if cfg.balanced_replay else cfg.replay_ratio, old_pos, teacher,
+            prompt_pos, prompt_of, t(a["prompt_mu"], dev), t(a["prompt_var"], dev),
+        )  # fmt: skip
+
+    def _teacher_logits(
+        self, a: dict[str, np.ndarray], x: torch.Tensor, A: torch.Tensor, old_pos: torch.Tensor, replay: Replay, key: tuple[int, int]
+    ) -> torch.Tensor:
+        """The previous task's model's logits over the old classes on this client's samples.
+
+        Within a task the teacher, the anchors and a client's samples do not change, and the
+        prompts change only when the task's first feature reports arrive, so a worker keeps
+        a client's logits and reuses them while their inputs stay the same (from its third
+        round of the task on, when every client reports in the first). The memo is keyed by
+        (client, task) and checked against a digest of every payload array the logits are
+        computed from: an input that changed is computed afresh, never served stale. Every
+        prompt's mean is an input, not only the old classes': the prototypes come from one
+        product over all of them, and a product's rows can round differently with their
+        number."""
+        mu_key = ("fp_mu", "fp_classes") if replay.feature else ("prompt_mu", "prompt_classes")
+        inputs = [a[k] for k in sorted(a) if k.startswith("teacher.")]
+        inputs += [a["seen"], a["old_pos"], a["class_anchors"], a[mu_key[0]], a[mu_key[1]], np.array([len(x)])]
+        h = hashlib.sha1()  # a cache key, not a security boundary
+        for v in inputs:
+            v = np.ascontiguousarray(v)
+            h.update(f"{v.dtype.str}{v.shape}".encode())
+            h.update(v)
+        digest = h.digest()
+        memo = self._teacher_memo.get(key)
+        if memo is not None and memo[0] == digest:
+            return memo[1]
+        cfg = self.config
+        teacher = build_moe(cfg, a, "teacher.", A[old_pos])
+        teacher_proj = self._projector(a, "teacher.proj.", A.shape[1], A.device)
+        with torch.no_grad():
+            t_protos = None
+            if cfg.prototype_weight > 0:
+                t_protos = prototypes(A, cfg.prompt_radius, replay.cls_pos, replay.targets(teacher_proj))[old_pos]
+            logits = torch.cat([teacher(teacher_proj(x[i : i + 8192]), t_protos)[0] for i in range(0, len(x), 8192)])
+        self._teacher_memo = {k: v for k, v in self._teacher_memo.items() if k[1] == key[1]}  # this task's only
+        self._teacher_memo[key] = (digest, logits)
+        return logits
+
+    def _projector(self, a: dict[str, np.ndarray], prefix: str, dim: int, dev: str) -> Projector:
+        """The projector of a payload (the current one, or the teacher's), on `dev`."""
+        return module_from_arrays(lambda: Projector(self.env.feature_dim, dim, self.config.projector_hidden), a, prefix, dev)
+
+    def _update(
+        self,
+        a: dict[str, np.ndarray],
+        proj: Projector,
+        moe: AnchorMoE,
+        frozen: bool,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        n_seen: int,
+        loss: float,
+        meta: dict[str, Any],
+    ) -> ClientUpdate:
+        """What the client sends: its trained arrays (projector unless frozen, router, scale, its
+        experts), per-class statistics of its projected features, the backbone-feature report
+        once per task, and how many of its samples trained each expert."""
+        with torch.no_grad():
+            counts, sums, sumsq = class_statistics(proj(x), y, n_seen)
+        arrays = {} if frozen else module_arrays(proj, "proj.")
+        arrays.update(module_arrays(moe.router, "router."))
+        arrays["log_scale"] = moe.log_scale.detach().cpu().numpy().copy()
+        for e, ex in zip(a["held"], moe.experts):
+            arrays.update(tensor_arrays(ex, f"expert.{int(e)}."))
+        have = np.flatnonzero(counts > 0)  # statistics of the classes this client holds, only
+        arrays.update({"stat_pos": have, "stat_count": counts[have], "stat_sum": sums[have], "stat_sumsq": sumsq[have]})
+        if bool(a.get("want_feature_stats", False)):  # features are frozen: once per client per task
+            arrays.update(client_report(x, y, n_seen, self.config.prompt_rank))
+        samples_per_expert = {int(e): 0 for e in a["held"]}
+        all_ids = a["all_experts"]
+        for c_pos, n_c in enumerate(counts):
+            owner = int(all_ids[int(a["owner_pos"][c_pos])])
+            if n_c > 0 and owner in samples_per_expert:
+                samples_per_expert[owner] += int(n_c)
+        return ClientUpdate(arrays=arrays, meta={"expert_samples": samples_per_expert, **meta}, num_samples=len(y), loss=loss)
+
+    def _replay_source(self, a: dict[str, np.ndarray], pos: dict[int, int], is_old: torch.Tensor, dev: str, per_step: list[int]) -> Replay:
+        """The prompts this client replays (none with replay off), `per_step` samples per step."""
+        cfg = self.config
+        feature = cfg.prompt_space == "feature"
+        classes = a["fp_classes"] if feature else a["prompt_classes"]
+        cls_pos = t(np.array([pos[int(c)] for c in classes], dtype=np.int64), dev)
+        chosen = torch.ones(len(cls_pos), dtype=torch.bool, device=dev) if cfg.replay_classes == "seen" else is_old[cls_pos]
+        which = torch.nonzero(chosen).flatten() if cfg.replay else torch.zeros(0, dtype=torch.long, device=dev)
+        prompts = (
+            (t(a["fp_mu"], dev), t(a["fp_L"], dev), t(a["fp_sd"], dev)) if feature else (t(a["prompt_mu"], dev), t(a["prompt_var"], dev))
+        )
+        return Replay(feature, cls_pos, which, prompts, len(pos), per_step)
