@@ -73,6 +73,12 @@ class Instrumented(Executor):
     def set_task(self, task, indices, noise=None) -> None:
         self.inner.set_task(task, indices, noise)
 
+    def manifests(self, payloads):
+        return self.inner.manifests(payloads)
+
+    def label_run(self, labels: dict[str, str]) -> None:
+        self.inner.label_run(labels)
+
     def train(self, jobs):
         t0 = time.perf_counter()
         results = self.inner.train(jobs)

@@ -333,7 +333,25 @@ def main() -> None:  # pragma: no cover
         app()
     except KeyboardInterrupt:
         say_interrupted()
-        raise SystemExit(130) from None
+        code: object = 130
+    except SystemExit as e:
+        code = e.code
+    if code == 130:
+        forget_unhandled_interrupt()
+    raise SystemExit(code)
+
+
+def forget_unhandled_interrupt() -> None:
+    """Clear CPython's flag that makes the interpreter kill itself with SIGINT at exit.
+
+    An evaluation through the PyRun_* API (native code makes them, e.g. while importing) that a
+    KeyboardInterrupt ends sets that flag, even when our handler catches the exception further
+    up; under `python -m` the process then printed its "interrupted" line and still died by
+    the signal (exit -2 instead of 130). Every PyRun_* evaluation resets the flag first, so
+    evaluating an empty string clears it."""
+    import ctypes
+
+    ctypes.pythonapi.PyRun_SimpleString(b"")
 
 
 add_method_commands(app)

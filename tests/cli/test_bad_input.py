@@ -140,3 +140,26 @@ def test_nan_and_infinite_numbers_are_refused(tmp_path, args, match):
 )
 def test_a_grid_value_given_twice_is_one_error_not_two_runs_of_one_id(tmp_path, args, match):
     fails(tmp_path, "--config", "smoke", *args, match=match)
+
+
+def test_ctrl_c_exits_130_even_after_native_code_saw_the_interrupt(tmp_path):
+    """CPython remembers when a PyRun_* evaluation ended in a KeyboardInterrupt (native code
+    evaluates Python that way), even if the interrupt was caught further up, and under
+    `python -m` it then kills itself with SIGINT at exit. Here that
+    evaluation is made on purpose, then the command is interrupted: `python -m` must still
+    exit 130, not die by the signal (-2)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "interrupted_cli.py").write_text(
+        "import ctypes\n"
+        "import bench.cli as cli\n"
+        "def interrupted():  # a command interrupted while native code evaluates Python\n"
+        "    ctypes.pythonapi.PyRun_SimpleString(b'raise KeyboardInterrupt')  # sets the flag (prints a traceback)\n"
+        "    raise KeyboardInterrupt\n"
+        "cli.app = interrupted\n"
+        "cli.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-m", "interrupted_cli"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
+    assert "interrupted" in proc.stdout + proc.stderr
