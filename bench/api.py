@@ -349,7 +349,7 @@ class Server(ABC):
 @runtime_checkable
 class ServerHandle(Protocol):
     """What the runner and the tracks hold of a method's server: the server itself
-    in-process, a handle on the central actor under Ray (bench.runtime.ray_executor's
+    in-process, a handle on the central actor under Ray (bench.runtime.ray_actors'
     RemoteServer). Every hook they call is listed here, so a handle cannot answer one with a
     default of its own."""
 

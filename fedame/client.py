@@ -29,7 +29,7 @@ from bench.training import (
 from fedame.config import FedAMEConfig
 from fedame.feature_prompts import client_report
 from fedame.losses import StepInputs, StepLoss, replayed_count
-from fedame.model import AnchorMoE, build_moe, prototypes, t
+from fedame.model import AnchorMoE, build_moe, on_device, prototypes
 from fedame.prompts import class_statistics
 from fedame.replay import Replay
 from fedame.router import Projector
@@ -44,7 +44,7 @@ class FedAMEClient(Client):
 
     def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
         a, dev = payload.arrays, ctx.device
-        A = t(a["class_anchors"], dev)  # seen classes x d, in `seen` order
+        A = on_device(a["class_anchors"], dev)  # seen classes x d, in `seen` order
         pos = {int(c): i for i, c in enumerate(a["seen"])}
         y = torch.tensor([pos[int(c)] for c in np.asarray(data.y)], dtype=torch.long, device=dev)
         x = as_tensor(data.x, dev, torch.float32)
@@ -68,8 +68,8 @@ class FedAMEClient(Client):
         """The minibatch loss of this client's round: its replay source, the weights of real
         and replayed samples, the teacher's logits, the prompts the distribution term uses."""
         cfg, dev, pos, y = self.config, ctx.device, inp.pos, inp.y
-        old_pos = t(a["old_pos"], dev)
-        prompt_pos = t(np.array([pos[int(c)] for c in a["prompt_classes"]], dtype=np.int64), dev)
+        old_pos = on_device(a["old_pos"], dev)
+        prompt_pos = on_device(np.array([pos[int(c)] for c in a["prompt_classes"]], dtype=np.int64), dev)
         prompt_of = torch.full((len(pos),), -1, dtype=torch.long, device=dev)
         prompt_of[prompt_pos] = torch.arange(len(prompt_pos), device=dev)
         is_old = torch.zeros(len(pos), dtype=torch.bool, device=dev)
@@ -82,9 +82,9 @@ class FedAMEClient(Client):
         has_teacher = cfg.lambdas.forget > 0 and len(old_pos) > 0 and len(a.get("teacher.held", ())) > 0
         teacher = self._teacher_logits(a, inp.x, inp.A, old_pos, replay, (data.client_id, ctx.task)) if has_teacher else None
         return StepLoss(
-            cfg, inp, t(a["owner_pos"], dev), replay, torch_generator(ctx.seed), real_cls,
+            cfg, inp, on_device(a["owner_pos"], dev), replay, torch_generator(ctx.seed), real_cls,
             replay.n / client_classes if cfg.balanced_replay else cfg.replay_ratio, old_pos, teacher,
-            prompt_pos, prompt_of, t(a["prompt_mu"], dev), t(a["prompt_var"], dev),
+            prompt_pos, prompt_of, on_device(a["prompt_mu"], dev), on_device(a["prompt_var"], dev),
         )  # fmt: skip
 
     def _teacher_logits(
@@ -168,10 +168,12 @@ class FedAMEClient(Client):
         cfg = self.config
         feature = cfg.prompt_space == "feature"
         classes = a["fp_classes"] if feature else a["prompt_classes"]
-        cls_pos = t(np.array([pos[int(c)] for c in classes], dtype=np.int64), dev)
+        cls_pos = on_device(np.array([pos[int(c)] for c in classes], dtype=np.int64), dev)
         chosen = torch.ones(len(cls_pos), dtype=torch.bool, device=dev) if cfg.replay_classes == "seen" else is_old[cls_pos]
         which = torch.nonzero(chosen).flatten() if cfg.replay else torch.zeros(0, dtype=torch.long, device=dev)
         prompts = (
-            (t(a["fp_mu"], dev), t(a["fp_L"], dev), t(a["fp_sd"], dev)) if feature else (t(a["prompt_mu"], dev), t(a["prompt_var"], dev))
+            (on_device(a["fp_mu"], dev), on_device(a["fp_L"], dev), on_device(a["fp_sd"], dev))
+            if feature
+            else (on_device(a["prompt_mu"], dev), on_device(a["prompt_var"], dev))
         )
         return Replay(feature, cls_pos, which, prompts, len(pos), per_step)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from bench.api import derive_seed
 from bench.training import torch_generator
 from fedame.feature_prompts import sample_features
-from fedame.method import FedAME, t
+from fedame.method import FedAME, on_device
 from fedame.prompts import sample
 from fedame.router import route
 
@@ -50,9 +50,9 @@ def prompt_samples(server: FedAME, seen: list[int], gen: torch.Generator) -> tup
     feature, classes, arrays = server.replay_prompts()
     which = torch.arange(len(classes)).repeat_interleave(PROBE_PER_CLASS)
     if feature:
-        x = sample_features(t(arrays["fp_mu"]), t(arrays["fp_L"]), t(arrays["fp_sd"]), which, gen)
+        x = sample_features(on_device(arrays["fp_mu"]), on_device(arrays["fp_L"]), on_device(arrays["fp_sd"]), which, gen)
     else:
-        x = sample(t(arrays["prompt_mu"]), t(arrays["prompt_var"]), which, gen)
+        x = sample(on_device(arrays["prompt_mu"]), on_device(arrays["prompt_var"]), which, gen)
     pos = {c: i for i, c in enumerate(seen)}
     return x, torch.tensor([pos[int(c)] for c in classes])[which], feature
 
@@ -62,7 +62,7 @@ def routing(server: FedAME, x: torch.Tensor) -> np.ndarray:
     """Top-1 expert id of each sample among the alive experts."""
     alive = server.pool.alive
     u = server.router(server.proj(x))
-    scores, _, _ = route(u, t(server.pool.expert_anchors(alive)), server.config.route_temperature, 1)
+    scores, _, _ = route(u, on_device(server.pool.expert_anchors(alive)), server.config.route_temperature, 1)
     return np.asarray(alive)[scores.argmax(1).numpy()]
 
 

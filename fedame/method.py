@@ -9,8 +9,8 @@ entry point loads.
 
 from fedame.client import FedAMEClient
 from fedame.config import FedAMEConfig, LossWeights
-from fedame.model import t
+from fedame.model import on_device
 from fedame.replay import Replay
 from fedame.server import FedAME
 
-__all__ = ["FedAME", "FedAMEClient", "FedAMEConfig", "LossWeights", "Replay", "t"]
+__all__ = ["FedAME", "FedAMEClient", "FedAMEConfig", "LossWeights", "Replay", "on_device"]

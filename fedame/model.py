@@ -42,7 +42,8 @@ def load_experts(
     ]
 
 
-def t(a: np.ndarray, device: str = "cpu") -> torch.Tensor:
+def on_device(a: np.ndarray, device: str = "cpu") -> torch.Tensor:
+    """A payload array as a tensor on `device` (the CPU unless said)."""
     return as_tensor(a, device)
 
 
@@ -103,6 +104,6 @@ def build_moe(cfg: FedAMEConfig, a: dict[str, np.ndarray], prefix: str, class_an
     d, dev = class_anchors.shape[1], class_anchors.device
     router = module_from_arrays(lambda: RouterHead(d, cfg.router_map), a, f"{prefix}router.", dev)
     experts = load_experts(a, held, prefix, dev, trainable=prefix == "")
-    log_scale = torch.nn.Parameter(t(a[f"{prefix}log_scale"], dev).clone())
-    expert_anchors = t(a[f"{prefix}expert_anchors"], dev)
+    log_scale = torch.nn.Parameter(on_device(a[f"{prefix}log_scale"], dev).clone())
+    expert_anchors = on_device(a[f"{prefix}expert_anchors"], dev)
     return AnchorMoE(cfg, router, experts, a[f"{prefix}held_pos"].tolist(), expert_anchors, class_anchors, log_scale)

@@ -41,7 +41,7 @@ from fedame.config import FedAMEConfig
 from fedame.feature_prompts import FeaturePromptBank, scatter_rows
 from fedame.gaussian import mahalanobis
 from fedame.llm import Decision, DecisionMaker, LLMRequiredError, ask_clusters
-from fedame.model import AnchorMoE, build_projector, load_experts, prototypes, t
+from fedame.model import AnchorMoE, build_projector, load_experts, on_device, prototypes
 from fedame.pool import ExpertPool
 from fedame.prompts import PromptBank
 from fedame.router import RouterHead
@@ -283,9 +283,9 @@ class FedAME(Server):
                 self.router,
                 load_experts(arrays, np.asarray(alive), ""),
                 list(range(len(alive))),
-                t(self.pool.expert_anchors(alive)),
-                t(self.anchors[self.seen]),
-                t(self.log_scale),
+                on_device(self.pool.expert_anchors(alive)),
+                on_device(self.anchors[self.seen]),
+                on_device(self.log_scale),
             )
             protos = self.class_prototypes()
             parts.append(lambda xb: moe(self.proj(xb), protos)[0])
@@ -300,7 +300,7 @@ class FedAME(Server):
         arrays = self.feature_prompts.arrays(self.seen, self.env.feature_dim)
         pos = {c: i for i, c in enumerate(self.seen)}
         cols = torch.tensor([pos[int(c)] for c in arrays["fp_classes"]], dtype=torch.long)
-        mu, L, sd = t(arrays["fp_mu"]), t(arrays["fp_L"]), t(arrays["fp_sd"])
+        mu, L, sd = on_device(arrays["fp_mu"]), on_device(arrays["fp_L"]), on_device(arrays["fp_sd"])
 
         def score(xb: torch.Tensor) -> torch.Tensor:
             d = -0.5 * weight * mahalanobis(xb, mu, L, sd, self.config.gaussian_shrink).float()
@@ -324,9 +324,9 @@ class FedAME(Server):
         feature, classes, arrays = self.replay_prompts()
         pos = {c: i for i, c in enumerate(self.seen)}
         where = torch.tensor([pos[int(c)] for c in classes], dtype=torch.long)
-        means = t(arrays["fp_mu" if feature else "prompt_mu"])
+        means = on_device(arrays["fp_mu" if feature else "prompt_mu"])
         target = self.proj(means) if feature else F.normalize(means, dim=-1)
-        return prototypes(t(self.anchors[self.seen]), self.config.prompt_radius, where, target)
+        return prototypes(on_device(self.anchors[self.seen]), self.config.prompt_radius, where, target)
 
     def stats(self) -> dict[str, float]:
         return {"experts_alive": len(self.pool.alive)}

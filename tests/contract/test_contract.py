@@ -162,7 +162,7 @@ def test_the_ray_handle_forwards_every_hook_the_runner_calls():
     """RemoteServer answers no hook itself (it once answered rounds_for_task with the base
     class's default, so the exact references played every configured round under Ray)."""
     from bench.runtime import ServerHandle
-    from bench.runtime.ray_executor import RemoteServer
+    from bench.runtime.ray_actors import RemoteServer
 
     hooks = [name for name in dir(ServerHandle) if not name.startswith("_")]
     assert "rounds_for_task" in hooks and "extra_rows" in hooks

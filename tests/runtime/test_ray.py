@@ -190,7 +190,7 @@ def test_central_actor_serves_each_client_its_own_arrays(cluster, tmp_path):
     """Per-client payload arrays (FedAME's held experts) must map to the right objects."""
     from bench.api import TaskInfo
     from bench.runner import method_env
-    from bench.runtime.ray_executor import ServerHost
+    from bench.runtime.ray_actors import ServerHost
     from fedame.method import FedAME
 
     spec, ds, store = smoke("fedame", tmp_path)
@@ -568,7 +568,7 @@ def test_a_second_sweep_joins_the_running_cluster_with_address(cluster, tmp_path
 
 
 def test_the_dashboard_token_is_located_where_ray_reads_it(tmp_path):
-    from bench.runtime.ray_executor import token_location
+    from bench.runtime.ray_cluster import token_location
 
     assert "$RAY_AUTH_TOKEN" in token_location({"RAY_AUTH_TOKEN": "t", "RAY_AUTH_TOKEN_PATH": "/x"})  # Ray's order
     assert "/x/token (`ray get-auth-token` prints it)" in token_location({"RAY_AUTH_TOKEN_PATH": "/x/token"})
