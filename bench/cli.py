@@ -7,6 +7,8 @@ when it can be known in advance; anything else keeps its traceback (it is a bug)
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -77,7 +79,7 @@ def run(
     from bench.loader import load_config
     from bench.prepare import prepare_hint, require_inputs
     from bench.results import ResultWriter
-    from bench.sweep import expand, parse_floats, parse_ints, parse_methods, prepare, run_sweep
+    from bench.sweep import ctrl_c_sets, expand, parse_floats, parse_ints, parse_methods, prepare, run_sweep
 
     runtime = {
         "runtime.executor": executor,
@@ -101,10 +103,12 @@ def run(
     writer.check_writable()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console.print(f"[bold]sweep[/] {cfg.name}: {len(specs)} runs ({', '.join(names)} x alpha {alphas} x seeds {seed_list}) -> {out}")
-    prepared = prepare(cfg, specs, data_dir)
-    with progress_bar() as bar:
-        display = SweepDisplay(bar, out, len(specs))
-        summaries = run_sweep(specs, prepared, writer, display.start, display.round_done, display.end)
+    stop = threading.Event()
+    with ctrl_c_sets(stop):  # from here a Ctrl-C sets a flag (it cannot be lost) and stops before the next run
+        prepared = prepare(cfg, specs, data_dir)
+        with progress_bar() as bar:
+            display = SweepDisplay(bar, out, len(specs))
+            summaries = run_sweep(specs, prepared, writer, display.start, display.round_done, display.end, stop=stop)
     _print_summary(out, specs)
     console.print(f"{len(summaries)} runs completed now, {len(specs) - len(summaries)} skipped or failed; tables in {out}/")
 
@@ -338,6 +342,9 @@ def main() -> None:  # pragma: no cover
         code = e.code
     if code == 130:
         forget_unhandled_interrupt()
+    # the command is over: a Ctrl-C now (while the interpreter shuts down, after Python has
+    # put the default action back) must not turn the exit code into a death by the signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise SystemExit(code)
 
 

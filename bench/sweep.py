@@ -141,6 +141,7 @@ def run_sweep(
     on_run_start: Callable[[RunSpec, Any], Any] | None = None,
     on_round: Callable[[RunSpec, dict], Any] | None = None,
     on_run_end: Callable[[RunSpec, dict | None, str], Any] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[dict]:
     """Run every spec not yet complete in `writer`; a failing run is recorded and the rest go on.
     A run interrupted after a task resumes from its checkpoint (bench/checkpoint.py);
@@ -156,7 +157,7 @@ def run_sweep(
         else:
             todo.append(spec)
 
-    stop = threading.Event()  # set on Ctrl-C or a UserError: runs in other threads stop too
+    stop = stop or threading.Event()  # set on Ctrl-C or a UserError: runs in other threads stop too
     with ctrl_c_sets(stop):
         results = _run_todo(todo, prepared, writer, stop, on_run_start, on_round, on_run_end)
     return [r for r in results if r is not None]
