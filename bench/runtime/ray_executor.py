@@ -57,6 +57,7 @@ class RayExecutor(Executor):
         self.noise: dict[int, tuple[float, int]] = {}
         self._token = uuid.uuid4().hex[:4]
         self._restarts: dict[int, int] = {}
+        self._worker_env: tuple[str, ...] = ()  # the method's env prefixes, known once make_server is called
 
     def actor_name(self, role: str) -> str | None:
         """e.g. `M a=0.5 s=0 client actor 3 [M-cifar100-a0.5-s0-1a2b3c4d5e #9f2c]` for a method M: the
@@ -76,7 +77,7 @@ class RayExecutor(Executor):
         self.n = self._fitting_actors(self.cfg.num_actors or env.num_clients, env.num_clients)
         # features and labels go into the object store once; every actor reads them zero-copy
         self._ctor = (client_cls, config, env, ray.put(np.asarray(train_x)), ray.put(np.asarray(train_y)))
-        self._environ = forwarded_environ(config, getattr(self, "_worker_env", ()))
+        self._environ = forwarded_environ(config, self._worker_env)
         self._reserve()
         self.actors = [self._new_actor(a) for a in range(self.n)]
         self.devices = self._check_devices()
