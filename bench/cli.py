@@ -6,6 +6,7 @@ when it can be known in advance; anything else keeps its traceback (it is a bug)
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -116,12 +117,15 @@ def run(
 def _print_counts(cfg, specs, alphas: list[float], data_dir: str | None) -> None:
     """`--dry-run`: each alpha's per-client, per-task sample counts."""
     from bench.data import build_scenario, load_dataset, resolve_data_dir
+    from bench.data.validation import held_out
 
     ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
     for a in alphas:
         spec = next(s for s in specs if s.alpha == a)
-        scen = build_scenario(spec.config.scenario, ds.train_y, ds.class_names, spec.seed, ds.train_domain, ds.domain_names)
-        t = _counts_table(scen, ds)
+        c = spec.config
+        seen = held_out(ds, c.data.val_fraction, c.eval.split, c.seed)[0]  # without the validation slice, if any
+        scen = build_scenario(c.scenario, seen.train_y, seen.class_names, spec.seed, seen.train_domain, seen.domain_names)
+        t = _counts_table(scen, seen)
         t.title = f"{t.title}, {cfg.scenario.partition} alpha={a}, seed={spec.seed}"
         console.print(t)
 
@@ -191,6 +195,64 @@ def _print_summary(out: Path, specs) -> None:
             f"{row['wall_seconds']:.1f}",
         )
     console.print(table)
+
+
+@app.command()
+@user_errors
+def tune(
+    config: ConfigOpt = "default",
+    methods: Annotated[
+        Optional[str], typer.Option("--methods", "-m", help="Comma-separated methods or 'all'; each gets the same --trials")
+    ] = None,
+    trials: Annotated[int, typer.Option("--trials", help="Trials per method (the same budget for every method)")] = 8,
+    scheduler: Annotated[str, typer.Option("--scheduler", help="asha (stops poor trials at an evaluation) | fifo")] = "asha",
+    searcher: Annotated[str, typer.Option("--searcher", help="random | optuna (pip install 'fedame-bench[tune]')")] = "random",
+    spaces: Annotated[Path, typer.Option("--spaces", help="Folder of <method>.yaml search spaces")] = Path("configs/spaces"),
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Dirichlet alpha of every trial (default: the config's)")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of every trial (default: the config's)")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Trials table, chosen.yaml, every trial's run tables")] = Path("tune"),
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Join an existing Ray cluster")] = None,
+    cpus_per_trial: Annotated[int, typer.Option("--cpus-per-trial", help="CPUs (and torch threads) per trial")] = 1,
+) -> None:
+    """Choose each method's hyperparameters on the validation split with Ray Tune (docs/results.md, "Validation protocol")."""
+    from bench.config import RuntimeConfig
+    from bench.loader import load_config
+    from bench.sweep import parse_methods
+    from bench.tune import TuneError, TuneJob, check_budget, read_space, tune_method, validation_overrides, write_chosen, write_trials
+
+    if scheduler not in ("asha", "fifo") or searcher not in ("random", "optuna"):
+        raise TuneError("--scheduler is asha or fifo, --searcher random or optuna")
+    overrides = [*validation_overrides(config, list(set_ or [])), f"runtime.torch_threads={cpus_per_trial}"]
+    cfg = load_config(config, overrides)
+    names = parse_methods(methods, cfg)
+    check_budget(trials, names)
+    job_spaces = {m: read_space(spaces / f"{m}.yaml") for m in names}  # every space checked before any trial
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(
+        ["fedame-bench tune -c", config, "-m", ",".join(names), "--trials", str(trials), "--scheduler", scheduler, "--searcher", searcher,
+         *(["--alpha", str(alpha)] if alpha is not None else []), *(["--seed", str(seed)] if seed is not None else []),
+         *(f"--set {o}" for o in set_ or [])]
+    )  # fmt: skip
+    console.print(f"[bold]tune[/] {cfg.name}: {', '.join(names)} x {trials} trials ({scheduler}, {searcher}) on val -> {out}")
+    chosen = {}
+    for m in names:
+        job = TuneJob(
+            config,
+            m,
+            tuple(overrides),
+            data_dir,
+            str(out),
+            cfg.seed if seed is None else seed,
+            cfg.scenario.alpha if alpha is None else alpha,
+        )
+        rows = tune_method(job, job_spaces[m], trials, scheduler, searcher, RuntimeConfig(address=address), cpus_per_trial)
+        write_trials(out, m, rows)
+        best = next(r for r in rows if r["chosen"])
+        chosen[m] = {"set": json.loads(best["params"]), "val_final_acc": best["val_final_acc"], "trials": trials}
+        console.print(f"{m}: best of {trials} trials val final_acc {best['val_final_acc']:.4f} with {best['params']}", highlight=False)
+    console.print(f"chosen overrides in {write_chosen(out, chosen, command)}; trials in {out / 'trials'}/")
 
 
 @app.command()

@@ -51,6 +51,9 @@ class DataConfig(Section):
     domains: bool = False  # imagefolder: ROOT/<domain>/... holds one folder per domain (DomainNet, Digit-5 layouts)
     max_train_per_class: int | None = Field(None, ge=1)
     max_test_per_class: int | None = Field(None, ge=1)
+    # a seeded per-class share of the training data held out of training: the validation
+    # split every choice of a default is made on (bench/data/validation.py; 0: none)
+    val_fraction: float = Field(0.0, ge=0, lt=1)
     synthetic: SyntheticData = SyntheticData()
 
 
@@ -136,6 +139,9 @@ class TrainingConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(1, ge=0)  # rounds between evaluations; 0 = only at the end of each task
+    # what a run is scored on: the test split (reported tables) or the validation slice
+    # (data.val_fraction; what `fedame-bench tune` chooses on)
+    split: Literal["test", "val"] = "test"
 
 
 class RuntimeConfig(Section):

@@ -43,6 +43,7 @@ BASE_SCHEMAS: dict[str, pa.Schema] = {
             ("rounds", pa.int64()),
             ("local_epochs", pa.int64()),
             ("partition", pa.string()),
+            ("eval_split", pa.string()),  # test, or val (the held-out slice of data.val_fraction)
             ("aggregation", pa.string()),  # the aggregation rule (mean unless set)
             ("attack", pa.string()),  # "none", or kind and malicious client count, e.g. "sign_flip x1"
             ("malicious", pa.string()),  # JSON list of the malicious client ids

@@ -24,6 +24,7 @@ from bench.api import MethodEnv, TrainContext, TrainSettings, get_method
 from bench.checkpoint import RunCheckpoint, RunProgress
 from bench.config import ExperimentConfig
 from bench.data import Dataset
+from bench.data.validation import with_validation
 from bench.features import FeatureStore
 from bench.federation import RuleAggregator, malicious_clients
 from bench.loader import method_config
@@ -56,7 +57,8 @@ class RunSpec:
         """Stable across executors and machines: a digest of what determines the numbers."""
         ident = {**config_identity(self.config), **runtime_identity(self.method, self.config), **method_identity(self.method, self.config)}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
-        return f"{self.method}-{self.config.data.dataset}-a{self.alpha:g}-s{self.seed}-{digest}"
+        split = "-val" if self.config.eval.split == "val" else ""
+        return f"{self.method}-{self.config.data.dataset}-a{self.alpha:g}-s{self.seed}{split}-{digest}"
 
 
 #: Config fields that enter a run's identity only when the run uses them, so that adding a
@@ -69,6 +71,8 @@ WHEN_USED: dict[tuple[str, str], Callable[[ExperimentConfig], bool]] = {
     ("scenario", "feature_noise"): lambda c: bool(c.scenario.feature_noise),
     ("scenario", "tasks_by"): lambda c: c.scenario.tasks_by != "classes",
     ("scenario", "domain_order"): lambda c: c.scenario.tasks_by != "classes",
+    ("data", "val_fraction"): lambda c: c.data.val_fraction > 0,
+    ("eval", "split"): lambda c: c.eval.split != "test",
 }
 
 
@@ -251,6 +255,7 @@ def execute_run(
         if method_cls.input == "features"
         else (store.images("train"), store.images("test"))
     )
+    ds, train_x, test_x = with_validation(ds, train_x, test_x, cfg.data.val_fraction, cfg.eval.split, cfg.seed)
     env = method_env(cfg, ds, int(train_x.shape[1]) if method_cls.input == "features" else 0, cache_dir)
     track = get_track(cfg.track)(cfg, ds, test_x)
     server = start_run(spec, executor, env, train_x, ds.train_y, resume)
@@ -358,6 +363,7 @@ def run_row(spec: RunSpec, dataset: str, executor: str, status: str, error: str 
         "rounds": cfg.training.rounds,
         "local_epochs": cfg.training.local_epochs,
         "partition": cfg.scenario.partition,
+        "eval_split": cfg.eval.split,
         "aggregation": cfg.aggregation.rule,
         "attack": attack_label(cfg, malicious),
         "malicious": json.dumps(list(malicious)),

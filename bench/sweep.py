@@ -20,6 +20,7 @@ from bench.api import available_methods, get_method
 from bench.checkpoint import CheckpointStore
 from bench.config import ConfigError, ExperimentConfig
 from bench.data import Dataset, load_dataset, resolve_data_dir
+from bench.data.validation import held_out
 from bench.errors import UserError
 from bench.features import FeatureStore
 from bench.loader import method_config
@@ -120,7 +121,9 @@ def prepare(cfg: ExperimentConfig, specs: list[RunSpec], data_dir: str | None) -
     warm_up()  # no run is charged the process's one-time costs of a first training step
     ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
     for spec in specs:  # every run's stages can be built (a partition that cannot fit fails here)
-        get_track(spec.config.track)(spec.config, ds, ds.test_x)
+        c = spec.config
+        seen = held_out(ds, c.data.val_fraction, c.eval.split, c.seed)[0]
+        get_track(c.track)(c, seen, seen.test_x)
     cache_dir = default_cache_dir(cfg)
     store = FeatureStore(ds, cfg.backbone, cache_dir)
     if any(get_method(s.method).input == "features" for s in specs):

@@ -1,0 +1,89 @@
+"""`fedame-bench tune` on the session's Ray cluster: every method gets the same budget, trials
+are ordinary harness runs on the validation split, and the chosen config is the best trial's."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.results import read_table
+
+runner = CliRunner()
+
+
+def _space(tmp_path):
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    (spaces / "fedavg.yaml").write_text("training.lr: {loguniform: [0.001, 0.5]}\n")
+    (spaces / "fedprox.yaml").write_text("methods.fedprox.mu: {choice: [0.0, 0.1, 1.0]}\n")
+    return spaces
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, cluster):
+    tmp = tmp_path_factory.mktemp("tune")
+    out = tmp / "tune"
+    args = [
+        "tune",
+        "-c",
+        "smoke",
+        "-m",
+        "fedavg,fedprox",
+        "--trials",
+        "3",
+        "--scheduler",
+        "fifo",
+        "--spaces",
+        str(_space(tmp)),
+        "--out",
+        str(out),
+    ]
+    res = runner.invoke(app, [*args, "--address", cluster.address])
+    assert res.exit_code == 0, res.output
+    return out, res.output
+
+
+def test_every_method_gets_the_same_budget_and_one_chosen_trial(tuned):
+    out, output = tuned
+    for method in ("fedavg", "fedprox"):
+        rows = pq.read_table(out / "trials" / f"{method}.parquet").to_pylist()
+        assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
+        (best,) = [r for r in rows if r["chosen"]]
+        assert best["val_final_acc"] == max(r["val_final_acc"] for r in rows)
+        assert all(r["run_id"].split("-")[-2] == "val" for r in rows)  # scored on validation
+    lrs = [json.loads(r["params"])["training.lr"] for r in pq.read_table(out / "trials" / "fedavg.parquet").to_pylist()]
+    assert len(set(lrs)) == 3 and all(0.001 <= v <= 0.5 for v in lrs)  # drawn from the space
+    chosen = yaml.safe_load((out / "chosen.yaml").read_text())
+    assert set(chosen["methods"]) == {"fedavg", "fedprox"} and chosen["methods"]["fedavg"]["trials"] == 3
+    assert "tune -c smoke" in chosen["chosen_by"]
+
+
+def test_trials_are_ordinary_runs_a_plain_run_reproduces(tuned, tmp_path):
+    """The chosen trial's run, repeated by `fedame-bench run` with its overrides on the
+    validation split, gives the same number: the trial is the harness's run, nothing else."""
+    out, _ = tuned
+    runs = read_table(out / "runs", "runs").to_pylist()
+    trials = [r for m in ("fedavg", "fedprox") for r in pq.read_table(out / "trials" / f"{m}.parquet").to_pylist()]
+    assert {r["eval_split"] for r in runs} == {"val"}
+    assert {r["run_id"] for r in runs} == {t["run_id"] for t in trials}  # every trial's tables (two draws of one choice: one run)
+    best = next(r for r in pq.read_table(out / "trials" / "fedavg.parquet").to_pylist() if r["chosen"])
+    sets = [f"{k}={v}" for k, v in json.loads(best["params"]).items()]
+    sets += ["eval.split=val", "data.val_fraction=0.1", "runtime.executor=local", "runtime.torch_threads=1"]
+    again = tmp_path / "again"
+    res = runner.invoke(app, ["run", "-c", "smoke", "-m", "fedavg", "--out", str(again), *(a for s in sets for a in ("--set", s))])
+    assert res.exit_code == 0, res.output
+    (row,) = read_table(again, "summary").to_pylist()
+    assert row["run_id"] == best["run_id"] and row["final_acc"] == pytest.approx(best["val_final_acc"], abs=1e-12)
+
+
+def test_a_bad_search_space_is_one_line_before_any_trial(tmp_path):
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    (spaces / "fedavg.yaml").write_text("training.lr: {normal: [0, 1]}\n")
+    res = runner.invoke(app, ["tune", "-c", "smoke", "-m", "fedavg", "--spaces", str(spaces), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "training.lr must be one of" in res.output
+    res = runner.invoke(app, ["tune", "-c", "smoke", "-m", "fedncm", "--spaces", str(spaces), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no search space" in res.output
