@@ -212,6 +212,9 @@ class Server(ABC):
     summary: ClassVar[str]
     #: hyperparameter model; also the method's config section
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: (another method, keys): this method's section starts from those keys of that method's
+    #: section (a variant shares its parent's inputs, such as anchors, not its switches)
+    shares_config: ClassVar[tuple[str, tuple[str, ...]] | None] = None
     #: the client half
     ClientClass: ClassVar[type[Client]]
     #: what the client trains on

@@ -51,7 +51,12 @@ def method_flags() -> dict[str, tuple[str, tuple[str, ...]]]:
     """`--NAME` -> (help, config overrides) for every flag a registered method brings to `run`."""
     from bench.api import available_methods
 
-    return {f"--{f.name}": (f.help, f.overrides) for cls in available_methods().values() for f in cls.run_flags}
+    flags: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for cls in available_methods().values():  # methods that share a flag (a variant and its parent) each add their overrides
+        for f in cls.run_flags:
+            help_, overrides = flags.get(f"--{f.name}", (f.help, ()))
+            flags[f"--{f.name}"] = (help_, overrides + tuple(o for o in f.overrides if o not in overrides))
+    return flags
 
 
 def flag_overrides(extra_args: list[str]) -> list[str]:

@@ -13,10 +13,17 @@ from bench.config import ConfigError, ExperimentConfig, format_validation, read_
 
 
 def method_config(cfg: ExperimentConfig, name: str) -> MethodConfig:
-    """The validated hyperparameters of method `name` (its section, or its defaults)."""
+    """The validated hyperparameters of method `name` (its section, or its defaults; the keys it
+    shares with another method's section (`Server.shares_config`) come from there unless its
+    own section sets them)."""
     cls = get_method(name)
+    section = dict(cfg.methods.get(name, {}))
+    if cls.shares_config is not None:
+        parent, keys = cls.shares_config
+        inherited = {k: v for k, v in cfg.methods.get(parent, {}).items() if k in keys}
+        section = {**inherited, **section}
     try:
-        return cls.Config.model_validate(cfg.methods.get(name, {}))
+        return cls.Config.model_validate(section)
     except ValidationError as e:
         raise ConfigError(format_validation(e, prefix=f"methods.{name}")) from None
 

@@ -50,6 +50,9 @@ class AnchorConfig(Section):
 class ClusterConfig(Section):
     source: Literal["auto", "config", "superclasses", "kmeans", "llm"] = "auto"
     groups: dict[str, list[str]] | None = None  # for source=config: cluster name -> class names
+    # for source=config, a class no group lists: an error, or one more cluster of them all (a
+    # scenario that uses ten of a dataset's classes names only those)
+    unlisted: Literal["error", "own_cluster"] = "error"
     k: int | None = Field(None, ge=1)  # for kmeans/llm; default ceil(sqrt(num classes))
 
 
@@ -182,7 +185,7 @@ def kmeans_clusters(anchors: np.ndarray, k: int, seed: int = 0) -> list[int]:
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(normalize(anchors)).tolist()
 
 
-def config_clusters(groups: dict[str, list[str]], names: list[str]) -> list[int]:
+def config_clusters(groups: dict[str, list[str]], names: list[str], unlisted: str = "error") -> list[int]:
     owner = {}
     for gi, (gname, members) in enumerate(groups.items()):
         for m in members:
@@ -192,8 +195,9 @@ def config_clusters(groups: dict[str, list[str]], names: list[str]) -> list[int]
                 raise AnchorError(f"clusters.groups: class {m!r} is in two clusters")
             owner[m] = gi
     missing = [n for n in names if n not in owner]
-    if missing:
-        raise AnchorError(f"clusters.groups leaves classes without a cluster: {missing[:5]}")
+    if missing and unlisted == "error":
+        raise AnchorError(f"clusters.groups leaves classes without a cluster: {missing[:5]} (or set clusters.unlisted: own_cluster)")
+    owner.update({n: len(groups) for n in missing})
     return [owner[n] for n in names]
 
 

@@ -119,7 +119,7 @@ class FedAMEClient(Client):
         with torch.no_grad():
             t_protos = None
             if cfg.prototype_weight > 0:
-                t_protos = prototypes(A, cfg.prompt_radius, replay.cls_pos, replay.targets(teacher_proj))[old_pos]
+                t_protos = prototypes(A, cfg.max_residual_norm, replay.cls_pos, replay.targets(teacher_proj))[old_pos]
             logits = torch.cat([teacher(teacher_proj(x[i : i + 8192]), t_protos)[0] for i in range(0, len(x), 8192)])
         self._teacher_memo = {k: v for k, v in self._teacher_memo.items() if k[1] == key[1]}  # this task's only
         self._teacher_memo[key] = (digest, logits)

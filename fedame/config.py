@@ -22,6 +22,11 @@ class LossWeights(Section):
 
 
 class FedAMEConfig(MethodConfig):
+    """`fedame`'s defaults are the design (docs/fedame.md, "The design and its switches"):
+    cluster anchors route, class anchors classify, the prompts are anchor + a residual of
+    norm at most `max_residual_norm` in the anchor space, no score outside the mixture. The
+    improvements are switches here, on by default only in `fedame_plus` (fedame/variant.py)."""
+
     anchors: AnchorConfig = AnchorConfig()
     clusters: ClusterConfig = ClusterConfig()
     decisions: Literal["llm", "heuristic"] = "llm"  # llm: used when its key is set, else the rule
@@ -36,6 +41,10 @@ class FedAMEConfig(MethodConfig):
     # (true). The map matters only when the projector is frozen (`freeze_projector_after`);
     # otherwise it costs as much as the projector in arithmetic and bytes for no accuracy
     router_map: bool = False
+    # what the router scores experts by: "cluster", the design's (each expert's cluster anchor,
+    # fixed when it is created, re-derived only at a split: fedame/pool.py), or "owned" (the
+    # mean of the class anchors an expert owns so far, moving as classes arrive)
+    route_targets: Literal["cluster", "owned"] = "cluster"
     top_k: int = Field(2, ge=1)
     route_temperature: float = Field(0.1, gt=0)
     contrast_temperature: float = Field(0.1, gt=0)
@@ -48,33 +57,33 @@ class FedAMEConfig(MethodConfig):
     # backbone features (frozen, so it never goes stale) and replays it through the current
     # projector; "anchor" draws from the anchor-space prompts (valid only while the projector
     # is frozen)
-    prompt_space: Literal["anchor", "feature"] = "feature"
+    prompt_space: Literal["anchor", "feature"] = "anchor"
     prompt_rank: int = Field(32, ge=0)  # covariance rank of a feature-space prompt
     # which classes the classification terms (CE, routing) learn from prompts: "old" replays
     # earlier tasks' classes next to the real data of the current ones; "seen" learns every
     # class that has a prompt from its prompt, so old and new classes are seen through the
     # same kind of sample (real data still drive the contrastive, KL and distribution terms)
-    replay_classes: Literal["old", "seen"] = "seen"
+    replay_classes: Literal["old", "seen"] = "old"
     # class logits = scale * (cos(expert output, class anchor) + w * cos(projected feature,
     # class prototype)); the prototype is the prompt mean, anchor + residual bounded by the
     # radius (in feature mode: the feature prompt's mean through the current projector). The
     # second term does not depend on routing. 0: anchors only (the old behaviour)
-    prototype_weight: float = Field(1.0, ge=0)
+    prototype_weight: float = Field(0.0, ge=0)
     # class logits at evaluation += w * (-1/2 Mahalanobis distance to the class's feature prompt,
     # covariance shrunk by `gaussian_shrink` as FeCAM does): the log-likelihood of the prompt's
     # Gaussian, so w = 1 multiplies the mixture's class probabilities by the prompts'. The
     # prompts are exact summaries of frozen features, so this term does not forget and does not
     # depend on routing. 0: the mixture alone (needs no feature prompts)
-    gaussian_weight: float = Field(1.0, ge=0)
+    gaussian_weight: float = Field(0.0, ge=0)
     gaussian_shrink: float = Field(1.0, ge=0)
     # which samples the contrastive term (InfoNCE to the class anchors) sees: "replay" the same
     # samples and weights as CE (old classes through their prompts, so old and new classes are
     # pulled to their anchors alike); "real" only the current task's real samples (it sharpens
     # the current classes alone, and they are over-predicted until the next task arrives;
     # docs/fedame.md)
-    contrast_samples: Literal["replay", "real"] = "replay"
+    contrast_samples: Literal["replay", "real"] = "real"
     balanced_replay: bool = True  # weigh replay so old and new classes count alike
-    prompt_radius: float = Field(0.5, gt=0)
+    max_residual_norm: float = Field(0.5, gt=0)
     single_expert: bool = False  # ablation: one shared expert owns every class
     download_all_experts: bool = False  # ablation: clients receive the whole pool
     # FedAME's own optimiser (its cosine-anchor heads train far better with Adam than with

@@ -1,7 +1,7 @@
 """The decision maker: which expert a new class joins, or whether an expert is created or split.
 
 An LLM behind any OpenAI-compatible endpoint (DeepSeek by default) answers in strict JSON,
-validated before use. Answers are cached on disk under a digest of (model, prompt), so a
+validated before use. Answers are cached on disk under a digest of (endpoint, model, prompt), so a
 rerun is reproducible and sends nothing. A deterministic rule on anchor geometry decides
 when no key is configured, when the endpoint fails or answers badly, or by choice; every
 decision records its source (llm / cache / heuristic), latency and a digest of the answer.
@@ -193,14 +193,17 @@ class DecisionMaker:
             from openai import OpenAI
 
             self._client = OpenAI(
-                api_key=self.api_key, base_url=self.llm.base_url, timeout=self.llm.timeout_s, max_retries=self.llm.max_retries
+                api_key=self.api_key or os.environ.get(self.llm.api_key_env),
+                base_url=self.llm.base_url,
+                timeout=self.llm.timeout_s,
+                max_retries=self.llm.max_retries,
             )
         return self._client
 
     def _cache_path(self, prompt: str) -> Path | None:
         if self.cache_dir is None:
             return None
-        key = hashlib.sha256(json.dumps([self.llm.model, SYSTEM, prompt]).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps([self.llm.base_url, self.llm.model, SYSTEM, prompt]).encode()).hexdigest()
         return self.cache_dir / f"{key}.json"
 
     def _ask(self, prompt: str) -> tuple[str, str]:
@@ -260,28 +263,37 @@ class DecisionMaker:
         return Decision(ans.action, expert, source, latency, digest, ans.reason)
 
 
-def ask_clusters(dm: DecisionMaker, names: list[str], k: int) -> list[int] | None:
-    """Ask the LLM to group class names into k semantic clusters; None if it cannot."""
-    if not dm.uses_llm:
-        return None
+def ask_clusters(dm: DecisionMaker, names: list[str], k: int) -> tuple[list[int] | None, str, str | None]:
+    """Ask the LLM to group class names into k semantic clusters: (each class's cluster, or None
+    where it could not; the source, llm or cache; why not). The caller falls back to k-means
+    and records that it did."""
+    if not dm.llm.enabled:
+        return None, "llm", "llm.enabled is false"
+    if not os.environ.get(dm.llm.api_key_env):  # asked even where the rule places classes (decisions: heuristic)
+        return None, "llm", f"no LLM key: ${dm.llm.api_key_env} is not set"
     prompt = (
         f"Group these {len(names)} class names into {k} semantic clusters. Answer with one JSON object "
         '{"clusters": [[class names], ...]} using every name exactly once.\nClasses: ' + json.dumps([display_name(n) for n in names])
     )
     try:
         raw, source = dm._ask(prompt)
+    except Exception as e:  # network, HTTP status, timeout
+        return None, "llm", f"llm failed ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+    try:
         groups = json.loads(raw)["clusters"]
         index = {display_name(n): i for i, n in enumerate(names)}
         cluster_of = [-1] * len(names)
         for g, members in enumerate(groups):
             for m in members:
+                if m not in index:
+                    raise ValueError(f"unknown class {m!r}")
                 if cluster_of[index[m]] != -1:
-                    return None
+                    raise ValueError(f"class {m!r} is in two clusters")
                 cluster_of[index[m]] = g
         if -1 in cluster_of:
-            return None
-        if source == "llm":
-            dm._store(prompt, raw)
-        return cluster_of
-    except Exception:
-        return None
+            raise ValueError(f"class {names[cluster_of.index(-1)]!r} is in no cluster")
+    except (ValueError, KeyError, TypeError) as e:
+        return None, source, f"llm clusters rejected ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+    if source == "llm":
+        dm._store(prompt, raw)
+    return cluster_of, source, None

@@ -99,7 +99,7 @@ class StepLoss:
         protos = None
         if use_protos:
             target = out[n_real:] if replay.feature else replay.targets(self.inp.proj)
-            protos = prototypes(self.inp.A, self.cfg.prompt_radius, replay.cls_pos, target)
+            protos = prototypes(self.inp.A, self.cfg.max_residual_norm, replay.cls_pos, target)
         return u, u_all, protos
 
     def terms(self, ib, yb, u, u_all, y_all, weight, logits_all, scores) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""FedAME: Federated Anchor-guided Mixture-of-Experts, registered as the method `fedame`.
+"""FedAME: Federated Anchor-guided Mixture-of-Experts, registered as the method `fedame`, and its
+improvements as the separate method `fedame_plus` (`variant`).
 
 Its rooms: `config` (hyperparameters), `model` (projector, anchor-routed mixture, prototypes),
 `replay` (samples from the distribution prompts), `losses` (the five-term loss), `client`
@@ -12,5 +13,6 @@ from fedame.config import FedAMEConfig, LossWeights
 from fedame.model import on_device
 from fedame.replay import Replay
 from fedame.server import FedAME
+from fedame.variant import FedAMEPlus, FedAMEPlusConfig
 
-__all__ = ["FedAME", "FedAMEClient", "FedAMEConfig", "LossWeights", "Replay", "on_device"]
+__all__ = ["FedAME", "FedAMEClient", "FedAMEConfig", "FedAMEPlus", "FedAMEPlusConfig", "LossWeights", "Replay", "on_device"]

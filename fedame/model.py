@@ -1,5 +1,5 @@
 """The model a FedAME payload describes: the projector into the anchor space, the anchor-routed
-mixture of experts, and the class prototypes (anchor + a residual bounded by `prompt_radius`)."""
+mixture of experts, and the class prototypes (anchor + a residual bounded by `max_residual_norm`)."""
 
 from __future__ import annotations
 

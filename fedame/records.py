@@ -32,11 +32,14 @@ SUMMARY_COLUMNS = (
     ("fallback_reason", pa.string()),  # the first reason it did
 )
 
-REQUIRE_LLM = RunFlag(
-    "require-llm",
-    "FedAME: any expert decision the LLM cannot make is an error, not a rule fallback",
-    ("methods.fedame.llm.required=true",),
-)
+
+def require_llm(method: str) -> RunFlag:
+    """`--require-llm` for a FedAME method (its own section; methods sharing the flag each add theirs)."""
+    return RunFlag(
+        "require-llm",
+        "FedAME: any expert decision the LLM cannot make is an error, not a rule fallback",
+        (f"methods.{method}.llm.required=true",),
+    )
 
 
 def decision_counts(decided: list[dict[str, Any]]) -> dict[str, Any]:

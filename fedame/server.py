@@ -13,6 +13,7 @@ parameters and its per-class feature statistics.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from bench.training import (
     module_arrays,
 )
 from fedame import records
-from fedame.anchors import AnchorError, anchors_input, class_anchors, config_clusters, kmeans_clusters
+from fedame.anchors import AnchorError, anchors_input, class_anchors, cluster_anchors, config_clusters, kmeans_clusters
 from fedame.client import FedAMEClient
 from fedame.config import FedAMEConfig
 from fedame.feature_prompts import FeaturePromptBank, scatter_rows
@@ -50,13 +51,13 @@ from fedame.router import RouterHead
 @register
 class FedAME(Server):
     name = "fedame"
-    summary = "FedAME: anchor-guided mixture of experts, LLM expert decisions, distribution-prompt replay"
+    summary = "FedAME as designed: cluster-anchor router over experts into the CLIP anchor space, LLM expert decisions, anchor + bounded-residual prompt replay"
     Config = FedAMEConfig
     ClientClass = FedAMEClient
     extra_tables = {"decisions": records.DECISIONS}
     summary_columns = records.SUMMARY_COLUMNS
     worker_env = ("DEEPSEEK_", "OPENAI_")  # the LLM client's settings (and whatever llm.api_key_env names)
-    run_flags = (records.REQUIRE_LLM,)
+    run_flags = (records.require_llm("fedame"),)
     config: FedAMEConfig
 
     @classmethod
@@ -78,7 +79,7 @@ class FedAME(Server):
         names = list(dataset.class_names)
         class_anchors(config.anchors, names, Path(cache_dir))  # fails fast when unavailable; cached for the runs
         if config.clusters.source == "config" or (config.clusters.source == "auto" and config.clusters.groups):
-            config_clusters(config.clusters.groups or {}, names)
+            config_clusters(config.clusters.groups or {}, names, config.clusters.unlisted)
         if config.llm.required:
             if config.decisions != "llm" or not config.llm.enabled:
                 raise LLMRequiredError("methods.fedame.llm.required needs decisions: llm and llm.enabled: true")
@@ -109,13 +110,22 @@ class FedAME(Server):
         cache = Path(env.cache_dir) if env.cache_dir else None
         self.anchors = class_anchors(cfg.anchors, names, cache)
         self.dm = DecisionMaker(cfg.llm, cfg.rule, env.class_names, self.anchors, cache, use_llm=cfg.decisions == "llm")
+        self.decision_rows: list[dict[str, Any]] = []
+        self.task = -1
         self.cluster_of = self._clusters(names)
         self.dm.cluster_of = self.cluster_of
-        self.pool = ExpertPool(self.anchors, cfg.expert_hidden, env.run_seed)
+        self.pool = ExpertPool(
+            self.anchors,
+            cfg.expert_hidden,
+            env.run_seed,
+            targets=cfg.route_targets,
+            cluster_anchors=cluster_anchors(self.anchors, self.cluster_of) if self.cluster_of else None,
+            cluster_of=self.cluster_of,
+        )
         self.proj = build_projector(cfg, env, self.anchors.shape[1])
         self.router = RouterHead(self.anchors.shape[1], cfg.router_map)
         self.log_scale = np.array(np.log(cfg.init_scale), dtype=np.float32)
-        self.prompts = PromptBank(self.anchors, cfg.prompt_radius)
+        self.prompts = PromptBank(self.anchors, cfg.max_residual_norm)
         self.feature_prompts = FeaturePromptBank(cfg.prompt_rank)
         self.feature_reports: dict[int, dict[str, np.ndarray]] = {}  # this task's, per client
         self.seen: list[int] = []
@@ -123,22 +133,33 @@ class FedAME(Server):
         self.teacher: dict[str, np.ndarray] = {}
         self._teacher_experts: dict[str, np.ndarray] = {}
         self.client_classes: dict[int, tuple[int, ...]] = {}
-        self.decision_rows: list[dict[str, Any]] = []
-        self.task = -1
         self._shared: dict[str, np.ndarray] | None = None
 
     def _clusters(self, names: list[str]) -> list[int] | None:
         c = self.config.clusters
         k = c.k or int(np.ceil(np.sqrt(len(names))))
         if c.source == "config" or (c.source == "auto" and c.groups):
-            return config_clusters(c.groups or {}, names)
+            return config_clusters(c.groups or {}, names, c.unlisted)
         if c.source in ("superclasses", "auto") and self.env.superclasses is not None:
             return list(self.env.superclasses)
         if c.source == "llm":
-            asked = ask_clusters(self.dm, names, k)
+            t0 = time.perf_counter()
+            asked, source, why = ask_clusters(self.dm, names, k)
             if asked is not None:
+                self._record_clusters(k, source, time.perf_counter() - t0, f"{k} clusters from the LLM", fallback=False)
                 return asked
+            if self.config.llm.required:
+                raise LLMRequiredError(f"methods.{self.name}.llm.required: {why} (clusters); check {self.config.llm.base_url}")
+            self.dm.fallback_reason = self.dm.fallback_reason or str(why)
+            self._record_clusters(k, "heuristic", time.perf_counter() - t0, f"{why}; k-means on the anchors instead", fallback=True)
         return kmeans_clusters(self.anchors, k, seed=self.env.run_seed)
+
+    def _record_clusters(self, k: int, source: str, latency: float, reason: str, fallback: bool) -> None:
+        """The clustering as a row of the decisions table (class -1): where it came from."""
+        self.decision_rows.append(
+            {"task": -1, "class_id": -1, "class_name": f"({k} clusters)", "action": "clusters", "expert": None, "source": source,
+             "latency_s": latency, "response_digest": None, "reason": reason, "fallback": fallback}
+        )  # fmt: skip
 
     def begin_task(self, task: TaskInfo) -> None:
         self.task = task.index
@@ -153,7 +174,7 @@ class FedAME(Server):
 
     def _place(self, c: int) -> None:
         if self.config.single_expert:
-            e = self.pool.alive[0] if self.pool.alive else self.pool.new_expert(parent=None)
+            e = self.pool.alive[0] if self.pool.alive else self.pool.new_expert(parent=None, for_class=c)
             d = Decision("assign", e, "fixed", 0.0, None, "single shared expert (ablation)")
         else:
             d = self.dm.decide(c, self.pool.views())
@@ -326,7 +347,7 @@ class FedAME(Server):
         where = torch.tensor([pos[int(c)] for c in classes], dtype=torch.long)
         means = on_device(arrays["fp_mu" if feature else "prompt_mu"])
         target = self.proj(means) if feature else F.normalize(means, dim=-1)
-        return prototypes(on_device(self.anchors[self.seen]), self.config.prompt_radius, where, target)
+        return prototypes(on_device(self.anchors[self.seen]), self.config.max_residual_norm, where, target)
 
     def stats(self) -> dict[str, float]:
         return {"experts_alive": len(self.pool.alive)}

@@ -36,7 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKINGS = (1.0, 0.5, 0.25, 0.125)
-METHODS = ("fedavg", "fedame")
+METHODS = ("fedavg", "fedame", "fedame_plus")
 
 
 def workload(cpu: bool) -> tuple[str, list[str]]:

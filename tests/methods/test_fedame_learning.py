@@ -8,7 +8,8 @@ import torch
 from bench.api import ClientData, MethodEnv, TaskInfo, TrainContext, TrainSettings
 from bench.federation import mean_aggregator
 from fedame.anchors import AnchorConfig
-from fedame.method import FedAME, FedAMEConfig
+from fedame.method import FedAME, FedAMEConfig, FedAMEPlus, FedAMEPlusConfig
+from tests.methods.envs import synthetic_env
 
 DIM, TASKS, PER_TASK = 16, 3, 2
 
@@ -24,26 +25,18 @@ def _data(seed: int = 0, n: int = 60):
     return draw(n), draw(30)
 
 
-def run(**overrides):
+def run(plus: bool = True, **overrides):
     """Trains 3 tasks x 2 classes; returns (per-task accuracy after the last task, server, updates).
+    `plus`: the variant `fedame_plus` (the improvements' tests), else the design `fedame`.
     Minibatches are the environment's 16 unless overridden: a client holds 60 samples, which
     FedAME's default of 128 would train in one step per epoch."""
     overrides = {"batch_size": None, **overrides}
+    Method, Config = (FedAMEPlus, FedAMEPlusConfig) if plus else (FedAME, FedAMEConfig)
     torch.manual_seed(0)
     names = tuple(f"c{i}" for i in range(TASKS * PER_TASK))
-    env = MethodEnv(
-        aggregator=mean_aggregator(),
-        feature_dim=DIM,
-        num_classes=len(names),
-        class_names=names,
-        dataset="synthetic",
-        run_seed=0,
-        num_clients=2,
-        train=TrainSettings(3, 16, "sgd", 0.05, 0.9, 0.0),
-        superclasses=(0, 0, 1, 1, 2, 2),
-    )
-    cfg = FedAMEConfig(anchors=AnchorConfig(source="random", dim=16), expert_hidden=16, decisions="heuristic", **overrides)
-    server, client = FedAME(cfg, env), FedAME.ClientClass(cfg, env)
+    env = synthetic_env(DIM, names, (0, 0, 1, 1, 2, 2))
+    cfg = Config(anchors=AnchorConfig(source="random", dim=16), expert_hidden=16, decisions="heuristic", **overrides)
+    server, client = Method(cfg, env), Method.ClientClass(cfg, env)
     server.setup()
     (xtr, ytr), (xte, yte) = _data()
     updates = []
@@ -98,7 +91,7 @@ def test_gaussian_scores_keep_old_classes_without_replay():
 
 def test_gaussian_weight_needs_feature_prompts():
     with pytest.raises(ValueError, match="prompt_space: feature"):
-        FedAMEConfig(prompt_space="anchor")
+        FedAMEPlusConfig(prompt_space="anchor")
 
 
 def test_old_behaviour_is_reachable_and_shows_the_frozen_projector_limit(with_replay):

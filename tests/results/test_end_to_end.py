@@ -228,7 +228,7 @@ def test_a_domain_incremental_scenario_runs_end_to_end(tmp_path):
         "--config",
         "smoke",
         "--methods",
-        "fedavg,fedncm,fedame",
+        "fedavg,fedncm,fedame_plus",
         "--set",
         "data.dataset=imagefolder",
         "--set",
@@ -247,9 +247,10 @@ def test_a_domain_incremental_scenario_runs_end_to_end(tmp_path):
     ncm = acc[acc["method"] == "fedncm"].set_index(["after_task", "eval_task"])["accuracy"]
     assert len(ncm) == 6  # three tasks (domains), each evaluated on its own domain's test images
     assert all(ncm.loc[(t, t)] > 0.9 for t in range(3))  # each domain learnable (4 classes: chance is 0.25)
-    # FedAME learns every domain too: a class that comes back merges its new data into its
-    # prompt (it stayed at chance on domains 1 and 2 when the prompt kept the first domain only)
-    ame = acc[acc["method"] == "fedame"].set_index(["after_task", "eval_task"])["accuracy"]
+    # FedAME's feature prompts learn every domain too: a class that comes back merges its new
+    # data into its prompt (it stayed at chance on domains 1 and 2 when the prompt kept the first
+    # domain only)
+    ame = acc[acc["method"] == "fedame_plus"].set_index(["after_task", "eval_task"])["accuracy"]
     assert all(ame.loc[(2, t)] > 0.9 for t in range(3)), ame
     bad = run_cli("run", "--config", "smoke", "--set", "scenario.tasks_by=domain", "--out", str(tmp_path / "x"))
     assert bad.exit_code == 2 and "set scenario.tasks and n_tasks to null" in bad.output
