@@ -74,6 +74,9 @@ def run(
     gpus_per_client: Annotated[Optional[float], typer.Option("--gpus-per-client", help="GPU fraction per client actor")] = None,
     concurrent_runs: Annotated[Optional[int], typer.Option("--concurrent-runs", help="Runs sharing the Ray cluster at once")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-client, per-task sample counts and exit")] = False,
+    tuned: Annotated[
+        Optional[Path], typer.Option("--tuned", help="chosen.yaml of `fedame-bench tune`: each method runs with its own chosen overrides")
+    ] = None,
 ) -> None:
     """Run a sweep (methods x alphas x seeds) and write Parquet results; resumes where it stopped."""
     from bench.data import resolve_data_dir
@@ -91,11 +94,16 @@ def run(
     overrides = [*(set_ or []), *(f"{k}={v}" for k, v in runtime.items() if v is not None), *flag_overrides(ctx.args)]
     cfg = load_config(config, overrides)
     if cfg.data.dataset == "imagefolder":  # the folder is the dataset: recorded in the config and the run id
-        cfg = load_config(config, [*overrides, f"data.root={resolve_data_dir(data_dir, cfg.data.root)}"])
+        overrides.append(f"data.root={resolve_data_dir(data_dir, cfg.data.root)}")
+        cfg = load_config(config, overrides)
     names = parse_methods(methods, cfg)
     alphas = parse_floats(alpha, cfg.sweep.alpha or [cfg.scenario.alpha], "alpha")
     seed_list = parse_ints(seeds, cfg.sweep.seeds or [cfg.seed], "seeds")
     specs = expand(cfg, names, alphas, seed_list)
+    if tuned is not None:  # each method on the config with its own choice (and the slice it was chosen without)
+        from bench.tune import tuned_overrides
+
+        specs = [s for m in names for s in expand(load_config(config, [*overrides, *tuned_overrides(tuned, m)]), [m], alphas, seed_list)]
     if dry_run:
         _print_counts(cfg, specs, alphas, data_dir)
         return
@@ -250,9 +258,12 @@ def tune(
         rows = tune_method(job, job_spaces[m], trials, scheduler, searcher, RuntimeConfig(address=address), cpus_per_trial)
         write_trials(out, m, rows)
         best = next(r for r in rows if r["chosen"])
-        chosen[m] = {"set": json.loads(best["params"]), "val_final_acc": best["val_final_acc"], "trials": trials}
+        chosen[m] = {
+            "set": json.loads(best["params"]), "val_final_acc": best["val_final_acc"], "trials": trials, "chosen_by": command,
+            "val_fraction": cfg.data.val_fraction, "scheduler": scheduler, "searcher": searcher,
+        }  # fmt: skip
         console.print(f"{m}: best of {trials} trials val final_acc {best['val_final_acc']:.4f} with {best['params']}", highlight=False)
-    console.print(f"chosen overrides in {write_chosen(out, chosen, command)}; trials in {out / 'trials'}/")
+    console.print(f"chosen overrides in {write_chosen(out, chosen)}; trials in {out / 'trials'}/")
 
 
 @app.command()

@@ -130,13 +130,13 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
     def on_round(row: dict) -> None:
         if row["acc_seen"] is not None:
             seen.append(row["acc_seen"])
-            tune.report({"acc_seen": row["acc_seen"], "run_id": spec.run_id, "done": False})
+            tune.report({"acc_seen": row["acc_seen"], "run_id": spec.run_id, "run_done": False})
 
     out = execute_run(spec, prepared.dataset, prepared.store, make_executor(cfg.runtime), str(prepared.cache_dir), on_round=on_round)
     ResultWriter(Path(job.out) / "runs").write_run(spec.run_id, out.tables)
     s = out.summary
     tune.report(
-        {"acc_seen": s["final_acc"], "run_id": spec.run_id, "done": True, "val_final_acc": s["final_acc"],
+        {"acc_seen": s["final_acc"], "run_id": spec.run_id, "run_done": True, "val_final_acc": s["final_acc"],
          "val_avg_acc": s["avg_acc"], "evaluations": len(seen), "trial_wall": time.perf_counter() - t0}
     )  # fmt: skip
 
@@ -169,7 +169,7 @@ def tune_method(
     rows = []
     for i, result in enumerate(grid):
         m = result.metrics or {}
-        done = bool(m.get("done"))
+        done = bool(m.get("run_done"))  # Tune sets its own "done"
         params = {k: (result.config or {}).get(k) for k in space}
         rows.append(
             {"method": job.method, "trial": i, "params": json.dumps(params, sort_keys=True), "run_id": m.get("run_id"),
@@ -193,13 +193,26 @@ def write_trials(out: Path, method: str, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def write_chosen(out: Path, chosen: dict[str, dict[str, Any]], command: str) -> Path:
-    """`chosen.yaml`: the best trial's overrides per method, with the command that chose them."""
+def write_chosen(out: Path, chosen: dict[str, dict[str, Any]]) -> Path:
+    """`chosen.yaml`: per method, the best trial's overrides, its validation score, the budget,
+    the validation slice it trained without and the command that chose it (methods tuned by
+    an earlier command into the same folder keep their entries)."""
     path = out / "chosen.yaml"
     old = yaml.safe_load(path.read_text()) if path.exists() else {}
     methods = {**(old or {}).get("methods", {}), **chosen}
-    path.write_text(yaml.safe_dump({"chosen_by": command, "methods": methods}, sort_keys=True))
+    path.write_text(yaml.safe_dump({"methods": methods}, sort_keys=True))
     return path
+
+
+def tuned_overrides(path: Path, method: str) -> list[str]:
+    """`run --tuned FILE`: the overrides `tune` chose for `method`, and the validation slice
+    its trials trained without (so the reported run trains on the same samples)."""
+    if not path.exists():
+        raise TuneError(f"--tuned {path}: no such file; `fedame-bench tune --out DIR` writes DIR/chosen.yaml")
+    entry = ((yaml.safe_load(path.read_text()) or {}).get("methods") or {}).get(method)
+    if entry is None:
+        raise TuneError(f"--tuned {path} has no choice for {method}; tune it first (fedame-bench tune -m {method} ...)")
+    return [*(f"{k}={v}" for k, v in entry["set"].items()), f"data.val_fraction={entry['val_fraction']}"]
 
 
 def check_budget(trials: int, methods: list[str]) -> None:

@@ -27,6 +27,7 @@ from bench.training import (
     train_epochs,
 )
 from fedame.config import FedAMEConfig
+from fedame.drift import drift_report
 from fedame.feature_prompts import client_report
 from fedame.losses import StepInputs, StepLoss, replayed_count
 from fedame.model import AnchorMoE, build_moe, on_device, prototypes
@@ -58,11 +59,32 @@ class FedAMEClient(Client):
             lr=self.config.lr or ctx.train.lr,
             batch_size=self.config.batch_size or ctx.train.batch_size,
         )
+        drift = self._drift(a, x, proj, dev) if self._compensates(a, frozen) else {}
         step = self._step_loss(a, data, ctx, StepInputs(A, pos, x, y, proj, moe, frozen), own.batch_size)
         params = [*([] if frozen else proj.parameters()), *moe.parameters()]
         # minibatches of sample indices: the loss looks up labels and cached teacher logits
         loss = train_epochs(params, x, torch.arange(len(y), device=dev), replace(ctx, train=own), step, step.gen)
-        return self._update(a, proj, moe, frozen, x, y, len(pos), loss, meta={"client_id": data.client_id, "replayed": step.replay.drawn})
+        update = self._update(a, proj, moe, frozen, x, y, len(pos), loss, meta={"client_id": data.client_id, "replayed": step.replay.drawn})
+        update.arrays.update(drift)
+        return update
+
+    def _compensates(self, a: dict[str, np.ndarray], frozen: bool) -> bool:
+        """Drift compensation applies to anchor-space prompts of old classes while the projector moves."""
+        cfg = self.config
+        return cfg.prompt_drift == "sdc" and cfg.prompt_space == "anchor" and not frozen and any(k.startswith("teacher.proj.") for k in a)
+
+    def _drift(self, a: dict[str, np.ndarray], x: torch.Tensor, proj: Projector, dev: str) -> dict[str, np.ndarray]:
+        """How this client's samples moved from the previous task's projector to the one received
+        (before local training), around each old class's prompt mean (fedame/drift.py)."""
+        pos = {int(c): i for i, c in enumerate(a["seen"])}
+        old = {int(p) for p in a["old_pos"]}
+        rows = [i for i, c in enumerate(a["prompt_classes"]) if pos[int(c)] in old]
+        if not rows:
+            return {}
+        teacher = self._projector(a, "teacher.proj.", a["class_anchors"].shape[1], dev)
+        with torch.no_grad():
+            report = drift_report(teacher(x), proj(x), on_device(a["prompt_mu"][rows], dev), self.config.drift_sigma)
+        return {"drift_classes": a["prompt_classes"][rows], **report}
 
     def _step_loss(self, a: dict[str, np.ndarray], data: ClientData, ctx: TrainContext, inp: StepInputs, batch_size: int) -> StepLoss:
         """The minibatch loss of this client's round: its replay source, the weights of real

@@ -52,6 +52,11 @@ class FedAMEConfig(MethodConfig):
     init_scale: float = Field(16.0, gt=0)
     lambdas: LossWeights = LossWeights()
     replay: bool = True
+    # how anchor-space prompts of old classes follow the projector: "none" (the design: they
+    # keep the statistics their task ended with) or "sdc" (semantic drift compensation from the
+    # current task's features: fedame/drift.py); `drift_sigma` is its kernel width
+    prompt_drift: Literal["none", "sdc"] = "none"
+    drift_sigma: float = Field(0.3, gt=0)
     replay_ratio: float = Field(1.0, ge=0)  # replayed samples per real sample in a batch
     # where replay draws from: "feature" keeps each class's prompt as a low-rank Gaussian of
     # backbone features (frozen, so it never goes stale) and replays it through the current

@@ -49,6 +49,10 @@ class PromptBank:
             self.var[int(c)] = var.astype(np.float32)
             self.count[int(c)] = n
 
+    def move_to(self, c: int, mean: np.ndarray) -> None:
+        """Set class c's mean (its variance kept), the residual clipped to the radius again."""
+        self.residual[c] = clip_residual(mean - self.anchors[c], self.radius)
+
     def arrays(self, classes: list[int]) -> dict[str, np.ndarray]:
         have = [c for c in classes if c in self.residual]
         d = self.anchors.shape[1]

@@ -39,6 +39,7 @@ from fedame import records
 from fedame.anchors import AnchorError, anchors_input, class_anchors, cluster_anchors, config_clusters, kmeans_clusters
 from fedame.client import FedAMEClient
 from fedame.config import FedAMEConfig
+from fedame.drift import compensated
 from fedame.feature_prompts import FeaturePromptBank, scatter_rows
 from fedame.gaussian import mahalanobis
 from fedame.llm import Decision, DecisionMaker, LLMRequiredError, ask_clusters
@@ -131,6 +132,7 @@ class FedAME(Server):
         self.seen: list[int] = []
         self.old: list[int] = []
         self.teacher: dict[str, np.ndarray] = {}
+        self.prompt_base: dict[int, np.ndarray] = {}
         self._teacher_experts: dict[str, np.ndarray] = {}
         self.client_classes: dict[int, tuple[int, ...]] = {}
         self._shared: dict[str, np.ndarray] | None = None
@@ -266,6 +268,7 @@ class FedAME(Server):
         n = len(self.seen)
         stats = [sum(scatter_rows(u.arrays["stat_pos"], u.arrays[k], n) for u in updates) for k in ("stat_count", "stat_sum", "stat_sumsq")]
         self.prompts.update(np.asarray(self.seen), *stats)
+        self._compensate_drift(updates)
         fresh = [u for u in updates if "fp_count" in u.arrays]
         for u in fresh:
             self.feature_reports[int(u.meta["client_id"])] = {
@@ -278,7 +281,21 @@ class FedAME(Server):
             self.feature_prompts.update(np.asarray(self.seen)[current], reports)
         self._shared = None
 
+    def _compensate_drift(self, updates: list[ClientUpdate]) -> None:
+        """`prompt_drift: sdc`: old classes' prompt means moved by this round's pooled drift
+        estimate, from the means their task ended with (fedame/drift.py)."""
+        reports = [u.arrays for u in updates if "drift_sum" in u.arrays]
+        if not reports:
+            return
+        classes = reports[0]["drift_classes"]
+        sums = sum(r["drift_sum"] for r in reports)
+        weights = sum(r["drift_weight"] for r in reports)
+        base = np.stack([self.prompt_base[int(c)] for c in classes])
+        for c, mean in zip(classes, compensated(base, sums, weights)):
+            self.prompts.move_to(int(c), mean)
+
     def end_task(self) -> None:
+        self.prompt_base = {c: self.prompts.mean(c).copy() for c in self.prompts.residual}  # drift is measured from here
         alive = self.pool.alive
         self.teacher = {
             **{f"teacher.{k}": v for k, v in module_arrays(self.proj, "proj.").items()},

@@ -214,3 +214,21 @@ def test_a_failed_llm_clustering_is_a_recorded_fallback(tmp_path, monkeypatch):
     (row,) = [r for r in rows if r["action"] == "clusters"]
     assert row["fallback"] and row["source"] == "heuristic" and "k-means" in row["reason"]
     assert summary["decisions_fallback"] == 1 and "rejected" in summary["fallback_reason"]
+
+
+def test_drift_compensation_moves_old_prompts_within_the_bound_and_is_off_in_the_design(tmp_path):
+    """`prompt_drift: sdc` moves an old class's prompt mean after its task ended (by the pooled
+    drift of the current task's features), the residual still bounded; the design leaves it
+    where its task left it."""
+
+    def trained_on(tasks, **overrides):
+        torch.manual_seed(0)
+        server, env, train, _ = _server(tmp_path, **overrides)
+        return _train(server, env, train, tasks=tasks)
+
+    after_first = trained_on(((0, 2),))
+    design, sdc = trained_on(((0, 2), (1, 4))), trained_on(((0, 2), (1, 4)), prompt_drift="sdc")
+    for c in (0, 2):  # old classes during task 1: absent from its data
+        np.testing.assert_array_equal(design.prompts.mean(c), after_first.prompts.mean(c))
+        assert np.linalg.norm(sdc.prompts.mean(c) - after_first.prompts.mean(c)) > 1e-3
+        assert np.linalg.norm(sdc.prompts.residual[c]) <= sdc.config.max_residual_norm + 1e-6

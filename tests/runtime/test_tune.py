@@ -58,7 +58,7 @@ def test_every_method_gets_the_same_budget_and_one_chosen_trial(tuned):
     assert len(set(lrs)) == 3 and all(0.001 <= v <= 0.5 for v in lrs)  # drawn from the space
     chosen = yaml.safe_load((out / "chosen.yaml").read_text())
     assert set(chosen["methods"]) == {"fedavg", "fedprox"} and chosen["methods"]["fedavg"]["trials"] == 3
-    assert "tune -c smoke" in chosen["chosen_by"]
+    assert "tune -c smoke" in chosen["methods"]["fedprox"]["chosen_by"] and chosen["methods"]["fedprox"]["val_fraction"] == 0.1
 
 
 def test_trials_are_ordinary_runs_a_plain_run_reproduces(tuned, tmp_path):
@@ -87,3 +87,21 @@ def test_a_bad_search_space_is_one_line_before_any_trial(tmp_path):
     assert res.exit_code == 2 and "training.lr must be one of" in res.output
     res = runner.invoke(app, ["tune", "-c", "smoke", "-m", "fedncm", "--spaces", str(spaces), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no search space" in res.output
+
+
+def test_run_tuned_gives_each_method_its_own_choice_on_the_same_training_samples(tuned, tmp_path):
+    out, _ = tuned
+    chosen = yaml.safe_load((out / "chosen.yaml").read_text())["methods"]
+    res = runner.invoke(
+        app, ["run", "-c", "smoke", "-m", "fedavg,fedprox", "--tuned", str(out / "chosen.yaml"), "--out", str(tmp_path / "t")]
+    )
+    assert res.exit_code == 0, res.output
+    runs = {r["method"]: r for r in read_table(tmp_path / "t", "runs").to_pylist()}
+    cfg = {m: json.loads(r["config"]) for m, r in runs.items()}
+    assert cfg["fedavg"]["training"]["lr"] == chosen["fedavg"]["set"]["training.lr"]
+    assert cfg["fedprox"]["training"]["lr"] == 0.05  # the smoke config's: fedavg's choice is not fedprox's
+    assert cfg["fedprox"]["methods"]["fedprox"]["mu"] == chosen["fedprox"]["set"]["methods.fedprox.mu"]
+    assert {r["eval_split"] for r in runs.values()} == {"test"}
+    assert {c["data"]["val_fraction"] for c in cfg.values()} == {0.1}  # trained without the slice, as its trials were
+    res = runner.invoke(app, ["run", "-c", "smoke", "-m", "fedncm", "--tuned", str(out / "chosen.yaml"), "--out", str(tmp_path / "n")])
+    assert res.exit_code == 2 and "no choice for fedncm" in res.output
