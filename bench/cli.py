@@ -213,7 +213,9 @@ def tune(
         Optional[str], typer.Option("--methods", "-m", help="Comma-separated methods or 'all'; each gets the same --trials")
     ] = None,
     trials: Annotated[int, typer.Option("--trials", help="Trials per method (the same budget for every method)")] = 8,
-    scheduler: Annotated[str, typer.Option("--scheduler", help="asha (stops poor trials at an evaluation) | fifo")] = "asha",
+    scheduler: Annotated[
+        str, typer.Option("--scheduler", help="fifo (every trial to its end) | asha (stops trials early: its rungs see no forgetting)")
+    ] = "fifo",
     searcher: Annotated[str, typer.Option("--searcher", help="random | optuna (pip install 'fedame-bench[tune]')")] = "random",
     spaces: Annotated[Path, typer.Option("--spaces", help="Folder of <method>.yaml search spaces")] = Path("configs/spaces"),
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="Dirichlet alpha of every trial (default: the config's)")] = None,

@@ -105,3 +105,31 @@ def test_run_tuned_gives_each_method_its_own_choice_on_the_same_training_samples
     assert {c["data"]["val_fraction"] for c in cfg.values()} == {0.1}  # trained without the slice, as its trials were
     res = runner.invoke(app, ["run", "-c", "smoke", "-m", "fedncm", "--tuned", str(out / "chosen.yaml"), "--out", str(tmp_path / "n")])
     assert res.exit_code == 2 and "no choice for fedncm" in res.output
+
+
+def test_asha_stops_trials_early_and_chooses_among_finished_ones(tmp_path, cluster):
+    out = tmp_path / "asha"
+    args = [
+        "tune",
+        "-c",
+        "smoke",
+        "-m",
+        "fedavg",
+        "--trials",
+        "4",
+        "--scheduler",
+        "asha",
+        "--spaces",
+        str(_space(tmp_path)),
+        "--out",
+        str(out),
+    ]
+    res = runner.invoke(app, [*args, "--address", cluster.address])
+    assert res.exit_code == 0, res.output
+    rows = pq.read_table(out / "trials" / "fedavg.parquet").to_pylist()
+    finished = [r for r in rows if r["status"] == "completed"]
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    assert len(finished) + len(stopped) == 4 and finished
+    assert all(r["val_final_acc"] is None for r in stopped)
+    assert all(r["evaluations"] < max(f["evaluations"] for f in finished) for r in stopped)
+    assert next(r for r in rows if r["chosen"]) in finished
