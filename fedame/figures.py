@@ -11,8 +11,8 @@ from bench.plot import HATCHES, STYLES, panels
 from bench.results import stats_column
 
 
-def expert_pool_figure(rounds: pd.DataFrame, decisions: pd.DataFrame | None) -> dict[str, Figure]:
-    """Experts alive per round (one line per alpha) and the decisions by source and action."""
+def expert_pool_figure(rounds: pd.DataFrame, decisions: pd.DataFrame | None, method: str) -> dict[str, Figure]:
+    """`method`'s experts alive per round (one line per alpha) and its decisions by source and action."""
     rounds = rounds.copy()
     rounds["experts_alive"] = stats_column(rounds, "experts_alive")
     fed = rounds[rounds.experts_alive.notna()]
@@ -28,7 +28,7 @@ def expert_pool_figure(rounds: pd.DataFrame, decisions: pd.DataFrame | None) -> 
         axes[0].plot(
             sel.index, sel.values, marker=mk, linestyle=ls, color="black", markevery=max(1, len(sel) // 10), label=f"alpha = {a:g}"
         )
-    axes[0].set(xlabel="communication round", ylabel="experts alive (count)", title="FedAME expert pool")
+    axes[0].set(xlabel="communication round", ylabel="experts alive (count)", title=f"{method} expert pool")
     axes[0].legend()
     if decisions is not None and not decisions.empty:
         counts = decisions.groupby(["source", "action"]).size().unstack(fill_value=0)
@@ -38,6 +38,6 @@ def expert_pool_figure(rounds: pd.DataFrame, decisions: pd.DataFrame | None) -> 
                 counts.index, counts[action], bottom=bottom, color="white", edgecolor="black", hatch=HATCHES[j % len(HATCHES)], label=action
             )
             bottom += counts[action].to_numpy()
-        axes[1].set(xlabel="decision source", ylabel="decisions (count)", title="FedAME decisions")
+        axes[1].set(xlabel="decision source", ylabel="decisions (count)", title=f"{method} decisions")
         axes[1].legend(fontsize="small")
-    return {"fedame_experts": fig}
+    return {f"{method}_experts": fig}

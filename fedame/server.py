@@ -73,7 +73,7 @@ class FedAME(Server):
     def figures(cls, rounds, extra):
         from fedame.figures import expert_pool_figure
 
-        return expert_pool_figure(rounds, extra.get("decisions"))
+        return expert_pool_figure(rounds, extra.get("decisions"), cls.name)
 
     @classmethod
     def preflight(cls, config: FedAMEConfig, dataset: Any, cache_dir: Any) -> None:
