@@ -99,8 +99,9 @@ def run(
     names = parse_methods(methods, cfg)
     alphas = parse_floats(alpha, cfg.sweep.alpha or [cfg.scenario.alpha], "alpha")
     seed_list = parse_ints(seeds, cfg.sweep.seeds or [cfg.seed], "seeds")
-    specs = expand(cfg, names, alphas, seed_list)
-    if tuned is not None:  # each method on the config with its own choice (and the slice it was chosen without)
+    if tuned is None:
+        specs = expand(cfg, names, alphas, seed_list)
+    else:  # each method on the config with its own choice (and the slice it was chosen without)
         from bench.tune import tuned_overrides
 
         specs = [s for m in names for s in expand(load_config(config, [*overrides, *tuned_overrides(tuned, m)]), [m], alphas, seed_list)]

@@ -120,10 +120,13 @@ def prepare(cfg: ExperimentConfig, specs: list[RunSpec], data_dir: str | None) -
     preflight_cluster(cfg.runtime)
     warm_up()  # no run is charged the process's one-time costs of a first training step
     ds = load_dataset(cfg.data, resolve_data_dir(data_dir, cfg.data.root))
+    views: dict[tuple[float, str, int], Dataset] = {}  # runs that differ only in method or alpha see one dataset
     for spec in specs:  # every run's stages can be built (a partition that cannot fit fails here)
         c = spec.config
-        seen = held_out(ds, c.data.val_fraction, c.eval.split, c.seed)[0]
-        get_track(c.track)(c, seen, seen.test_x)
+        key = (c.data.val_fraction, c.eval.split, c.seed)
+        if key not in views:
+            views[key] = held_out(ds, *key)[0]
+        get_track(c.track)(c, views[key], views[key].test_x)
     cache_dir = default_cache_dir(cfg)
     store = FeatureStore(ds, cfg.backbone, cache_dir)
     if any(get_method(s.method).input == "features" for s in specs):

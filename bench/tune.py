@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import yaml
 
 from bench.config import ConfigError, RuntimeConfig
 from bench.errors import UserError
+from bench.inputs import atomic_write
 
 KINDS = ("choice", "uniform", "loguniform", "randint")
 TRIALS = pa.schema(
@@ -41,7 +41,7 @@ TRIALS = pa.schema(
         ("run_id", pa.string()),
         ("val_final_acc", pa.float64()),
         ("val_avg_acc", pa.float64()),
-        ("evaluations", pa.int64()),  # reports made (fewer than the run's when ASHA stopped it)
+        ("evaluations", pa.int64()),  # evaluations the trial reported (fewer than the run has when ASHA stopped it)
         ("status", pa.string()),  # completed | stopped (by the scheduler) | failed
         ("wall_seconds", pa.float64()),
         ("chosen", pa.bool_()),
@@ -120,25 +120,21 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
     from bench.sweep import expand, prepare
 
     os.chdir(job.cwd)  # Tune starts a trial in its own folder
-    t0 = time.perf_counter()
     overrides = [*job.overrides, *(f"{k}={v}" for k, v in params.items())]
     cfg = load_config(job.config, overrides)
     (spec,) = expand(cfg, [job.method], [job.alpha], [job.seed])
     prepared = prepare(cfg, [spec], job.data_dir)
-    seen: list[float] = []
 
     def on_round(row: dict) -> None:
         if row["acc_seen"] is not None:
-            seen.append(row["acc_seen"])
             tune.report({"acc_seen": row["acc_seen"], "run_id": spec.run_id, "run_done": False})
 
     out = execute_run(spec, prepared.dataset, prepared.store, make_executor(cfg.runtime), str(prepared.cache_dir), on_round=on_round)
     ResultWriter(Path(job.out) / "runs").write_run(spec.run_id, out.tables)
     s = out.summary
     tune.report(
-        {"acc_seen": s["final_acc"], "run_id": spec.run_id, "run_done": True, "val_final_acc": s["final_acc"],
-         "val_avg_acc": s["avg_acc"], "evaluations": len(seen), "trial_wall": time.perf_counter() - t0}
-    )  # fmt: skip
+        {"acc_seen": s["final_acc"], "run_id": spec.run_id, "run_done": True, "val_final_acc": s["final_acc"], "val_avg_acc": s["avg_acc"]}
+    )
 
 
 def tune_method(
@@ -169,12 +165,12 @@ def tune_method(
     rows = []
     for i, result in enumerate(grid):
         m = result.metrics or {}
-        done = bool(m.get("run_done"))  # Tune sets its own "done"
+        done = bool(m.get("run_done"))  # Tune sets its own "done"; a finished run's summary is one report more
         params = {k: (result.config or {}).get(k) for k in space}
         rows.append(
             {"method": job.method, "trial": i, "params": json.dumps(params, sort_keys=True), "run_id": m.get("run_id"),
              "val_final_acc": m.get("val_final_acc") if done else None, "val_avg_acc": m.get("val_avg_acc") if done else None,
-             "evaluations": int(m.get("training_iteration", 0)), "status": "failed" if result.error else ("completed" if done else "stopped"),
+             "evaluations": int(m.get("training_iteration", 0)) - done, "status": "failed" if result.error else ("completed" if done else "stopped"),
              "wall_seconds": float(m.get("time_total_s", math.nan)), "chosen": False}
         )  # fmt: skip
     finished = [r for r in rows if r["val_final_acc"] is not None]
@@ -186,10 +182,7 @@ def tune_method(
 
 def write_trials(out: Path, method: str, rows: list[dict[str, Any]]) -> Path:
     path = out / "trials" / f"{method}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    pq.write_table(pa.Table.from_pylist(rows, schema=TRIALS), tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(pa.Table.from_pylist(rows, schema=TRIALS), tmp))
     return path
 
 
@@ -200,7 +193,7 @@ def write_chosen(out: Path, chosen: dict[str, dict[str, Any]]) -> Path:
     path = out / "chosen.yaml"
     old = yaml.safe_load(path.read_text()) if path.exists() else {}
     methods = {**(old or {}).get("methods", {}), **chosen}
-    path.write_text(yaml.safe_dump({"methods": methods}, sort_keys=True))
+    atomic_write(path, lambda tmp: tmp.write_text(yaml.safe_dump({"methods": methods}, sort_keys=True)))
     return path
 
 

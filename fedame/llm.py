@@ -83,6 +83,12 @@ SYSTEM = (
 )
 
 
+def brief(e: Exception) -> str:
+    """An exception in one short line: its type and the first 80 characters of its message."""
+    text = str(e).splitlines()[0][:80] if str(e) else ""
+    return f"{type(e).__name__}: {text}"
+
+
 class DecisionMaker:
     def __init__(
         self,
@@ -99,7 +105,8 @@ class DecisionMaker:
         self.cluster_of = cluster_of
         self.cache_dir = cache_dir / "llm" if cache_dir and llm.cache else None
         self.intended = use_llm and llm.enabled  # the config asks for LLM decisions
-        self.api_key = os.environ.get(llm.api_key_env) if self.intended else None
+        # the key is read whenever the LLM is enabled: the clustering asks it even where the rule places classes
+        self.api_key = os.environ.get(llm.api_key_env) if llm.enabled else None
         self._client = None
         self.fallback_reason: str | None = None  # the first reason the rule decided instead
 
@@ -109,7 +116,7 @@ class DecisionMaker:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.api_key = os.environ.get(self.llm.api_key_env) if self.intended else None
+        self.api_key = os.environ.get(self.llm.api_key_env) if self.llm.enabled else None
 
     def fall_back(self, cls: int, experts: list[ExpertView], why: str, latency: float | None = None, digest: str | None = None) -> Decision:
         """The rule's decision where the LLM was meant to decide: recorded, or an error when required."""
@@ -124,7 +131,7 @@ class DecisionMaker:
 
     @property
     def uses_llm(self) -> bool:
-        return bool(self.api_key)
+        return self.intended and bool(self.api_key)
 
     # ------------------------------------------------------------------ the rule
     def heuristic(self, cls: int, experts: list[ExpertView], note: str = "") -> Decision:
@@ -193,7 +200,7 @@ class DecisionMaker:
             from openai import OpenAI
 
             self._client = OpenAI(
-                api_key=self.api_key or os.environ.get(self.llm.api_key_env),
+                api_key=self.api_key,
                 base_url=self.llm.base_url,
                 timeout=self.llm.timeout_s,
                 max_retries=self.llm.max_retries,
@@ -250,7 +257,7 @@ class DecisionMaker:
         try:
             raw, source = self._ask(prompt)
         except Exception as e:  # network, HTTP status, timeout: all fall back to the rule
-            return self.fall_back(cls, experts, f"llm failed ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
+            return self.fall_back(cls, experts, f"llm failed ({brief(e)})")
         latency = time.perf_counter() - t0
         digest = hashlib.sha256(raw.encode()).hexdigest()[:16]
         try:
@@ -269,7 +276,7 @@ def ask_clusters(dm: DecisionMaker, names: list[str], k: int) -> tuple[list[int]
     and records that it did."""
     if not dm.llm.enabled:
         return None, "llm", "llm.enabled is false"
-    if not os.environ.get(dm.llm.api_key_env):  # asked even where the rule places classes (decisions: heuristic)
+    if not dm.api_key:
         return None, "llm", f"no LLM key: ${dm.llm.api_key_env} is not set"
     prompt = (
         f"Group these {len(names)} class names into {k} semantic clusters. Answer with one JSON object "
@@ -278,7 +285,7 @@ def ask_clusters(dm: DecisionMaker, names: list[str], k: int) -> tuple[list[int]
     try:
         raw, source = dm._ask(prompt)
     except Exception as e:  # network, HTTP status, timeout
-        return None, "llm", f"llm failed ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+        return None, "llm", f"llm failed ({brief(e)})"
     try:
         groups = json.loads(raw)["clusters"]
         index = {display_name(n): i for i, n in enumerate(names)}
@@ -293,7 +300,7 @@ def ask_clusters(dm: DecisionMaker, names: list[str], k: int) -> tuple[list[int]
         if -1 in cluster_of:
             raise ValueError(f"class {names[cluster_of.index(-1)]!r} is in no cluster")
     except (ValueError, KeyError, TypeError) as e:
-        return None, source, f"llm clusters rejected ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+        return None, source, f"llm clusters rejected ({brief(e)})"
     if source == "llm":
         dm._store(prompt, raw)
     return cluster_of, source, None

@@ -22,32 +22,22 @@ def _space(tmp_path):
     return spaces
 
 
+def _tune(tmp, address, methods, trials, scheduler):
+    """`fedame-bench tune` on the smoke config with `_space`'s spaces; its output folder."""
+    out = tmp / scheduler
+    args = ["tune", "-c", "smoke", "-m", methods, "--trials", str(trials), "--scheduler", scheduler, "--spaces", str(_space(tmp))]
+    res = runner.invoke(app, [*args, "--out", str(out), "--address", address])
+    assert res.exit_code == 0, res.output
+    return out
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, cluster):
-    tmp = tmp_path_factory.mktemp("tune")
-    out = tmp / "tune"
-    args = [
-        "tune",
-        "-c",
-        "smoke",
-        "-m",
-        "fedavg,fedprox",
-        "--trials",
-        "3",
-        "--scheduler",
-        "fifo",
-        "--spaces",
-        str(_space(tmp)),
-        "--out",
-        str(out),
-    ]
-    res = runner.invoke(app, [*args, "--address", cluster.address])
-    assert res.exit_code == 0, res.output
-    return out, res.output
+    return _tune(tmp_path_factory.mktemp("tune"), cluster.address, "fedavg,fedprox", 3, "fifo")
 
 
 def test_every_method_gets_the_same_budget_and_one_chosen_trial(tuned):
-    out, output = tuned
+    out = tuned
     for method in ("fedavg", "fedprox"):
         rows = pq.read_table(out / "trials" / f"{method}.parquet").to_pylist()
         assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
@@ -64,7 +54,7 @@ def test_every_method_gets_the_same_budget_and_one_chosen_trial(tuned):
 def test_trials_are_ordinary_runs_a_plain_run_reproduces(tuned, tmp_path):
     """The chosen trial's run, repeated by `fedame-bench run` with its overrides on the
     validation split, gives the same number: the trial is the harness's run, nothing else."""
-    out, _ = tuned
+    out = tuned
     runs = read_table(out / "runs", "runs").to_pylist()
     trials = [r for m in ("fedavg", "fedprox") for r in pq.read_table(out / "trials" / f"{m}.parquet").to_pylist()]
     assert {r["eval_split"] for r in runs} == {"val"}
@@ -90,7 +80,7 @@ def test_a_bad_search_space_is_one_line_before_any_trial(tmp_path):
 
 
 def test_run_tuned_gives_each_method_its_own_choice_on_the_same_training_samples(tuned, tmp_path):
-    out, _ = tuned
+    out = tuned
     chosen = yaml.safe_load((out / "chosen.yaml").read_text())["methods"]
     res = runner.invoke(
         app, ["run", "-c", "smoke", "-m", "fedavg,fedprox", "--tuned", str(out / "chosen.yaml"), "--out", str(tmp_path / "t")]
@@ -108,28 +98,12 @@ def test_run_tuned_gives_each_method_its_own_choice_on_the_same_training_samples
 
 
 def test_asha_stops_trials_early_and_chooses_among_finished_ones(tmp_path, cluster):
-    out = tmp_path / "asha"
-    args = [
-        "tune",
-        "-c",
-        "smoke",
-        "-m",
-        "fedavg",
-        "--trials",
-        "4",
-        "--scheduler",
-        "asha",
-        "--spaces",
-        str(_space(tmp_path)),
-        "--out",
-        str(out),
-    ]
-    res = runner.invoke(app, [*args, "--address", cluster.address])
-    assert res.exit_code == 0, res.output
+    out = _tune(tmp_path, cluster.address, "fedavg", 4, "asha")
     rows = pq.read_table(out / "trials" / "fedavg.parquet").to_pylist()
     finished = [r for r in rows if r["status"] == "completed"]
     stopped = [r for r in rows if r["status"] == "stopped"]
     assert len(finished) + len(stopped) == 4 and finished
     assert all(r["val_final_acc"] is None for r in stopped)
-    assert all(r["evaluations"] < max(f["evaluations"] for f in finished) for r in stopped)
+    assert {f["evaluations"] for f in finished} == {9}  # smoke: 3 tasks x 3 rounds, each evaluated
+    assert all(r["evaluations"] < 9 for r in stopped)
     assert next(r for r in rows if r["chosen"]) in finished
