@@ -76,6 +76,10 @@ class ClientUpdate(Message):
     num_samples: int = 0
     loss: float = float("nan")
     client_id: int = -1  # set by the executor: who sent it (aggregation shares, attacks)
+    #: what the client keeps on its device until it next trains (a personal model, a local
+    #: memory): never sent, never aggregated, not counted on the wire; the executor takes it
+    #: out of the update and hands it back as `TrainContext.kept` the next time
+    kept: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -115,6 +119,7 @@ class TrainContext:
     client_id: int
     train: TrainSettings
     device: str = "cpu"
+    kept: dict[str, np.ndarray] | None = None  # what this client kept last time it trained (ClientUpdate.kept)
 
     @property
     def seed(self) -> int:
@@ -217,8 +222,9 @@ class Server(ABC):
     shares_config: ClassVar[tuple[str, tuple[str, ...]] | None] = None
     #: the client half
     ClientClass: ClassVar[type[Client]]
-    #: what the client trains on
-    input: ClassVar[Literal["features", "images"]] = "features"
+    #: what the client trains on: backbone features, images, or the dataset's own rows
+    #: (interactions: a recommendation dataset's (user, item) rows)
+    input: ClassVar[Literal["features", "images", "interactions"]] = "features"
     #: the kinds of experiment (bench/tracks/) this method can run
     tracks: ClassVar[tuple[str, ...]] = ("class_incremental",)
     #: tables this method writes beside the harness's (name -> columns; every row also gets run_id)
@@ -306,6 +312,12 @@ class Server(ABC):
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted global labels (restricted to seen classes) for a batch of inputs."""
 
+    def score(self, requests: dict[str, np.ndarray], kept: list[dict[str, np.ndarray] | None]) -> np.ndarray:
+        """Scores for a batch of ranking requests (tracks that rank, bench/tracks/sequential_rec.py,
+        say what a request holds); `kept` is each request's client's kept state, as its own
+        device would use it. Classification methods do not rank."""
+        raise NotImplementedError(f"{self.name} does not rank (it runs the {', '.join(self.tracks)} track)")
+
     def rounds_for_task(self, configured: int, full_participation: bool) -> int:
         """Rounds this method needs per task: `training.rounds` unless it knows better (a
         method that only reports exact statistics needs one round when every client takes part)."""
@@ -364,6 +376,7 @@ class ServerHandle(Protocol):
     def payloads_for(self, client_ids: list[int]) -> Sequence[Any]: ...
     def aggregate(self, updates: list[Any]) -> None: ...
     def predict(self, x: np.ndarray) -> np.ndarray: ...
+    def score(self, requests: dict[str, np.ndarray], kept: list[dict[str, np.ndarray] | None]) -> np.ndarray: ...
     def end_task(self) -> None: ...
     def stats(self) -> dict[str, float]: ...
     def aggregation_report(self) -> dict[str, Any]: ...

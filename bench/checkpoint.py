@@ -37,6 +37,7 @@ class RunProgress:
     rounds_rows: list[dict[str, Any]] = field(default_factory=list)
     gpu_seconds: float = 0.0
     ledger: WireLedger = field(default_factory=WireLedger)  # bytes down: what clients do not hold yet (bench/wire.py)
+    kept: dict[int, dict[str, Any]] = field(default_factory=dict)  # client -> what it keeps on its device (ClientUpdate.kept)
 
 
 @dataclass

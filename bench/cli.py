@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 from rich.table import Table
 
@@ -133,10 +134,28 @@ def _print_counts(cfg, specs, alphas: list[float], data_dir: str | None) -> None
         spec = next(s for s in specs if s.alpha == a)
         c = spec.config
         seen = held_out(ds, c.data.val_fraction, c.eval.split, c.seed)[0]  # without the validation slice, if any
+        if c.track != "class_incremental":
+            console.print(_stage_sizes(c, seen, f"alpha={a}, seed={spec.seed}"))
+            continue
         scen = build_scenario(c.scenario, seen.train_y, seen.class_names, spec.seed, seen.train_domain, seen.domain_names)
         t = _counts_table(scen, seen)
         t.title = f"{t.title}, {cfg.scenario.partition} alpha={a}, seed={spec.seed}"
         console.print(t)
+
+
+def _stage_sizes(cfg, ds, what: str) -> Table:
+    """`--dry-run` for any track: per stage, the clients and their training samples (min,
+    median, max), and the track's own description of the scenario."""
+    from bench.tracks import get_track
+
+    track = get_track(cfg.track)(cfg, ds, ds.test_x)
+    table = Table(title=f"{cfg.track}: {json.dumps(track.describe())}, {what}")
+    for col in ("stage", "clients", "samples", "min", "median", "max"):
+        table.add_column(col, justify="right")
+    for t in range(track.num_stages):
+        sizes = np.array([len(ix) for ix in track.stage(t).client_indices])
+        table.add_row(str(t), str(len(sizes)), str(sizes.sum()), str(sizes.min()), f"{np.median(sizes):g}", str(sizes.max()))
+    return table
 
 
 def label(spec) -> str:
@@ -189,18 +208,20 @@ class SweepDisplay:
 def _print_summary(out: Path, specs) -> None:
     """The sweep's runs as a table, read back from the summary files."""
     from bench.results import read_table
+    from bench.tracks import get_track
 
     summary = read_table(out, "summary").to_pylist()
     ids = {s.run_id for s in specs}
     table = Table(title=f"summary ({out})")
-    for col in ("method", "alpha", "seed", "final_acc", "avg_acc", "forgetting", "bwt", "wall s"):
+    headline = list(dict.fromkeys(m for track in {s.config.track for s in specs} for m in get_track(track).headline))
+    for col in ("method", "alpha", "seed", *headline, "wall s"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for row in sorted((r for r in summary if r["run_id"] in ids), key=lambda r: (r["method"], r["alpha"], r["seed"])):
         table.add_row(
             row["method"],
             f"{row['alpha']:g}",
             str(row["seed"]),
-            *(f"{row[k]:.4f}" if row[k] is not None else "-" for k in ("final_acc", "avg_acc", "forgetting", "bwt")),
+            *(f"{row[k]:.4f}" if row.get(k) is not None else "-" for k in headline),
             f"{row['wall_seconds']:.1f}",
         )
     console.print(table)
@@ -262,10 +283,13 @@ def tune(
         write_trials(out, m, rows)
         best = next(r for r in rows if r["chosen"])
         chosen[m] = {
-            "set": json.loads(best["params"]), "val_final_acc": best["val_final_acc"], "trials": trials, "chosen_by": command,
+            "set": json.loads(best["params"]), "val_metric": best["val_metric"], "val_score": best["val_score"],
+            **({"val_final_acc": best["val_final_acc"]} if best["val_final_acc"] is not None else {}), "trials": trials, "chosen_by": command,
             "val_fraction": cfg.data.val_fraction, "scheduler": scheduler, "searcher": searcher,
         }  # fmt: skip
-        console.print(f"{m}: best of {trials} trials val final_acc {best['val_final_acc']:.4f} with {best['params']}", highlight=False)
+        console.print(
+            f"{m}: best of {trials} trials val {best['val_metric']} {best['val_score']:.4f} with {best['params']}", highlight=False
+        )
     console.print(f"chosen overrides in {write_chosen(out, chosen)}; trials in {out / 'trials'}/")
 
 
@@ -275,8 +299,13 @@ def report(
     results: Annotated[list[Path], typer.Argument(help="One or more results directories")],
     format: Annotated[str, typer.Option("--format", "-f", help="markdown | latex | csv")] = "markdown",
     metrics: Annotated[
-        str, typer.Option("--metrics", help="Comma list: final_acc, avg_acc, forgetting, bwt, wall_seconds, bytes_down, bytes_up")
-    ] = "final_acc,avg_acc,forgetting",
+        str,
+        typer.Option(
+            "--metrics",
+            help="Comma list of summary columns (final_acc, avg_acc, forgetting, bwt; hr10, ndcg10, hr10_full, ndcg10_full, "
+            "hr10_at_val, ...; wall_seconds, bytes_down, bytes_up); default: the track's headline",
+        ),
+    ] = "",
     by: Annotated[str, typer.Option("--by", help="Settings that make the columns, e.g. alpha,dataset")] = "alpha",
     skip_bad: SkipBadOpt = False,
 ) -> None:
@@ -286,7 +315,7 @@ def report(
     ms = [m.strip() for m in metrics.split(",") if m.strip()]
     cols = [b.strip() for b in by.split(",") if b.strip()]
     bad: list[Path] | None = [] if skip_bad else None
-    text = make_report(results, format, ms, cols, bad)
+    text = make_report(results, format, ms or None, cols, bad)
     _warn_skipped(bad)
     print(text)
 

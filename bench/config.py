@@ -44,7 +44,8 @@ class SyntheticData(Section):
 
 class DataConfig(Section):
     # imagefolder: any ROOT/<class>/<image> folder, ROOT/train + ROOT/test, or Tiny-ImageNet (bench/data/imagefolder.py)
-    dataset: Literal["cifar10", "cifar100", "synthetic", "imagefolder"] = "cifar10"
+    # ml100k: MovieLens-100K for sequential recommendation (bench/data/movielens.py; track sequential_rec)
+    dataset: Literal["cifar10", "cifar100", "synthetic", "imagefolder", "ml100k"] = "cifar10"
     root: str | None = None  # data dir; --data-dir and FEDAME_DATA_DIR override
     image_size: int | None = Field(None, ge=8)  # imagefolder: resize to this square (None: the images' own size)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # imagefolder with one pool of class folders: the test share

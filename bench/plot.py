@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.api import available_methods  # noqa: E402
-from bench.report import check_mergeable, load  # noqa: E402
+from bench.report import check_mergeable, load, tracks_of  # noqa: E402
 from bench.results import read_table  # noqa: E402
 
 STYLES = list(zip("osD^vP*X", ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1)), "-"]))
@@ -65,6 +65,13 @@ def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Pat
     alphas = sorted(runs.alpha.unique())
     style = _style(methods)
     written: list[Path] = []
+    tracks = tracks_of(runs)
+    for track in tracks:  # a track's own figures (the class-incremental ones follow)
+        extra = {name: pd.concat([read_table(d, name, bad).to_pandas() for d in dirs], ignore_index=True) for name in track.extra_tables}
+        for name, fig in track.figures(rounds, extra, style).items():
+            written += _save(fig, out, name)
+    if all(t.name != "class_incremental" for t in tracks):
+        return written + method_figures(dirs, runs, rounds, out, bad)
 
     # 1. accuracy on all seen classes after each task, one panel per alpha
     ends = rounds.dropna(subset=["acc_seen"]).sort_values("round").groupby(["run_id", "task"]).tail(1)
@@ -120,8 +127,13 @@ def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Pat
     ax.legend(fontsize="small")
     written += _save(fig, out, "forgetting")
 
-    # 4. each method's own figures (Server.figures), from its rounds and its extra tables
-    for m in methods:
+    return written + method_figures(dirs, runs, rounds, out, bad)
+
+
+def method_figures(dirs: list[Path], runs: pd.DataFrame, rounds: pd.DataFrame, out: Path, bad: list[Path] | None) -> list[Path]:
+    """Each method's own figures (Server.figures), from its rounds and its extra tables."""
+    written: list[Path] = []
+    for m in sorted(runs.method.unique()):
         cls = available_methods().get(m)
         if cls is None:
             continue

@@ -16,13 +16,12 @@ import pandas as pd
 
 from bench.errors import UserError
 from bench.results import read_table
+from bench.tracks import Track, available_tracks, get_track
 
 METRICS = {
-    # name: (label with unit, higher is better, scale of the shown value, decimals)
-    "final_acc": ("Final acc. (%)", True, 100, 1),
-    "avg_acc": ("Avg. inc. acc. (%)", True, 100, 1),
-    "forgetting": ("Forgetting (%)", False, 100, 1),
-    "bwt": ("BWT (%)", True, 100, 1),
+    # name: (label with unit, higher is better, scale of the shown value, decimals); each
+    # track adds its own (Track.metric_labels)
+    **{name: label for track in available_tracks().values() for name, label in track.metric_labels.items()},
     "wall_seconds": ("Wall s", False, 1, 1),
     "bytes_down": ("MB down", False, 1e-6, 1),  # what a deployment sends (bench/wire.py)
     "bytes_up": ("MB up", False, 1e-6, 1),
@@ -39,11 +38,7 @@ SETTING_COLUMNS = (
     "aggregation",
     "attack",
 )
-NOTE = (
-    "Mean ± std over seeds (n = seeds). R[i,j] = accuracy on task j after task i. Final acc.: accuracy on all seen "
-    "test samples after the last task; Avg. inc. acc.: mean over tasks of that accuracy after each task; "
-    "Forgetting (Chaudhry): mean_{j<T} max_{l<T} R[l,j] - R[T,j]; BWT (GEM): mean_{j<T} R[T,j] - R[j,j]."
-)
+NOTE = "Mean ± std over seeds (n = seeds)."
 
 
 class ReportError(UserError):
@@ -188,7 +183,7 @@ def _header(metric: str, by: list[str], s: tuple) -> str:
     return " ".join([label, *(f"{b}={v:g}" if isinstance(v, float) else f"{b}={v}" for b, v in zip(by, s))]).strip()
 
 
-def render(agg: dict, by: list[str], fmt: str) -> str:
+def render(agg: dict, by: list[str], fmt: str, note: str = NOTE) -> str:
     cols = list(agg["cells"])
     headers = [_header(m, by, s) for m, s in cols]
     rows = []
@@ -209,7 +204,7 @@ def render(agg: dict, by: list[str], fmt: str) -> str:
         for method, row in rows:
             cells = [(f"**{t}**" if b else t) + (" †" if inc else "") for t, b, inc in row]
             out.append(f"| {method} | " + " | ".join(cells) + " |")
-        out += ["", NOTE + (" † incomplete: not every run of this cell has finished." if any_incomplete else "")]
+        out += ["", note + (" † incomplete: not every run of this cell has finished." if any_incomplete else "")]
         return "\n".join(out)
     if fmt == "latex":
         esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$")
@@ -220,7 +215,7 @@ def render(agg: dict, by: list[str], fmt: str) -> str:
             cells = [(r"\textbf{" + esc(t) + "}" if b else esc(t)) + (r"$^\dagger$" if inc else "") for t, b, inc in row]
             out.append(esc(method) + " & " + " & ".join(cells) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}"]
-        out.append(r"\caption{" + esc(NOTE) + (r" $^\dagger$ incomplete." if any_incomplete else "") + "}")
+        out.append(r"\caption{" + esc(note) + (r" $^\dagger$ incomplete." if any_incomplete else "") + "}")
         out.append(r"\end{table}")
         return "\n".join(out)
     if fmt == "csv":
@@ -236,6 +231,14 @@ def report(
     dirs: list[Path], fmt: str = "markdown", metrics: list[str] | None = None, by: list[str] | None = None, bad: list[Path] | None = None
 ) -> str:
     summary, runs = load(dirs, bad)
-    metrics = metrics or ["final_acc", "avg_acc", "forgetting"]
+    tracks = tracks_of(runs)
+    metrics = metrics or [m for t in tracks for m in t.report_metrics]
     by = ["alpha"] if by is None else by
-    return render(aggregate(summary, runs, metrics, by), by, fmt)
+    return render(aggregate(summary, runs, metrics, by), by, fmt, " ".join([NOTE, *(t.note for t in tracks)]))
+
+
+def tracks_of(runs: pd.DataFrame) -> list[type[Track]]:
+    """The tracks the runs belong to (from their configs; runs written before tracks existed
+    are class-incremental)."""
+    names = {json.loads(c).get("track", "class_incremental") if isinstance(c, str) else "class_incremental" for c in runs["config"]}
+    return [get_track(n) for n in sorted(names)]

@@ -190,15 +190,24 @@ class RunLoop:
         t0 = time.perf_counter()
         clients = sample_clients(cfg, t, r)
         jobs = [
-            ClientJob(k, payload, TrainContext(cfg.seed, t, r, k, self.env.train), self.attack if k in self.malicious else None)
+            ClientJob(
+                k,
+                payload,
+                TrainContext(cfg.seed, t, r, k, self.env.train, kept=progress.kept.get(k)),
+                self.attack if k in self.malicious else None,
+            )
             for k, payload in zip(clients, server.payloads_for(clients))
         ]
         bytes_down = sum(progress.ledger.charge(j.client_id, m) for j, m in zip(jobs, self.executor.manifests([j.payload for j in jobs])))
         results = self.executor.train(jobs)
+        for job, res in zip(jobs, results):
+            if res.kept is not None:
+                progress.kept[job.client_id] = res.kept
         server.aggregate([res.update for res in results])
         acc = None
         if last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
-            acc, details = self.track.evaluate(server, t)
+            acc, details = self.track.evaluate(server, t, progress.kept)
+            self.track.observe(progress.record, t, r, acc, details)
             if last:
                 self.track.end_stage(progress.record, t, acc, details)
         client_seconds = sum(res.seconds for res in results)
@@ -253,7 +262,7 @@ def execute_run(
     train_x, test_x = (
         (store.features("train"), store.features("test"))
         if method_cls.input == "features"
-        else (store.images("train"), store.images("test"))
+        else (store.images("train"), store.images("test"))  # images, or a recommendation dataset's own rows
     )
     ds, train_x, test_x = with_validation(ds, train_x, test_x, cfg.data.val_fraction, cfg.eval.split, cfg.seed)
     env = method_env(cfg, ds, int(train_x.shape[1]) if method_cls.input == "features" else 0, cache_dir)

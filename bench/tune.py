@@ -5,7 +5,9 @@ Why: a paper table is fair only if every row had the same chance to be tuned, an
 nothing was chosen on the data it reports. A trial is an ordinary harness run (the same
 runner, executors and results) of one method on the config with the trial's `--set`
 overrides, scored on the held-out slice of the training data (`data.val_fraction`,
-`eval.split: val`); it reports the accuracy on everything seen after each evaluation, so
+`eval.split: val`, or the dataset's own validation split where its track has one); it
+reports the track's headline (`acc_seen`) after each evaluation and is chosen by the track's
+`tune_metric` (class-incremental: final accuracy), so
 ASHA can stop a poor trial at a task boundary. Every trial's tables land in `OUT/runs/`,
 one row per trial in the `trials` table (`OUT/trials/<method>.parquet`), and the best
 trial's overrides per method in `OUT/chosen.yaml`.
@@ -39,7 +41,9 @@ TRIALS = pa.schema(
         ("trial", pa.int64()),
         ("params", pa.string()),  # JSON: the trial's overrides
         ("run_id", pa.string()),
-        ("val_final_acc", pa.float64()),
+        ("val_metric", pa.string()),  # the summary column trials are chosen by (the track's Track.tune_metric)
+        ("val_score", pa.float64()),  # its value on validation
+        ("val_final_acc", pa.float64()),  # class-incremental runs: also their final and average accuracy
         ("val_avg_acc", pa.float64()),
         ("evaluations", pa.int64()),  # evaluations the trial reported (fewer than the run has when ASHA stopped it)
         ("status", pa.string()),  # completed | stopped (by the scheduler) | failed
@@ -100,10 +104,11 @@ def validation_overrides(config: str, user: list[str]) -> list[str]:
     """The user's overrides plus the validation protocol: scored on `val`, with a slice of 0.1
     unless the config or the user holds one out already."""
     from bench.loader import load_config
+    from bench.tracks import get_track
 
     cfg = load_config(config, user)
     extra = ["eval.split=val", "runtime.executor=local"]
-    if cfg.data.val_fraction == 0:
+    if cfg.data.val_fraction == 0 and not get_track(cfg.track).own_validation:
         extra.append("data.val_fraction=0.1")
     return [*user, *extra]
 
@@ -118,6 +123,7 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
     from bench.runner import execute_run
     from bench.runtime import make_executor
     from bench.sweep import expand, prepare
+    from bench.tracks import get_track
 
     os.chdir(job.cwd)  # Tune starts a trial in its own folder
     overrides = [*job.overrides, *(f"{k}={v}" for k, v in params.items())]
@@ -131,10 +137,11 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
 
     out = execute_run(spec, prepared.dataset, prepared.store, make_executor(cfg.runtime), str(prepared.cache_dir), on_round=on_round)
     ResultWriter(Path(job.out) / "runs").write_run(spec.run_id, out.tables)
-    s = out.summary
+    s, metric = out.summary, get_track(cfg.track).tune_metric
     tune.report(
-        {"acc_seen": s["final_acc"], "run_id": spec.run_id, "run_done": True, "val_final_acc": s["final_acc"], "val_avg_acc": s["avg_acc"]}
-    )
+        {"acc_seen": s[metric], "run_id": spec.run_id, "run_done": True, "val_metric": metric, "val_score": s[metric],
+         "val_final_acc": s.get("final_acc"), "val_avg_acc": s.get("avg_acc")}
+    )  # fmt: skip
 
 
 def tune_method(
@@ -169,14 +176,15 @@ def tune_method(
         params = {k: (result.config or {}).get(k) for k in space}
         rows.append(
             {"method": job.method, "trial": i, "params": json.dumps(params, sort_keys=True), "run_id": m.get("run_id"),
+             "val_metric": m.get("val_metric"), "val_score": m.get("val_score") if done else None,
              "val_final_acc": m.get("val_final_acc") if done else None, "val_avg_acc": m.get("val_avg_acc") if done else None,
              "evaluations": int(m.get("training_iteration", 0)) - done, "status": "failed" if result.error else ("completed" if done else "stopped"),
              "wall_seconds": float(m.get("time_total_s", math.nan)), "chosen": False}
         )  # fmt: skip
-    finished = [r for r in rows if r["val_final_acc"] is not None]
+    finished = [r for r in rows if r["val_score"] is not None]
     if not finished:
         raise TuneError(f"tune {job.method}: no trial finished (see {Path(job.out) / 'ray_tune'})")
-    max(finished, key=lambda r: (r["val_final_acc"], -r["trial"]))["chosen"] = True
+    max(finished, key=lambda r: (r["val_score"], -r["trial"]))["chosen"] = True
     return rows
 
 

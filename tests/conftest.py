@@ -185,3 +185,22 @@ def cluster():
     yield c
     ray.shutdown()
     c.shutdown()
+
+
+#: run-table columns that measure time, not numbers
+TIMING = {"wall_seconds", "client_seconds", "gpu_seconds", "latency_s", "start_time", "end_time", "resumed_at_task"}
+
+
+def numbers(out) -> dict[str, list[dict]]:
+    """A run's tables but `runs` (where it ran) without the columns that measure time; NaN as a
+    string so that equal tables compare equal: what two runs that must agree are compared on."""
+    import math
+
+    def clean(v):
+        return "nan" if isinstance(v, float) and math.isnan(v) else v
+
+    return {
+        name: [{k: clean(v) for k, v in row.items() if k not in TIMING} for row in rows]
+        for name, rows in out.tables.items()
+        if name != "runs"
+    }

@@ -27,6 +27,10 @@ class Dataset:
     train_domain: np.ndarray | None = None  # domain id of each sample (image folders with data.domains)
     test_domain: np.ndarray | None = None
     domain_names: tuple[str, ...] | None = None
+    # a dataset with its own validation split (sequential recommendation: each user's
+    # second-to-last item, aligned with test_x); data.val_fraction does not apply to it
+    val_y: np.ndarray | None = None
+    dropped: int = 0  # units the loader could not use (users with too few interactions), counted
     images_dropped: bool = False  # without_images(): train_x/test_x keep their shapes, not their pixels
 
     @property

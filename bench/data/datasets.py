@@ -106,6 +106,10 @@ def dataset_input(cfg: DataConfig, data_dir: Path) -> Input | None:
             check=lambda: (True, "not checksummed (a user's folder)"),
             advice="an image folder is the user's own data: put it there or pass --data-dir",
         )
+    if cfg.dataset == "ml100k":
+        from bench.data.movielens import movielens_input
+
+        return movielens_input(Path(data_dir))
     name = cfg.dataset
     label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
     return Input(
@@ -189,6 +193,10 @@ def load_dataset(cfg: DataConfig, data_dir: Path) -> Dataset:
         from bench.data.imagefolder import load_imagefolder
 
         ds = load_imagefolder(Path(data_dir), cfg)
+    elif cfg.dataset == "ml100k":
+        from bench.data.movielens import load_movielens
+
+        return load_movielens(Path(data_dir))
     else:
         ds = make_synthetic(cfg) if cfg.dataset == "synthetic" else load_cifar(data_dir, cfg.dataset)
     if cfg.max_train_per_class or cfg.max_test_per_class:

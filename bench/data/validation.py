@@ -39,7 +39,12 @@ def _take(x: np.ndarray, idx: np.ndarray, dropped: bool) -> np.ndarray:
 def held_out(ds: Dataset, fraction: float, split: str, seed: int) -> tuple[Dataset, np.ndarray | None, np.ndarray | None]:
     """(the dataset a run sees, the training rows it keeps, the validation rows): without a
     slice `ds` as it is (and None, None); with one, its training data without the slice and,
-    for `split` "val", the slice as its evaluation data."""
+    for `split` "val", the slice as its evaluation data. A dataset with its own validation
+    split (`Dataset.val_y`) is returned as it is: its track evaluates on that split."""
+    if ds.val_y is not None:
+        if fraction > 0:
+            raise DataError(f"{ds.name} has its own validation split: set data.val_fraction to 0 (eval.split: val scores on it)")
+        return ds, None, None
     if fraction <= 0:
         if split == "val":
             raise DataError("eval.split: val needs a validation slice; set data.val_fraction (e.g. 0.1)")

@@ -35,6 +35,7 @@ class ClientResult:
     update: ClientUpdate
     seconds: float  # the client's own compute time
     retries: int = 0
+    kept: dict[str, np.ndarray] | None = None  # what the client keeps on its device (taken out of the update)
 
 
 class Executor(ABC):
@@ -255,8 +256,10 @@ def _elapsed(t0: float, device: str) -> float:
 
 
 def _result(job: ClientJob, update: ClientUpdate, seconds: float) -> ClientResult:
-    """The update as sent: changed by the client's attack, if any, and marked with its sender."""
+    """The update as sent: what the client keeps taken out of it, changed by the client's
+    attack, if any, and marked with its sender."""
+    kept, update.kept = update.kept, None
     if job.attack is not None:
         update = attack_update(job.attack, job.payload, update, job.ctx.seed)
     update.client_id = job.ctx.client_id
-    return ClientResult(update, seconds)
+    return ClientResult(update, seconds, kept=kept)

@@ -77,7 +77,9 @@ class ClientActor:
                 payloads[key] = Message({n: np.array(fetched.get(id(r), r)) for n, r in refs.items()}, job.payload.meta)
             full.append(dataclasses.replace(job, payload=payloads[key]))
         results = train_jobs(self.client, full, self.data, self.device, self.batched)
-        headers = [ClientResult(RemoteUpdate(None, r.update.nbytes, r.update.num_samples, r.update.loss), r.seconds) for r in results]
+        headers = [
+            ClientResult(RemoteUpdate(None, r.update.nbytes, r.update.num_samples, r.update.loss), r.seconds, kept=r.kept) for r in results
+        ]
         return (headers, *(r.update for r in results))
 
 
@@ -156,6 +158,9 @@ class RemoteServer:
     def predict(self, x):
         self._stats = None  # a method may count what its evaluation saw (MoE-Adapter's DDAS share)
         return self._call("predict", np.asarray(x))
+
+    def score(self, requests, kept):
+        return self._call("score", requests, kept)
 
     def end_task(self) -> None:
         self._call("end_task")

@@ -229,7 +229,8 @@ class RayExecutor(Executor):
         tags = {"run_id": "", "alpha": "", "seed": "", **self.run_labels, "method": method}
         m["rounds"].inc(1, tags=tags)
         m["updates"].inc(row["clients_used"], tags=tags)
-        m["bytes"].inc(row["bytes_up"] + row["bytes_down"], tags=tags)
+        if row["bytes_up"] + row["bytes_down"]:  # a Ray counter takes only positive increments
+            m["bytes"].inc(row["bytes_up"] + row["bytes_down"], tags=tags)
         if row["retries"]:
             m["retries"].inc(row["retries"], tags=tags)
         if row["acc_seen"] is not None:

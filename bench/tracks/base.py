@@ -48,6 +48,18 @@ class Track(ABC):
     extra_tables: ClassVar[dict[str, pa.Schema]] = {}
     #: columns this track adds to the summary table
     summary_columns: ClassVar[tuple[tuple[str, pa.DataType], ...]] = ()
+    #: how `fedame-bench report` shows each summary column: (label with unit, higher is
+    #: better, scale of the shown value, decimals)
+    metric_labels: ClassVar[dict[str, tuple[str, bool, float, int]]] = {}
+    #: the columns the sweep's summary table shows, and those a report shows unless told otherwise
+    headline: ClassVar[tuple[str, ...]] = ()
+    report_metrics: ClassVar[tuple[str, ...]] = ()
+    #: the report's footnote: what the headline metrics mean
+    note: ClassVar[str] = ""
+    #: the summary column `fedame-bench tune` chooses by (a run scored on validation)
+    tune_metric: ClassVar[str] = ""
+    #: the protocol has its own validation split (no data.val_fraction slice is held out)
+    own_validation: ClassVar[bool] = False
 
     def __init__(self, cfg: ExperimentConfig, ds: Dataset, test_x: np.ndarray) -> None:
         self.cfg, self.ds, self.test_x = cfg, ds, test_x
@@ -65,8 +77,14 @@ class Track(ABC):
         """What the track keeps of a run while it goes (checkpointed after every stage)."""
 
     @abstractmethod
-    def evaluate(self, server: ServerHandle, t: int) -> tuple[float, Any]:
-        """(the headline number of the rounds table's `acc_seen`, the stage's details)."""
+    def evaluate(self, server: ServerHandle, t: int, kept: dict[int, dict[str, np.ndarray]]) -> tuple[float, Any]:
+        """(the headline number of the rounds table's `acc_seen`, the stage's details); `kept`
+        is what each client keeps on its device (ClientUpdate.kept), for tracks whose
+        evaluation is per client."""
+
+    def observe(self, record: Any, t: int, r: int, headline: float, details: Any) -> None:
+        """See every evaluation (round `r` of stage `t`), not only a stage's last: a track that
+        reports at the round chosen on validation keeps them here."""
 
     @abstractmethod
     def end_stage(self, record: Any, t: int, headline: float, details: Any) -> None:
@@ -78,6 +96,13 @@ class Track(ABC):
 
     def rows(self, record: Any) -> dict[str, list[dict[str, Any]]]:
         """A finished run's rows of `extra_tables` (run_id is added by the runner)."""
+        return {}
+
+    @classmethod
+    def figures(cls, rounds: Any, extra: dict[str, Any], style: dict[str, dict]) -> dict[str, Any]:
+        """`fedame-bench plot`'s figures of a sweep of this track (name -> matplotlib figure)
+        from its rounds table (with alpha and seed) and its extra tables (pandas); `style`
+        gives each method its marker and line. Class-incremental plots are bench/plot.py's own."""
         return {}
 
     def describe(self) -> dict[str, Any]:

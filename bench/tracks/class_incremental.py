@@ -46,6 +46,20 @@ class ClassIncremental(Track):
         ("forgetting", pa.float64()),
         ("bwt", pa.float64()),
     )
+    metric_labels = {
+        "final_acc": ("Final acc. (%)", True, 100, 1),
+        "avg_acc": ("Avg. inc. acc. (%)", True, 100, 1),
+        "forgetting": ("Forgetting (%)", False, 100, 1),
+        "bwt": ("BWT (%)", True, 100, 1),
+    }
+    headline = ("final_acc", "avg_acc", "forgetting", "bwt")
+    report_metrics = ("final_acc", "avg_acc", "forgetting")
+    tune_metric = "final_acc"
+    note = (
+        "R[i,j] = accuracy on task j after task i. Final acc.: accuracy on all seen "
+        "test samples after the last task; Avg. inc. acc.: mean over tasks of that accuracy after each task; "
+        "Forgetting (Chaudhry): mean_{j<T} max_{l<T} R[l,j] - R[T,j]; BWT (GEM): mean_{j<T} R[T,j] - R[j,j]."
+    )
 
     def __init__(self, cfg: ExperimentConfig, ds: Dataset, test_x: np.ndarray) -> None:
         super().__init__(cfg, ds, test_x)
@@ -65,7 +79,7 @@ class ClassIncremental(Track):
         T = self.num_stages
         return AccuracyRecord(np.full((T, T), np.nan), np.zeros(T))
 
-    def evaluate(self, server: ServerHandle, t: int) -> tuple[float, list[float]]:
+    def evaluate(self, server: ServerHandle, t: int, kept: dict[int, dict[str, np.ndarray]]) -> tuple[float, list[float]]:
         """Accuracy on the test data of every task so far, and per task, from one predict call."""
         seen = (self.test_task >= 0) & (self.test_task <= t)
         x, y = np.asarray(self.test_x[seen]), self.ds.test_y[seen]

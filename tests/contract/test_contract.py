@@ -1,5 +1,7 @@
-"""The method contract, checked for every registered method (`available_methods()`): a new
-method gets these tests by registering itself, with nothing to write.
+"""The method contract, checked for every registered class-incremental method
+(`available_methods()`): a new method gets these tests by registering itself, with nothing
+to write. (The recommendation track's methods have their own suite,
+tests/recommendation/test_rec_contract.py.)
 
 On the smoke config (3 tasks of 2 classes, 3 clients, synthetic images) each method must:
 run end to end and learn its first task; give the same numbers for the same seed; give the
@@ -25,9 +27,10 @@ from bench.features import FeatureStore
 from bench.loader import load_config
 from bench.runner import RunSpec, execute_run
 from bench.runtime import LocalExecutor
+from tests.conftest import numbers
 
-METHODS = sorted(available_methods())
-TIMING = {"wall_seconds", "client_seconds", "gpu_seconds", "latency_s", "start_time", "end_time", "resumed_at_task"}
+METHODS = sorted(m for m, cls in available_methods().items() if "class_incremental" in cls.tracks)
+ALL_METHODS = sorted(available_methods())
 #: what the smoke config cannot show, measured: said here, so that a fix makes the test pass (strict)
 CANNOT_LEARN_ON_SMOKE = {
     "moe_adapter": "a tiny random CLIP on 32x32 synthetic images: its training loss stays at ln 2 (0.70 to 0.69 over "
@@ -56,20 +59,6 @@ def run(method: str, smoke_data, cache: Path, *overrides: str, executor=None, **
     if executor is None:
         executor = LocalExecutor(cfg.runtime)
     return spec, execute_run(spec, ds, store, executor, str(cache), **kw)
-
-
-def numbers(out) -> dict[str, list[dict]]:
-    """Every table but `runs` (where it ran) without the columns that measure time; NaN as a
-    string so that equal tables compare equal."""
-
-    def clean(v):
-        return "nan" if isinstance(v, float) and math.isnan(v) else v
-
-    return {
-        name: [{k: clean(v) for k, v in row.items() if k not in TIMING} for row in rows]
-        for name, rows in out.tables.items()
-        if name != "runs"
-    }
 
 
 @pytest.mark.parametrize("method", method_params())
@@ -147,7 +136,7 @@ def test_the_method_describes_itself(method):
 def test_no_module_under_bench_names_a_method():
     """bench/ finds methods through the registry only: no module, comment or message names one
     (`fedame-bench`, the `fedame_*` metrics and `FEDAME_*` variables are the product's name)."""
-    pattern = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, METHODS)) + r")(?![\w-])", re.IGNORECASE)
+    pattern = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, ALL_METHODS)) + r")(?![\w-])", re.IGNORECASE)
     bench = Path(__file__).resolve().parents[2] / "bench"
     found = [
         f"{p.relative_to(bench.parent)}:{i}: {line.strip()}"

