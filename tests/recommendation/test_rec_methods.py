@@ -146,3 +146,37 @@ def test_popularity_ranks_by_training_counts(rec_data):
     server.aggregate([ClientUpdate(arrays={"items": items, "counts": counts}, num_samples=len(ds.train_y))])
     scores = server.score({"history": np.zeros((2, 1), np.int64)}, [None, None])
     assert np.array_equal(scores[0], np.bincount(ds.train_y, minlength=ds.num_classes).astype(np.float32))
+
+
+def test_aggregation_rules_and_attacks_apply_to_the_shared_model(rec_data):
+    _, clean = run_rec("fedavg_sasrec", rec_data, "training.rounds=2", "aggregation.rule=median")
+    _, attacked = run_rec(
+        "fedavg_sasrec",
+        rec_data,
+        "training.rounds=2",
+        "aggregation.rule=median",
+        "scenario.attack.kind=sign_flip",
+        "scenario.attack.clients=3",
+    )
+    rows = attacked.tables["rounds"]
+    assert all(r["malicious_share"] is not None for r in rows) and rows[-1]["agg_shares"]
+    assert [r["loss"] for r in rows] != [r["loss"] for r in clean.tables["rounds"]]  # the attack reached the model
+
+
+def test_report_and_plot_read_a_recommendation_sweep(rec_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    out = tmp_path / "res"
+    args = ["run", "-c", "ml100k", "--methods", "feddmmr,popularity", "--data-dir", str(rec_data[0]), "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, "--set", "scenario.num_clients=40", "--set", "training.rounds=2", "--set", "eval.every=1"])
+    assert res.exit_code == 0, res.output
+    assert "hr10" in res.output and "final_acc" not in res.output  # the sweep's table shows the track's columns
+    table = CliRunner().invoke(app, ["report", str(out)])
+    assert table.exit_code == 0 and "HR@10 (%)" in table.output and "NDCG@10 full (%)" in table.output, table.output
+    assert "99 sampled negatives" in table.output  # the track's footnote
+    figs = CliRunner().invoke(app, ["plot", str(out), "-o", str(tmp_path / "fig")])
+    assert figs.exit_code == 0, figs.output
+    assert (tmp_path / "fig" / "rec_hr10_rounds.png").exists() and (tmp_path / "fig" / "rec_expert_usage.png").exists()
+    assert not (tmp_path / "fig" / "forgetting.png").exists()  # no class-incremental figures for it
