@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from bench.config import ConfigError, RuntimeConfig
+from bench.config import CONFIG_DIR, ConfigError, RuntimeConfig
 from bench.errors import UserError
 from bench.inputs import atomic_write
 
@@ -207,10 +207,14 @@ def write_chosen(out: Path, chosen: dict[str, dict[str, Any]]) -> Path:
 
 def tuned_overrides(path: Path, method: str) -> list[str]:
     """`run --tuned FILE`: the overrides `tune` chose for `method`, and the validation slice
-    its trials trained without (so the reported run trains on the same samples)."""
+    its trials trained without (so the reported run trains on the same samples). A method
+    with nothing to tune (no search space in configs/spaces/, e.g. a popularity ranking)
+    runs with its defaults."""
     if not path.exists():
         raise TuneError(f"--tuned {path}: no such file; `fedame-bench tune --out DIR` writes DIR/chosen.yaml")
     entry = ((yaml.safe_load(path.read_text()) or {}).get("methods") or {}).get(method)
+    if entry is None and not (CONFIG_DIR / "spaces" / f"{method}.yaml").exists():
+        return []
     if entry is None:
         raise TuneError(f"--tuned {path} has no choice for {method}; tune it first (fedame-bench tune -m {method} ...)")
     return [*(f"{k}={v}" for k, v in entry["set"].items()), f"data.val_fraction={entry['val_fraction']}"]

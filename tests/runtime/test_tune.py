@@ -108,3 +108,14 @@ def test_asha_stops_trials_early_and_chooses_among_finished_ones(tmp_path, clust
     assert {f["evaluations"] for f in finished} == {9}  # smoke: 3 tasks x 3 rounds, each evaluated
     assert all(r["evaluations"] < 9 for r in stopped)
     assert next(r for r in rows if r["chosen"]) in finished
+
+
+def test_a_method_with_nothing_to_tune_runs_tuned_with_its_defaults(tmp_path):
+    from bench.tune import TuneError, tuned_overrides
+
+    chosen = tmp_path / "chosen.yaml"
+    chosen.write_text(yaml.safe_dump({"methods": {"sasrec": {"set": {"training.lr": 0.01}, "val_fraction": 0.0}}}))
+    assert tuned_overrides(chosen, "popularity") == []  # no search space: nothing was to be chosen
+    assert tuned_overrides(chosen, "sasrec") == ["training.lr=0.01", "data.val_fraction=0.0"]
+    with pytest.raises(TuneError, match="no choice for fedavg_sasrec"):
+        tuned_overrides(chosen, "fedavg_sasrec")  # it has a space: it must have been tuned
