@@ -208,7 +208,7 @@ def write_chosen(out: Path, chosen: dict[str, dict[str, Any]]) -> Path:
 def tuned_overrides(path: Path, method: str) -> list[str]:
     """`run --tuned FILE`: the overrides `tune` chose for `method`, and the validation slice
     its trials trained without (so the reported run trains on the same samples). A method
-    with nothing to tune (no search space in configs/spaces/, e.g. a popularity ranking)
+    with nothing to tune (no search space in configs/spaces/, e.g. a ranking by item counts)
     runs with its defaults."""
     if not path.exists():
         raise TuneError(f"--tuned {path}: no such file; `fedame-bench tune --out DIR` writes DIR/chosen.yaml")
