@@ -174,50 +174,21 @@ def ctrl_c_sets(stop: threading.Event) -> Iterator[None]:
     """While runs go on, Ctrl-C sets `stop` instead of raising wherever the main thread is:
     Python prints and drops a KeyboardInterrupt raised inside a finalizer or callback (Ray's
     handles have them), so a raised interrupt can be lost; a flag cannot. Runs stop at the
-    end of their round; a second Ctrl-C raises at once.
-
-    Where the platform allows (POSIX), SIGINT is also blocked in every thread started inside
-    the context and taken by a watcher thread with `sigtimedwait`: a blocked signal waits in
-    the kernel until it is taken, so no C-level handler installed meanwhile (Ray's driver
-    starts C++ threads of its own in the run threads) can swallow it. Python's handler stays
-    installed for threads started before and for the second Ctrl-C, which the watcher hands
-    to the main thread (`_thread.interrupt_main`)."""
+    end of their round; a second Ctrl-C raises at once."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
 
-    def first_or_second() -> None:
+    def handler(signum, frame) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
         os.write(2, b"stopping at the end of the current round (Ctrl-C again to stop now)\n")
 
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: first_or_second())
-    watching = hasattr(signal, "sigtimedwait") and hasattr(signal, "pthread_sigmask")
-    done = threading.Event()
-
-    def watch() -> None:
-        import _thread
-
-        while not done.is_set():
-            if signal.sigtimedwait({signal.SIGINT}, 0.1) is None:
-                continue
-            if stop.is_set():
-                _thread.interrupt_main(signal.SIGINT)  # the main thread's handler raises
-            else:
-                first_or_second()
-
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if watching else None
-    watcher = threading.Thread(target=watch, name="ctrl-c", daemon=True) if watching else None
-    if watcher is not None:
-        watcher.start()
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
-        done.set()
-        if watcher is not None and mask is not None:
-            watcher.join()
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGINT, previous)
     if stop.is_set():
         raise KeyboardInterrupt
