@@ -150,6 +150,12 @@ class Features:
         return MemoryView(text, visual, torch.as_tensor(empty, device=device))
 
 
+def memory_slots(kept: dict[str, np.ndarray] | None, cfg: RecConfig) -> np.ndarray:
+    """The shifted ids of the memory entries the experts read: the top ones of a kept memory,
+    none when the memory is off (in training on the device and in evaluation alike)."""
+    return memory.read(kept, cfg.memory.top_k) + 1 if cfg.memory.enabled else np.zeros(0, np.int64)
+
+
 def build_model(cfg: RecConfig, env: MethodEnv) -> Recommender:
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(env.run_seed, "rec-model"))
@@ -223,8 +229,7 @@ class RecClient(Client):
 
     def view(self, kept: dict[str, np.ndarray] | None, prototypes: np.ndarray | None, device: str) -> MemoryView:
         """What this client's memory experts read: its top entries (when the memory is on) and the prototypes."""
-        ids = memory.read(kept, self.config.memory.top_k) + 1 if self.config.memory.enabled else np.zeros(0, np.int64)
-        return self.features.view([ids], prototypes, device)
+        return self.features.view([memory_slots(kept, self.config)], prototypes, device)
 
     def local_train(self, payload: Message, data: ClientData, ctx: TrainContext) -> ClientUpdate:
         cfg, dev = self.config, ctx.device
@@ -385,11 +390,7 @@ class RecServer(Server):
                 ids = torch.arange(1, self.env.num_classes + 1).expand(len(h), -1)
                 view = None
                 if model.router is not None:
-                    mems = [
-                        memory.read(k, cfg.memory.top_k) + 1 if cfg.memory.enabled else np.zeros(0, np.int64)
-                        for k in kept[a : a + EVAL_CHUNK]
-                    ]
-                    view = self.features.view(mems, self.prototypes, "cpu")
+                    view = self.features.view([memory_slots(k, cfg) for k in kept[a : a + EVAL_CHUNK]], self.prototypes, "cpu")
                 out[a : a + len(h)] = model.score(h, ids, view, visual)[0].numpy()
         return out
 
