@@ -272,6 +272,12 @@ class Server(ABC):
         return report
 
     @classmethod
+    def input_for(cls, config: MethodConfig) -> Literal["features", "images", "interactions"]:
+        """What this method trains on under `config` (`input`, unless a hyperparameter picks
+        it, as a model choice between a head on features and a network on images does)."""
+        return cls.input
+
+    @classmethod
     def preflight(cls, config: MethodConfig, dataset: Any, cache_dir: Any) -> None:
         """Check, before any run starts, what this method needs beyond the data (anchor
         files, model weights, API settings); raise a UserError saying what to do."""

@@ -97,6 +97,12 @@ class ScenarioConfig(Section):
     # classes: class-incremental tasks; domain: one task per domain of the data (data.domains), all classes in each
     tasks_by: Literal["classes", "domain"] = "classes"
     domain_order: list[str] | None = None  # tasks_by=domain: the domains in task order (default: sorted names)
+    # track personalized (bench/tracks/personalized.py): each client's seeded validation share
+    # of its training data; clients held out of training that join at the end; a long-tailed
+    # training set (largest class / smallest class, 1: as the dataset has it)
+    client_val_fraction: float = Field(0.15, gt=0, lt=1)
+    new_clients: int = Field(0, ge=0)
+    imbalance: float = Field(1.0, ge=1)
     attack: AttackConfig = AttackConfig()
 
     @model_validator(mode="after")
@@ -109,6 +115,8 @@ class ScenarioConfig(Section):
             raise ValueError("give either scenario.tasks or scenario.n_tasks, not both")
         if self.tasks_by == "domain" and (self.tasks is not None or self.n_tasks is not None):
             raise ValueError("scenario.tasks_by=domain makes one task per domain: set scenario.tasks and n_tasks to null")
+        if self.new_clients >= self.num_clients:
+            raise ValueError(f"new_clients ({self.new_clients}) must leave clients to train: set it below num_clients ({self.num_clients})")
         if self.attack.kind != "none" and self.attack.fraction is None and not 1 <= self.attack.clients <= self.num_clients:
             raise ValueError(f"attack.clients must be 1..{self.num_clients} (the clients), got {self.attack.clients}")
         return self

@@ -73,6 +73,9 @@ WHEN_USED: dict[tuple[str, str], Callable[[ExperimentConfig], bool]] = {
     ("scenario", "domain_order"): lambda c: c.scenario.tasks_by != "classes",
     ("data", "val_fraction"): lambda c: c.data.val_fraction > 0,
     ("eval", "split"): lambda c: c.eval.split != "test",
+    ("scenario", "client_val_fraction"): lambda c: c.track == "personalized",
+    ("scenario", "new_clients"): lambda c: c.track == "personalized",
+    ("scenario", "imbalance"): lambda c: c.track == "personalized",
 }
 
 
@@ -156,13 +159,20 @@ def clients_per_round(cfg: ExperimentConfig) -> int:
     return min(cfg.scenario.num_clients, max(1, int(round(cfg.training.client_fraction * cfg.scenario.num_clients))))
 
 
-def sample_clients(cfg: ExperimentConfig, task: int, rnd: int) -> list[int]:
-    n = cfg.scenario.num_clients
-    m = clients_per_round(cfg)
-    if m >= n:
-        return list(range(n))
+def sample_clients(cfg: ExperimentConfig, task: int, rnd: int, pool: list[int] | None = None) -> list[int]:
+    """The round's clients: `training.client_fraction` of `pool` (every client by default),
+    a seeded choice per (run, task, round)."""
+    if pool is None:
+        n, m = cfg.scenario.num_clients, clients_per_round(cfg)
+        if m >= n:
+            return list(range(n))
+        rng = np.random.default_rng(derive_seed(cfg.seed, "sample", task, rnd))
+        return sorted(int(k) for k in rng.choice(n, size=m, replace=False))
+    m = min(len(pool), max(1, int(round(cfg.training.client_fraction * len(pool)))))
+    if m >= len(pool):
+        return sorted(pool)
     rng = np.random.default_rng(derive_seed(cfg.seed, "sample", task, rnd))
-    return sorted(int(k) for k in rng.choice(n, size=m, replace=False))
+    return sorted(int(k) for k in rng.choice(pool, size=m, replace=False))
 
 
 class RunLoop:
@@ -185,10 +195,10 @@ class RunLoop:
         self.executor.set_task(t, stage.client_indices, stage.noise)
         return self.server.rounds_for_task(cfg.training.rounds, clients_per_round(cfg) == cfg.scenario.num_clients)
 
-    def play_round(self, t: int, r: int, last: bool) -> dict[str, Any]:
-        cfg, server, progress = self.cfg, self.server, self.progress
-        t0 = time.perf_counter()
-        clients = sample_clients(cfg, t, r)
+    def train_clients(self, clients: list[int], t: int, r: int) -> tuple[list[Any], int]:
+        """Each client trains from its payload (what it keeps is kept); the results and the
+        bytes sent down."""
+        cfg, progress = self.cfg, self.progress
         jobs = [
             ClientJob(
                 k,
@@ -196,21 +206,31 @@ class RunLoop:
                 TrainContext(cfg.seed, t, r, k, self.env.train, kept=progress.kept.get(k)),
                 self.attack if k in self.malicious else None,
             )
-            for k, payload in zip(clients, server.payloads_for(clients))
+            for k, payload in zip(clients, self.server.payloads_for(clients))
         ]
         bytes_down = sum(progress.ledger.charge(j.client_id, m) for j, m in zip(jobs, self.executor.manifests([j.payload for j in jobs])))
         results = self.executor.train(jobs)
         for job, res in zip(jobs, results):
             if res.kept is not None:
                 progress.kept[job.client_id] = res.kept
+        return results, bytes_down
+
+    def play_round(self, t: int, r: int, last: bool) -> dict[str, Any]:
+        cfg, server, progress = self.cfg, self.server, self.progress
+        t0 = time.perf_counter()
+        results, bytes_down = self.train_clients(sample_clients(cfg, t, r, self.track.participants(t)), t, r)
         server.aggregate([res.update for res in results])
+        joiners, joined = self.track.joiners(t) if last else [], []
+        if joiners:  # they train once from the aggregated model and are not aggregated
+            joined, joined_down = self.train_clients(joiners, t, r + 1)
+            bytes_down += joined_down
         acc = None
         if last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
             acc, details = self.track.evaluate(server, t, progress.kept)
             self.track.observe(progress.record, t, r, acc, details)
             if last:
                 self.track.end_stage(progress.record, t, acc, details)
-        client_seconds = sum(res.seconds for res in results)
+        client_seconds = sum(res.seconds for res in [*results, *joined])
         progress.gpu_seconds += client_seconds * cfg.runtime.gpus_per_client
         stats = server.stats()
         agg = server.aggregation_report()
@@ -258,15 +278,18 @@ def execute_run(
     cfg = spec.config
     started = resume.started if resume else datetime.now(timezone.utc)
     t_start = time.perf_counter() - (resume.elapsed if resume else 0.0)
-    method_cls = get_method(spec.method)
+    method_input = get_method(spec.method).input_for(method_config(cfg, spec.method))
     train_x, test_x = (
         (store.features("train"), store.features("test"))
-        if method_cls.input == "features"
+        if method_input == "features"
         else (store.images("train"), store.images("test"))  # images, or a recommendation dataset's own rows
     )
-    ds, train_x, test_x = with_validation(ds, train_x, test_x, cfg.data.val_fraction, cfg.eval.split, cfg.seed)
-    env = method_env(cfg, ds, int(train_x.shape[1]) if method_cls.input == "features" else 0, cache_dir)
-    track = get_track(cfg.track)(cfg, ds, test_x)
+    track_cls = get_track(cfg.track)
+    if not track_cls.own_validation:
+        ds, train_x, test_x = with_validation(ds, train_x, test_x, cfg.data.val_fraction, cfg.eval.split, cfg.seed)
+    env = method_env(cfg, ds, int(train_x.shape[1]) if method_input == "features" else 0, cache_dir)
+    track = track_cls(cfg, ds, test_x)
+    track.train_x = train_x
     server = start_run(spec, executor, env, train_x, ds.train_y, resume)
     progress = resume.progress if resume else RunProgress(track.new_record())
     loop = RunLoop(spec, server, executor, track, env, progress)

@@ -123,18 +123,21 @@ def prepare(cfg: ExperimentConfig, specs: list[RunSpec], data_dir: str | None) -
     views: dict[tuple[float, str, int], Dataset] = {}  # runs that differ only in method or alpha see one dataset
     for spec in specs:  # every run's stages can be built (a partition that cannot fit fails here)
         c = spec.config
+        track = get_track(c.track)
         key = (c.data.val_fraction, c.eval.split, c.seed)
-        if key not in views:
+        if key not in views and not track.own_validation:
             views[key] = held_out(ds, *key)[0]
-        get_track(c.track)(c, views[key], views[key].test_x)
+        seen = ds if track.own_validation else views[key]
+        track(c, seen, seen.test_x)
     cache_dir = default_cache_dir(cfg)
     store = FeatureStore(ds, cfg.backbone, cache_dir)
-    if any(get_method(s.method).input == "features" for s in specs):
+    inputs = [get_method(s.method).input_for(method_config(s.config, s.method)) for s in specs]
+    if "features" in inputs:
         store.features("train")
         store.features("test")
     for spec in specs:  # methods check their own inputs (anchors, model weights) up front
         get_method(spec.method).preflight(method_config(spec.config, spec.method), ds, cache_dir)
-    if all(get_method(s.method).input == "features" for s in specs):  # pixels are not needed again
+    if all(i == "features" for i in inputs):  # pixels are not needed again
         store.drop_images()
         ds = store.dataset
     return Prepared(ds, store, cache_dir)

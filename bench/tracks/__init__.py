@@ -5,9 +5,10 @@ point or `register_track`."""
 from bench.config import ConfigError
 from bench.tracks.base import Stage, Track, available_tracks, register_track
 from bench.tracks.class_incremental import ClassIncremental
+from bench.tracks.personalized import Personalized
 from bench.tracks.sequential_rec import SequentialRec
 
-__all__ = ["ClassIncremental", "SequentialRec", "Stage", "Track", "available_tracks", "get_track", "register_track"]
+__all__ = ["ClassIncremental", "Personalized", "SequentialRec", "Stage", "Track", "available_tracks", "get_track", "register_track"]
 
 
 def get_track(name: str) -> type[Track]:

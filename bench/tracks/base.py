@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from bench.api import ServerHandle, TaskInfo
-from bench.config import ExperimentConfig
+from bench.config import ConfigError, ExperimentConfig
 from bench.data import Dataset
 
 
@@ -61,8 +61,16 @@ class Track(ABC):
     #: the protocol has its own validation split (no data.val_fraction slice is held out)
     own_validation: ClassVar[bool] = False
 
+    #: the method's inputs of the training split (row-aligned with ds.train_y), set by the
+    #: runner before the first stage: for tracks that evaluate on part of it (per-client validation)
+    train_x: np.ndarray | None = None
+
     def __init__(self, cfg: ExperimentConfig, ds: Dataset, test_x: np.ndarray) -> None:
         self.cfg, self.ds, self.test_x = cfg, ds, test_x
+        if self.own_validation and cfg.data.val_fraction > 0:
+            raise ConfigError(
+                f"the {self.name} track has its own validation data: set data.val_fraction to 0 (eval.split: val scores on it)"
+            )
 
     @property
     @abstractmethod
@@ -71,6 +79,15 @@ class Track(ABC):
     @abstractmethod
     def stage(self, t: int) -> Stage:
         """Stage `t` (the runner asks once, when the stage starts)."""
+
+    def participants(self, t: int) -> list[int] | None:
+        """The clients the rounds of stage `t` sample from (None: every client)."""
+        return None
+
+    def joiners(self, t: int) -> list[int]:
+        """Clients that join at stage `t`'s last round: after its aggregation each trains once
+        from the server's model (kept on its device, never aggregated), before the evaluation."""
+        return []
 
     @abstractmethod
     def new_record(self) -> Any:

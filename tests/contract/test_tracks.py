@@ -110,7 +110,7 @@ def test_an_unknown_track_is_one_error_line(tmp_path):
     res = CliRunner().invoke(app, ["run", "-c", "smoke", "--methods", "fedavg", "--out", str(tmp_path), "--set", "track=nope"])
     lines = res.output.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1, res.output
-    assert lines[0].startswith("error: unknown track 'nope'; known tracks: class_incremental, sequential_rec")
+    assert lines[0].startswith("error: unknown track 'nope'; known tracks: class_incremental, personalized, sequential_rec")
 
 
 def test_methods_lists_the_tracks_each_method_runs(toy_track):

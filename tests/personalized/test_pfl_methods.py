@@ -1,0 +1,129 @@
+"""What each personalised method claims, checked on its own part: the switch changes what it
+says it changes, and the result is carried by that part."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from baselines.pfl.common import personal_of
+from baselines.pfl.model import initial_state
+from baselines.pfl.mutual import DETConfig
+from baselines.pfl.pfa import merged, spectrum
+from bench.api import get_method
+from bench.runner import RunLoop
+from bench.tracks.personalized import Personalized
+from tests.conftest import numbers
+from tests.personalized.conftest import FAST, pfl_cfg, run_pfl
+
+
+def servers_after(method: str, pfl_data, *overrides: str):
+    """The run's server after its last round, what each client kept, and the run's output."""
+    seen, kept = {}, {}
+    train_clients = RunLoop.train_clients
+
+    def spy(self, clients, t, r):
+        out = train_clients(self, clients, t, r)
+        kept.update(self.progress.kept)
+        return out
+
+    def grab(server, t, track, train_x, test_x):
+        seen["server"] = server
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RunLoop, "train_clients", spy)
+        _, out = run_pfl(method, pfl_data, *FAST, *overrides, on_task_end=grab)
+    return seen["server"], kept, out
+
+
+def test_fedper_shares_the_base_and_keeps_each_head(pfl_data):
+    server, kept, _ = servers_after("fedper", pfl_data)
+    received = [server.view("received", kept[k]) for k in sorted(kept)]
+    base = [k for k in received[0] if k.startswith("base.")]
+    assert all(np.array_equal(r[k], server.glob[k]) for r in received for k in base)
+    heads = [r["head.weight"] for r in received]
+    assert not np.array_equal(heads[0], heads[1])  # each its own
+    assert all(np.array_equal(r["head.weight"], personal_of(kept[k])["head.weight"]) for r, k in zip(received, sorted(kept)))
+
+
+def test_fedavg_deploys_the_global_model_and_fine_tuning_a_personal_one(pfl_data):
+    server, kept, _ = servers_after("fedavg_pfl", pfl_data)
+    k = sorted(kept)[0]
+    assert all(np.array_equal(v, server.glob[n]) for n, v in server.view("deployed", kept[k]).items())
+    server, kept, _ = servers_after("fedavg_ft", pfl_data)
+    deployed = server.view("deployed", kept[k])
+    assert not np.array_equal(deployed["head.weight"], server.glob["head.weight"])
+
+
+def test_dittos_lambda_pulls_the_personal_model_to_the_global_one(pfl_data):
+    """One round: every personal model is trained with a pull toward the initial global model."""
+
+    def gap(lam: float) -> float:
+        server, kept, _ = servers_after("ditto", pfl_data, f"methods.ditto.lam={lam}", "training.rounds=1", "training.local_epochs=5")
+        start = initial_state(server.config, server.env)["head.weight"]
+        return float(np.mean([np.linalg.norm(personal_of(kept[k])["head.weight"] - start) for k in kept]))
+
+    assert gap(10.0) < 0.3 * gap(0.0)
+
+
+def test_pfa_keeps_a_model_whose_own_spectrum_is_averaged():
+    rng = np.random.default_rng(0)
+    for key, w in (
+        ("base.0.weight", rng.normal(size=(8, 6))),
+        ("head.weight", rng.normal(size=(5, 8))),
+        ("base.0.bias", rng.normal(size=7)),
+    ):
+        f = spectrum(key, w)
+        for band in (0.2, 0.6, 1.0):
+            assert np.allclose(merged(key, w.astype(np.float32), np.abs(f), np.angle(f), band), w, atol=1e-5)
+
+
+def test_pfa_with_the_whole_band_gives_every_client_one_model_and_a_narrow_band_does_not(pfl_data):
+    def received(band: float):
+        server, kept, _ = servers_after("pfa", pfl_data, f"methods.pfa.band_start={band}", f"methods.pfa.band_end={band}")
+        return [server.view("received", kept[k])["base.0.weight"] for k in sorted(kept)]
+
+    whole, narrow = received(1.0), received(0.1)
+    assert all(np.allclose(r, whole[0], atol=1e-5) for r in whole)
+    assert not np.allclose(narrow[0], narrow[1], atol=1e-3)
+
+
+def test_det_orders_its_thresholds_and_reports_its_phases(pfl_data):
+    with pytest.raises(ValidationError, match="l1 < l2"):
+        DETConfig(l1=0.9, l2=0.5)
+    _, out = run_pfl("det", pfl_data, *FAST)
+    stats = [json.loads(r["stats"]) for r in out.tables["rounds"]]
+    assert all(abs(sum(s[f"det_{p}"] for p in ("recover", "exchange", "sublimate")) - 1) < 1e-9 for s in stats)
+
+
+def test_cpa_without_its_alignment_is_det(pfl_data):
+    """CPA's only difference from DET is its prototype term: at lam 0 the numbers are DET's."""
+    _, det = run_pfl("det", pfl_data, *FAST)
+    _, cpa0 = run_pfl("cpa", pfl_data, *FAST, "methods.cpa.lam=0")
+    _, cpa = run_pfl("cpa", pfl_data, *FAST, "methods.cpa.lam=1")
+
+    def accs(out):
+        return [r["test_acc"] for r in numbers(out)["clients"]]
+
+    assert accs(cpa0) == accs(det) and accs(cpa) != accs(det)
+
+
+def test_cpa_weights_rare_classes_more(pfl_data):
+    """Long-tailed training data (class 0 ten times class 5): each class's pull to its prototype
+    is inversely proportional to how many samples of it the clients hold, with mean 1."""
+    server, kept, _ = servers_after("cpa", pfl_data, "scenario.imbalance=10")
+    track = Personalized(pfl_cfg("scenario.imbalance=10"), pfl_data[0], pfl_data[0].test_x)
+    held = np.bincount(np.concatenate([pfl_data[0].train_y[track.splits.train[k]] for k in track.training_clients]), minlength=6)
+    w = server.proto_weight
+    assert w is not None and server.proto is not None and held[0] > 5 * held[5]
+    assert np.allclose(w * held, (w * held)[0], rtol=1e-5) and np.isclose(w.mean(), 1.0)
+
+
+def test_the_cnn_trains_on_images(pfl_data):
+    cls = get_method("fedavg_pfl")
+    assert cls.input_for(cls.Config(model="cnn")) == "images"
+    _, out = run_pfl("fedavg_pfl", pfl_data, *FAST, "methods.fedavg_pfl.model=cnn", "methods.fedavg_pfl.hidden=32")
+    assert out.tables["rounds"][0]["bytes_up"] > 4 * (32 * 3 * 25 + 64 * 32 * 25)  # the convolutions travel
