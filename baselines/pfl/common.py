@@ -153,15 +153,17 @@ class PFLServer(Server):
     def predict(self, x: np.ndarray) -> np.ndarray:
         return logits_of(self.client.model(self.glob, "cpu"), as_inputs(x, self.env, "cpu")).argmax(1)
 
-    def view(self, view: str, kept: State | None) -> State:
-        """The model a request's view names (bench/tracks/personalized.py)."""
-        glob = self.payload_for(0).arrays
+    def view(self, view: str, kept: State | None, client: int) -> State:
+        """The model a request's view names (bench/tracks/personalized.py) for `client`."""
+        glob = self.payload_for(client).arrays
         if view == "local" and kept is not None:
             return personal_of(kept)
-        if view == "received" or kept is None or self.deploys_global:
-            return self.client.received(glob, kept) if view == "received" else self.client.received(glob, None)
+        if view == "received":
+            return self.client.received(glob, kept)
+        if kept is None or self.deploys_global:
+            return self.client.received(glob, None)
         return personal_of(kept)
 
     def score(self, requests: dict[str, np.ndarray], kept: list[State | None]) -> np.ndarray:
-        state = self.view(str(requests["view"]), kept[0])
+        state = self.view(str(requests["view"]), kept[0], int(requests["clients"][0]))
         return logits_of(self.client.model(state, "cpu"), as_inputs(requests["x"], self.env, "cpu"))

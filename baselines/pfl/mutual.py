@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 
 from baselines.pfl.common import PFLClient, PFLServer, State, Trained, with_epochs
 from baselines.pfl.model import PFLConfig, SplitNet
+from baselines.pfl.prototypes import global_prototypes, prototype_distance, prototype_sums
 from bench.api import ClientUpdate, TrainContext, derive_seed, register
 from bench.training import as_tensor, distillation, module_arrays, torch_generator, train_epochs
 
@@ -163,19 +164,12 @@ class CPAClient(DETClient):
         ce = F.cross_entropy(logits, y)
         if "proto" not in glob or self.config.lam == 0:
             return ce
-        proto, weight = as_tensor(glob["proto"], x.device), as_tensor(glob["proto_weight"], x.device)
-        feats = model.base(x)
-        dist = ((feats - proto[y]) ** 2).sum(1)
-        return ce + self.config.lam * (weight[y] * dist).mean()
+        weight = as_tensor(glob["proto_weight"], x.device)
+        return ce + self.config.lam * (weight[y] * prototype_distance(model.base(x), y, glob)).mean()
 
     def train_round(self, glob: State, kept: State | None, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext) -> Trained:
         tr = super().train_round(glob, kept, x, y, ctx)
-        d = self.model({k: tr.upload[k] for k in self.keys}, ctx.device)
-        with torch.no_grad():
-            feats = d.base(x)
-        sums = torch.zeros(self.env.num_classes, feats.shape[1], device=x.device).index_add_(0, y, feats)
-        counts = torch.bincount(y, minlength=self.env.num_classes)
-        tr.upload.update({"proto_sum": sums.cpu().numpy(), "proto_count": counts.cpu().numpy().astype(np.float32)})
+        tr.upload.update(prototype_sums(self.model({k: tr.upload[k] for k in self.keys}, ctx.device), x, y, self.env.num_classes))
         return tr
 
 
@@ -188,11 +182,9 @@ class CPA(DETServer):
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
         """The model by the run's rule; the prototypes as exact sums over the round's clients."""
-        sums = np.sum([u.arrays["proto_sum"] for u in updates], axis=0)
-        counts = np.sum([u.arrays["proto_count"] for u in updates], axis=0)
         super().aggregate(updates)
+        self.proto, counts = global_prototypes(updates)
         held = counts > 0
-        self.proto = np.where(held[:, None], sums / np.maximum(counts, 1)[:, None], 0).astype(np.float32)
         rarity = np.where(held, counts[held].mean() / np.maximum(counts, 1), 0)
         self.proto_weight = (rarity / rarity[held].mean()).astype(np.float32)
 

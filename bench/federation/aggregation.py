@@ -131,13 +131,19 @@ def _sketch(size: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, dim, size), rng.choice(np.array([-1.0, 1.0]), size)
 
 
+def count_sketch(X: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """Each row of X embedded in `dim` dimensions by a seeded count sketch (a random
+    projection that needs no dense matrix), scaled to unit length."""
+    bucket, sign = _sketch(X.shape[1], dim, seed)
+    E = np.stack([np.bincount(bucket, weights=sign * x, minlength=dim) for x in X])
+    return E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
+
+
 def _attention(D: np.ndarray, w: np.ndarray, rule: AggregationConfig, seed: int) -> np.ndarray:
     n = len(D)
     if n == 1:
         return np.ones(1)
-    bucket, sign = _sketch(D.shape[1], rule.sketch_dim, seed)
-    E = np.stack([np.bincount(bucket, weights=sign * d, minlength=rule.sketch_dim) for d in D])
-    E = E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
+    E = count_sketch(D, rule.sketch_dim, seed)
     S = E @ E.T
     score = (S.sum(1) - np.diag(S)) / (n - 1)
     logits = score / rule.temperature + np.log(np.maximum(w, 1e-300))

@@ -41,7 +41,7 @@ def servers_after(method: str, pfl_data, *overrides: str):
 
 def test_fedper_shares_the_base_and_keeps_each_head(pfl_data):
     server, kept, _ = servers_after("fedper", pfl_data)
-    received = [server.view("received", kept[k]) for k in sorted(kept)]
+    received = [server.view("received", kept[k], k) for k in sorted(kept)]
     base = [k for k in received[0] if k.startswith("base.")]
     assert all(np.array_equal(r[k], server.glob[k]) for r in received for k in base)
     heads = [r["head.weight"] for r in received]
@@ -52,9 +52,9 @@ def test_fedper_shares_the_base_and_keeps_each_head(pfl_data):
 def test_fedavg_deploys_the_global_model_and_fine_tuning_a_personal_one(pfl_data):
     server, kept, _ = servers_after("fedavg_pfl", pfl_data)
     k = sorted(kept)[0]
-    assert all(np.array_equal(v, server.glob[n]) for n, v in server.view("deployed", kept[k]).items())
+    assert all(np.array_equal(v, server.glob[n]) for n, v in server.view("deployed", kept[k], k).items())
     server, kept, _ = servers_after("fedavg_ft", pfl_data)
-    deployed = server.view("deployed", kept[k])
+    deployed = server.view("deployed", kept[k], k)
     assert not np.array_equal(deployed["head.weight"], server.glob["head.weight"])
 
 
@@ -84,7 +84,7 @@ def test_pfa_keeps_a_model_whose_own_spectrum_is_averaged():
 def test_pfa_with_the_whole_band_gives_every_client_one_model_and_a_narrow_band_does_not(pfl_data):
     def received(band: float):
         server, kept, _ = servers_after("pfa", pfl_data, f"methods.pfa.band_start={band}", f"methods.pfa.band_end={band}")
-        return [server.view("received", kept[k])["base.0.weight"] for k in sorted(kept)]
+        return [server.view("received", kept[k], k)["base.0.weight"] for k in sorted(kept)]
 
     whole, narrow = received(1.0), received(0.1)
     assert all(np.allclose(r, whole[0], atol=1e-5) for r in whole)
@@ -127,3 +127,43 @@ def test_the_cnn_trains_on_images(pfl_data):
     assert cls.input_for(cls.Config(model="cnn")) == "images"
     _, out = run_pfl("fedavg_pfl", pfl_data, *FAST, "methods.fedavg_pfl.model=cnn", "methods.fedavg_pfl.hidden=32")
     assert out.tables["rounds"][0]["bytes_up"] > 4 * (32 * 3 * 25 + 64 * 32 * 25)  # the convolutions travel
+
+
+def test_attention_trusts_a_random_attacker_least(pfl_data):
+    """One client sends random parameters every round: every other client gives it less
+    weight than the uniform share, and its own mix is mostly itself."""
+    server, _, out = servers_after(
+        "fedamp_attention", pfl_data, "scenario.attack.kind=random", "scenario.attack.clients=1", "scenario.new_clients=0"
+    )
+    import pandas as pd
+
+    att = pd.DataFrame(out.tables["attention"])
+    bad = json.loads(out.tables["runs"][0]["malicious"])[0]
+    others = att[(att.client != bad) & (att.peer == bad)]
+    n = att.groupby(["round", "client"]).size().iloc[0]
+    assert len(others) and (others.weight < 1 / n).all()
+    assert all(r["malicious_share"] < 1 / r["clients_used"] for r in out.tables["rounds"])
+    assert np.allclose(att.groupby(["round", "client"]).weight.sum(), 1.0)
+
+
+def test_fedproto_without_its_pull_is_local_training_and_sends_only_prototypes(pfl_data):
+    _, local = run_pfl("local_only", pfl_data, *FAST)
+    _, free = run_pfl("fedproto", pfl_data, *FAST, "methods.fedproto.lam=0")
+    _, pulled = run_pfl("fedproto", pfl_data, *FAST)
+
+    def accs(out):
+        return [r["test_acc"] for r in numbers(out)["clients"]]
+
+    assert accs(free) == accs(local) and accs(pulled) != accs(local)
+    per_client = 4 * (6 * 512 + 6)  # float32 sums (classes x hidden) and counts
+    assert all(r["bytes_up"] == per_client * r["clients_used"] for r in pulled.tables["rounds"])
+
+
+def test_apfl_learns_its_mix_and_predicts_with_it(pfl_data):
+    server, kept, _ = servers_after("apfl", pfl_data, "methods.apfl.alpha=0.5")
+    alphas = [float(kept[k]["alpha"][0]) for k in kept]
+    assert all(0.0 <= a <= 1.0 for a in alphas) and any(a != 0.5 for a in alphas)
+    k = sorted(kept)[0]
+    a, own = alphas[0], {n[2:]: v for n, v in kept[k].items() if n.startswith("v.")}
+    received = server.view("received", kept[k], k)
+    assert np.allclose(received["head.weight"], a * own["head.weight"] + (1 - a) * server.glob["head.weight"], atol=1e-6)

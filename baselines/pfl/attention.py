@@ -1,0 +1,115 @@
+"""Attention over clients (the research notes' FedAMP-style server): clients are tokens, and
+each client's model for the next round is its own attention-weighted mix of the round's models.
+
+A client's token is the seeded count sketch of its trained parameters beside that of its
+update (trained minus what it started from), each of unit length: two clients are close
+when their models and the directions they moved in agree. Client k's weights over the
+round's clients j are softmax_j(<t_k, t_j> / temperature) (its own token included), and
+its next model is the weighted sum of their models. A client whose update points elsewhere
+(a malicious one, a very different distribution) gets less weight from the others.
+
+The weights of every round are the `attention` table (round, client, peer, weight); each
+peer's mean weight over the receivers is its share in the rounds table (`agg_shares`), so
+`malicious_share` there is the attention an attacker got. The run's `aggregation.rule` does
+not apply: attention is this method's aggregation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from baselines.pfl.common import PFLServer, State
+from baselines.pfl.model import PFLConfig
+from bench.api import ClientUpdate, Message, derive_seed, register
+from bench.federation import count_sketch
+
+
+class AttentionConfig(PFLConfig):
+    temperature: float = Field(0.3, gt=0)
+    sketch_dim: int = Field(256, ge=8)
+
+
+def attention_weights(models: np.ndarray, updates: np.ndarray, temperature: float, dim: int, seed: int) -> np.ndarray:
+    """Row k: client k's softmax weights over the clients (rows of `models` and `updates`, flat)."""
+    tokens = np.concatenate([count_sketch(models, dim, seed), count_sketch(updates, dim, derive_seed(seed, "update"))], 1) / np.sqrt(2)
+    logits = tokens @ tokens.T / temperature
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+@register
+class FedAMPAttention(PFLServer):
+    name = "fedamp_attention"
+    summary = "Attention over clients: each client's next model is a softmax mix of the round's models by sketch similarity"
+    Config = AttentionConfig
+    config: AttentionConfig
+    extra_tables = {"attention": pa.schema([("round", pa.int64()), ("client", pa.int64()), ("peer", pa.int64()), ("weight", pa.float64())])}
+
+    def setup(self) -> None:
+        super().setup()
+        self.personal: dict[int, State] = {}
+        self.attention_rows: list[dict[str, Any]] = []
+
+    def payload_for(self, client_id: int) -> Message:
+        """A client's own mix from the last round it took part in (the mean of the last round's
+        models before it has one: a new client's start)."""
+        return Message(self.personal.get(client_id, self.glob))
+
+    def aggregate(self, updates: list[ClientUpdate]) -> None:
+        keys = self.client.keys
+        ids = [u.client_id for u in updates]
+        models = np.stack([np.concatenate([u.arrays[k].ravel() for k in keys]) for u in updates]).astype(np.float64)
+        starts = np.stack([np.concatenate([self.personal.get(i, self.glob)[k].ravel() for k in keys]) for i in ids])
+        A = attention_weights(
+            models, models - starts, self.config.temperature, self.config.sketch_dim, derive_seed(self.env.run_seed, "pfl-attention")
+        )
+        sizes = np.cumsum([0, *[self.glob[k].size for k in keys]])
+
+        def unflat(v: np.ndarray) -> State:
+            return {k: v[a:b].reshape(self.glob[k].shape).astype(self.glob[k].dtype) for k, a, b in zip(keys, sizes[:-1], sizes[1:])}
+
+        for row, i in zip(A, ids):
+            self.personal[i] = unflat(row @ models)
+        n = np.array([u.num_samples for u in updates], dtype=np.float64)
+        self.glob = unflat((n / n.sum()) @ models)
+        for j, share in zip(ids, A.mean(0)):
+            self._shares.setdefault(j, []).append(float(share))
+        self.attention_rows += [
+            {"round": self.round, "client": i, "peer": j, "weight": float(A[a, b])} for a, i in enumerate(ids) for b, j in enumerate(ids)
+        ]
+        self.round += 1
+
+    def extra_rows(self) -> dict[str, list[dict[str, Any]]]:
+        return {"attention": self.attention_rows}
+
+    @classmethod
+    def figures(cls, rounds: Any, extra: dict[str, Any]) -> dict[str, Any]:
+        """The attention matrix of a run's last round, and, for runs under attack, the
+        attention the attackers got over rounds beside what a uniform mix would give them."""
+        import matplotlib.pyplot as plt
+
+        out: dict[str, Any] = {}
+        att = extra.get("attention")
+        if att is not None and not att.empty:
+            run = sorted(att.run_id.unique())[0]
+            last = att[(att.run_id == run) & (att["round"] == att[att.run_id == run]["round"].max())]
+            M = last.pivot(index="client", columns="peer", values="weight")
+            fig, ax = plt.subplots(figsize=(4.6, 4))
+            im = ax.imshow(M.to_numpy(), cmap="viridis")
+            ax.set(xlabel="peer", ylabel="client", title=f"attention, last round ({run})")
+            fig.colorbar(im, ax=ax)
+            out["pfl_attention_matrix"] = fig
+        attacked = rounds.dropna(subset=["malicious_share"]) if "malicious_share" in rounds else rounds.iloc[:0]
+        if not attacked.empty:
+            fig, ax = plt.subplots(figsize=(5, 3.6))
+            for run, sel in attacked.groupby("run_id"):
+                ax.plot(sel["round"] + 1, sel.malicious_share, label=f"attacker ({run})")
+            ax.plot(attacked["round"] + 1, 1.0 / attacked.clients_used, ":", color="0.5", label="uniform share")
+            ax.set(xlabel="round", ylabel="mean attention on the attacker", title="Attention under attack")
+            ax.legend(fontsize="x-small")
+            out["pfl_attention_attacker"] = fig
+        return out
