@@ -155,7 +155,9 @@ def tune_method(
 
     ensure_ray(runtime)
     sched = ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2) if scheduler == "asha" else FIFOScheduler()
-    search = None
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    search: Any = BasicVariantGenerator(random_state=job.seed)  # every method draws from the same seeded stream
     if searcher == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch

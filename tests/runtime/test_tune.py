@@ -98,9 +98,11 @@ def test_run_tuned_gives_each_method_its_own_choice_on_the_same_training_samples
     assert res.exit_code == 2 and "no choice for fedncm" in res.output
 
 
-def test_asha_stops_trials_early_and_chooses_among_finished_ones(tmp_path, cluster):
+def test_asha_stops_trials_early_and_chooses_among_finished_ones(tmp_path, cluster, tuned):
     out = _tune(tmp_path, cluster.address, "fedavg", 4, "asha")
     rows = pq.read_table(out / "trials" / "fedavg.parquet").to_pylist()
+    first = [json.loads(r["params"])["training.lr"] for r in pq.read_table(tuned / "trials" / "fedavg.parquet").to_pylist()]
+    assert [json.loads(r["params"])["training.lr"] for r in rows][:3] == first  # the searcher's draws are seeded by the run seed
     finished = [r for r in rows if r["status"] == "completed"]
     stopped = [r for r in rows if r["status"] == "stopped"]
     assert len(finished) + len(stopped) == 4 and finished
