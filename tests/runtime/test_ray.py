@@ -244,31 +244,20 @@ CTRL_C_POINTS = [
 ]
 
 
-LOST_WHILE_ACTORS_START = (
-    "open defect (#33): a SIGINT sent when a run prints `starting`, under Ray and heavy load, is sometimes lost: the sweep "
-    "runs to its end and exits 0 with nothing printed (2 of 3 fresh-clone CI runs beside a Ray Tune sweep, load average "
-    "about 10 on 2 cores; it passed in the quiet CI runs before). Blocking SIGINT in the sweep's threads and taking it in a "
-    "sigtimedwait watcher did not stop it (lost once more the same way): the handler seems to be replaced by native code"
-)
-LOST_MID_RUN = (
-    "open defect (#33): the same loss mid-run: in a quiet fresh-clone CI run of 148e456 (only the test's own busy core) "
-    "the SIGINT sent after `task 0 done` was lost and the sweep exited 0; the same code passed all three points on this "
-    "machine minutes before. Expected to fail until the lost signal is found"
-)
-LOST_BEFORE_THE_FIRST_RUN = (
-    "open defect (#33): a SIGINT sent right after the `sweep` line, under Ray and load, is sometimes lost: the sweep runs "
-    "to the end and exits 0 with nothing printed (seen in 2 of 2 looped runs beside the Ray soak, not in 2 clean-clone CI "
-    "runs); the flag-setting handler now covers prepare, and still never ran there"
-)
+def as_in_a_terminal() -> None:
+    """The sweep's SIGINT disposition as a terminal's foreground job has it. A job started in
+    the background of a non-interactive shell (`cmd &`, as CI runners and nohup start test
+    suites) inherits SIGINT ignored, and so would the sweep: a real Ctrl-C never reaches it,
+    which is what POSIX intends for such jobs and what made this test fail in such runs."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize(
     "points",
-    [
-        pytest.param(CTRL_C_POINTS[2:], id="mid-run-between-runs", marks=pytest.mark.xfail(strict=False, reason=LOST_MID_RUN)),
-        pytest.param(CTRL_C_POINTS[1:2], id="while-actors-start", marks=pytest.mark.xfail(strict=False, reason=LOST_WHILE_ACTORS_START)),
-        pytest.param(CTRL_C_POINTS[:1], id="before-the-first-run", marks=pytest.mark.xfail(strict=False, reason=LOST_BEFORE_THE_FIRST_RUN)),
-    ],
+    [CTRL_C_POINTS[2:], CTRL_C_POINTS[1:2], CTRL_C_POINTS[:1]],
+    ids=["mid-run-between-runs", "while-actors-start", "before-the-first-run"],
 )
 def test_ctrl_c_under_ray_stops_at_every_point_and_the_rerun_finishes(cluster, tmp_path, busy_core, points):
     """The CLI joins this test's cluster with --address and runs two runs at a time, under
@@ -318,7 +307,7 @@ def test_ctrl_c_under_ray_stops_at_every_point_and_the_rerun_finishes(cluster, t
     for point, marker in points:
         if len(done_methods()) == 4:
             break
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=as_in_a_terminal)
         lines: list[str] = []
         reader = threading.Thread(target=lambda lines=lines, proc=proc: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
         reader.start()
