@@ -1,10 +1,12 @@
-"""FCIL metrics, exactly as DESIGN.md defines them.
+"""FCIL metrics, exactly as DESIGN.md defines them, and reading a rounds table's stats column.
 
 R[i, j] is the accuracy on task j's test data after training task i (NaN for j > i).
 `seen_acc[i]` is the sample-weighted accuracy on all test samples seen after task i.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -41,3 +43,12 @@ def task_accuracies(pred: np.ndarray, y: np.ndarray, tasks: np.ndarray, n_tasks:
     correct = pred == y
     per_task = [float(correct[tasks == j].mean()) if np.any(tasks == j) else float("nan") for j in range(n_tasks)]
     return float(correct.mean()), per_task
+
+
+def stats_column(rounds: Any, key: str) -> Any:
+    """One value of the `stats` JSON column of a rounds frame (pandas; NaN where absent)."""
+    import json
+
+    import pandas as pd
+
+    return pd.to_numeric(rounds["stats"].map(lambda s: json.loads(s).get(key) if isinstance(s, str) else None), errors="coerce")

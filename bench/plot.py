@@ -56,16 +56,19 @@ def plot(dirs: list[Path], out: Path, bad: list[Path] | None = None) -> list[Pat
     what = ", ".join(sorted(runs.dataset.dropna().unique())) + " (" + ", ".join(sorted(runs.sweep.dropna().unique())) + ")"
     rounds = pd.concat([read_table(d, "rounds", bad).to_pandas() for d in dirs], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    tracks = tracks_of(runs)
     if (runs.attack != "none").any() or runs.aggregation.nunique() > 1:  # a robustness sweep
         check_mergeable(runs, ["alpha", "aggregation", "attack"])
-        return robustness(rounds.merge(runs[["run_id", "aggregation", "attack", "malicious", "alpha", "seed"]], on="run_id"), out, what)
-    check_mergeable(runs, ["alpha"])
+        written = robustness(rounds.merge(runs[["run_id", "aggregation", "attack", "malicious", "alpha", "seed"]], on="run_id"), out, what)
+        if any(t.name == "class_incremental" for t in tracks):
+            return written  # a class-incremental robustness sweep: the rule-by-attack figures only
+    else:
+        check_mergeable(runs, ["alpha"])
     rounds = rounds.merge(runs[["run_id", "alpha", "seed"]], on="run_id")
     methods = sorted(runs.method.unique())
     alphas = sorted(runs.alpha.unique())
     style = _style(methods)
-    written: list[Path] = []
-    tracks = tracks_of(runs)
     for track in tracks:  # a track's own figures (the class-incremental ones follow)
         extra = {name: pd.concat([read_table(d, name, bad).to_pandas() for d in dirs], ignore_index=True) for name in track.extra_tables}
         for name, fig in track.figures(rounds, extra, style).items():

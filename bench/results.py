@@ -10,7 +10,6 @@ file behind and a rerun overwrites (never duplicates) the pieces of an unfinishe
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ from bench.errors import UserError
 from bench.tracks import Track, available_tracks
 
 if TYPE_CHECKING:  # pandas is imported where a frame is built, not by every reader of results
-    import pandas as pd
+    pass
 
 TS = pa.timestamp("us", tz="UTC")
 
@@ -188,13 +187,6 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """A file written by an older version: columns it lacks become nulls, extra ones are dropped."""
     cols = [table.column(f.name) if f.name in table.column_names else pa.nulls(len(table), f.type) for f in schema]
     return pa.Table.from_arrays(cols, schema=schema) if table.schema != schema else table
-
-
-def stats_column(rounds: pd.DataFrame, key: str) -> pd.Series:
-    """One value of the `stats` JSON column of a rounds frame (NaN where absent)."""
-    import pandas as pd
-
-    return pd.to_numeric(rounds["stats"].map(lambda s: json.loads(s).get(key) if isinstance(s, str) else None), errors="coerce")
 
 
 class BadResultFile(UserError):

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from bench.metrics import stats_column
 from bench.plot import HATCHES, STYLES, panels
-from bench.results import stats_column
 
 
 def expert_pool_figure(rounds: pd.DataFrame, decisions: pd.DataFrame | None, method: str) -> dict[str, Figure]:

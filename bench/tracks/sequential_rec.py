@@ -34,6 +34,7 @@ import pyarrow as pa
 from bench.api import ServerHandle, TaskInfo
 from bench.config import ConfigError, ExperimentConfig
 from bench.data import Dataset
+from bench.metrics import stats_column
 from bench.seeds import derive_seed
 from bench.tracks.base import Stage, Track, register_track
 
@@ -230,10 +231,6 @@ class SequentialRec(Track):
         import json
 
         import matplotlib.pyplot as plt
-        import pandas as pd
-
-        def stats_column(frame: Any, key: str) -> Any:
-            return pd.to_numeric(frame["stats"].map(lambda s: json.loads(s).get(key) if isinstance(s, str) else None), errors="coerce")
 
         out: dict[str, Any] = {}
         ranking = extra.get("ranking")

@@ -7,7 +7,7 @@ import pytest
 
 from bench.config import ConfigError
 from bench.tracks.personalized import Personalized, client_splits, deal_test, long_tailed, worst_share
-from tests.personalized.conftest import FAST, pfl_cfg, run_pfl
+from tests.personalized.conftest import BASE, FAST, pfl_cfg, run_pfl
 
 
 def labels(n_classes: int, per_class: int) -> np.ndarray:
@@ -96,3 +96,25 @@ def test_a_run_scored_on_validation_has_no_test_figures(pfl_data):
     _, out = run_pfl("fedavg_pfl", pfl_data, *FAST, "eval.split=val")
     assert out.summary["acc_mean"] is None and out.summary["new_acc"] is None and out.summary["val_acc"] > 0
     assert all(r["test_acc"] is None for r in out.tables["clients"])
+
+
+def test_report_and_plot_read_a_personalised_sweep_with_an_attacker(tmp_path):
+    """Through the CLI: the sweep's table shows the track's columns, the report its labels, and
+    plot draws the client spread, retrogress, and the attention an attacker got."""
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    out = tmp_path / "res"
+    sets = [*BASE, "scenario.new_clients=0", "training.rounds=3", "scenario.attack.kind=random"]
+    args = ["run", "-c", "smoke", "--methods", "fedavg_ft,fedamp_attention", "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, *(a for s in sets for a in ("--set", s))])
+    assert res.exit_code == 0, res.output
+    assert "acc_mean" in res.output and "final_acc" not in res.output
+    table = CliRunner().invoke(app, ["report", str(out)])
+    assert table.exit_code == 0 and "Worst-10% acc. (%)" in table.output and "Retrogress (%)" in table.output, table.output
+    figs = CliRunner().invoke(app, ["plot", str(out), "-o", str(tmp_path / "fig")])
+    assert figs.exit_code == 0, figs.output
+    for name in ("pfl_client_spread", "pfl_retrogress", "pfl_attention_matrix", "pfl_attention_attacker"):
+        assert (tmp_path / "fig" / f"{name}.png").exists(), name
+    assert not (tmp_path / "fig" / "forgetting.png").exists()
