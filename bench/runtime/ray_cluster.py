@@ -21,7 +21,9 @@ _INIT_LOCK = threading.Lock()
 
 def ensure_ray(cfg: RuntimeConfig):
     """Connect to `--address`, or start a local cluster sized to this machine (once per
-    process, also when a sweep's concurrent runs all ask at the same moment)."""
+    process, also when a sweep's concurrent runs all ask at the same moment). Without an
+    address Ray would join the local cluster started last, whichever it is (another user's,
+    a test's on loopback, which it then fails to reach): joining is what `--address` is for."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
@@ -33,7 +35,7 @@ def ensure_ray(cfg: RuntimeConfig):
 
 def _init_ray(ray, cfg: RuntimeConfig):
     try:
-        ctx = ray.init(address=cfg.address, ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
+        ctx = ray.init(address=cfg.address or "local", ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
     except ConnectionError as e:
         raise RayUnavailable(f"cannot join the Ray cluster at {cfg.address} ({e}); check --address or drop it") from None
     url = getattr(ctx, "dashboard_url", None)
