@@ -167,3 +167,15 @@ def test_apfl_learns_its_mix_and_predicts_with_it(pfl_data):
     a, own = alphas[0], {n[2:]: v for n, v in kept[k].items() if n.startswith("v.")}
     received = server.view("received", kept[k], k)
     assert np.allclose(received["head.weight"], a * own["head.weight"] + (1 - a) * server.glob["head.weight"], atol=1e-6)
+
+
+def test_fedala_takes_the_lower_layers_and_mixes_the_top_by_learned_weights(pfl_data):
+    server, kept, _ = servers_after("fedala", pfl_data)
+    for k in sorted(kept):
+        w = kept[k]["ala.head.weight"]
+        assert w.shape == server.glob["head.weight"].shape and w.min() >= 0 and w.max() <= 1
+        received = server.view("received", kept[k], k)
+        assert np.array_equal(received["base.0.weight"], server.glob["base.0.weight"])  # below the mixed layers: the server's
+        own = personal_of(kept[k])["head.weight"]
+        assert np.allclose(received["head.weight"], own + (server.glob["head.weight"] - own) * w, atol=1e-6)
+    assert any(not np.all(kept[k]["ala.head.weight"] == 1) for k in kept)  # learned, not left at their start
