@@ -5,7 +5,8 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.results import read_table, stats_column
+from bench.metrics import stats_column
+from bench.results import read_table
 from tests.llm_server import FakeLLM
 
 runner = CliRunner()
