@@ -21,6 +21,7 @@ from bench.api import derive_seed
 from bench.training import torch_generator
 from fedame.feature_prompts import sample_features
 from fedame.method import FedAME, on_device
+from fedame.payload import FeaturePrompts
 from fedame.prompts import sample
 from fedame.router import route
 
@@ -47,14 +48,15 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, test_x: torch
 def prompt_samples(server: FedAME, seen: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """PROBE_PER_CLASS draws per seen class from the prompts replay uses; (x, class position,
     in feature space?)."""
-    feature, classes, arrays = server.replay_prompts()
-    which = torch.arange(len(classes)).repeat_interleave(PROBE_PER_CLASS)
-    if feature:
-        x = sample_features(on_device(arrays["fp_mu"]), on_device(arrays["fp_L"]), on_device(arrays["fp_sd"]), which, gen)
+    prompts = server.replay_prompts()
+    which = torch.arange(len(prompts.classes)).repeat_interleave(PROBE_PER_CLASS)
+    feature = isinstance(prompts, FeaturePrompts)
+    if isinstance(prompts, FeaturePrompts):
+        x = sample_features(on_device(prompts.mu), on_device(prompts.L), on_device(prompts.sd), which, gen)
     else:
-        x = sample(on_device(arrays["prompt_mu"]), on_device(arrays["prompt_var"]), which, gen)
+        x = sample(on_device(prompts.mu), on_device(prompts.var), which, gen)
     pos = {c: i for i, c in enumerate(seen)}
-    return x, torch.tensor([pos[int(c)] for c in classes])[which], feature
+    return x, torch.tensor([pos[int(c)] for c in prompts.classes])[which], feature
 
 
 @torch.no_grad()

@@ -16,13 +16,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedame.payload import DriftReport
+
 
 @torch.no_grad()
-def drift_report(u_then: torch.Tensor, u_now: torch.Tensor, means: torch.Tensor, sigma: float) -> dict[str, np.ndarray]:
-    """Per prompt in `means` (rows, in the anchor space now): weighted sum of the moves
-    u_now - u_then of this client's samples, and the sum of the weights."""
+def drift_report(classes: np.ndarray, u_then: torch.Tensor, u_now: torch.Tensor, means: torch.Tensor, sigma: float) -> DriftReport:
+    """Per prompt of `classes` (its mean a row of `means`, in the anchor space now): weighted
+    sum of the moves u_now - u_then of this client's samples, and the sum of the weights."""
     w = torch.exp(-(torch.cdist(u_now.double(), means.double()) ** 2) / (2 * sigma**2))  # n x P
-    return {"drift_sum": (w.T @ (u_now - u_then).double()).cpu().numpy(), "drift_weight": w.sum(0).cpu().numpy()}
+    return DriftReport(classes, (w.T @ (u_now - u_then).double()).cpu().numpy(), w.sum(0).cpu().numpy())
 
 
 def compensated(base: np.ndarray, sums: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -27,10 +27,13 @@ import numpy as np
 import torch
 
 from fedame.grouped import pad_runs, padded_slots, unpad_runs
+from fedame.payload import FeaturePrompts, FeatureReport
+
+REPORT_KEYS = ("count", "sum", "factor", "rest")  # a report's per-class parts, as the merge reads them
 
 
-def client_report(x: torch.Tensor, y_pos: torch.Tensor, n_classes: int, rank: int) -> dict[str, np.ndarray]:
-    """For each class the client holds (`fp_pos`: positions among the `n_classes` seen ones;
+def client_report(x: torch.Tensor, y_pos: torch.Tensor, n_classes: int, rank: int) -> FeatureReport:
+    """For each class the client holds (`pos`: positions among the `n_classes` seen ones;
     the others are not sent): count, sum, `rank` x d factor F with F^T F ~= centred scatter,
     and the energy F leaves out."""
     d = x.shape[1]
@@ -49,13 +52,9 @@ def client_report(x: torch.Tensor, y_pos: torch.Tensor, n_classes: int, rank: in
         k = min(rank, len(s))
         factors[i, :k] = s[:k, None] * vh[:k]
         rest[i] = (s[k:] ** 2).sum()
-    return {
-        "fp_pos": held.cpu().numpy(),
-        "fp_count": counts[held].cpu().numpy(),
-        "fp_sum": sums.cpu().numpy(),
-        "fp_factor": factors.float().cpu().numpy(),
-        "fp_rest": rest.cpu().numpy(),
-    }
+    return FeatureReport(
+        held.cpu().numpy(), counts[held].cpu().numpy(), sums.cpu().numpy(), factors.float().cpu().numpy(), rest.cpu().numpy()
+    )
 
 
 def scatter_rows(pos: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
@@ -64,6 +63,11 @@ def scatter_rows(pos: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
     dense = np.zeros((n, *rows.shape[1:]), dtype=rows.dtype)
     dense[pos] = rows
     return dense
+
+
+def dense_report(report: FeatureReport, n: int) -> dict[str, np.ndarray]:
+    """A client's report as dense per-class arrays over the `n` seen classes (`REPORT_KEYS`)."""
+    return {k: scatter_rows(report.pos, getattr(report, k), n) for k in REPORT_KEYS}
 
 
 def merge_class(
@@ -115,18 +119,18 @@ class FeaturePromptBank:
         dof = max(n - 1.0, 1.0)
         d = self.mean[c].shape[0]
         return {
-            "fp_count": np.float64(n),
-            "fp_sum": n * self.mean[c],
-            "fp_factor": np.sqrt(dof) * self.factor[c].T,
-            "fp_rest": np.float64(self.iso[c] * dof * d),
+            "count": np.float64(n),
+            "sum": n * self.mean[c],
+            "factor": np.sqrt(dof) * self.factor[c].T,
+            "rest": np.float64(self.iso[c] * dof * d),
         }
 
     def update(self, classes: np.ndarray, reports: list[dict[str, np.ndarray]]) -> None:
         """Rebuild the prompts of `classes` (positions in the reports) from every client's report
         of this task, and the class's settled prompt from earlier tasks if it has one."""
-        stack = {k: np.stack([r[k] for r in reports]) for k in ("fp_count", "fp_sum", "fp_factor", "fp_rest")}
+        stack = {k: np.stack([r[k] for r in reports]) for k in REPORT_KEYS}
         for i, c in enumerate(classes):
-            have = stack["fp_count"][:, i] > 0
+            have = stack["count"][:, i] > 0
             if not have.any():
                 continue
             parts = {k: v[have, i] for k, v in stack.items()}
@@ -134,18 +138,19 @@ class FeaturePromptBank:
                 if int(c) not in self.settled:  # before this task's first rebuild overwrites it
                     self.settled[int(c)] = self.as_report(int(c))
                 parts = {k: np.concatenate([v, np.asarray(self.settled[int(c)][k], dtype=v.dtype)[None]]) for k, v in parts.items()}
-            mean, factor, iso = merge_class(parts["fp_count"], parts["fp_sum"], parts["fp_factor"], parts["fp_rest"], self.rank)
+            mean, factor, iso = merge_class(parts["count"], parts["sum"], parts["factor"], parts["rest"], self.rank)
             self.mean[int(c)], self.factor[int(c)], self.iso[int(c)] = mean, factor, iso
-            self.count[int(c)] = float(parts["fp_count"].sum())
+            self.count[int(c)] = float(parts["count"].sum())
 
-    def arrays(self, classes: list[int], dim: int) -> dict[str, np.ndarray]:
+    def prompts(self, classes: list[int], dim: int) -> FeaturePrompts:
+        """The prompts of those of `classes` that have one, in their order."""
         have = [c for c in classes if c in self.mean]
-        return {
-            "fp_classes": np.asarray(have, dtype=np.int64),
-            "fp_mu": np.stack([self.mean[c] for c in have]).astype(np.float32) if have else np.zeros((0, dim), np.float32),
-            "fp_L": np.stack([self.factor[c] for c in have]).astype(np.float32) if have else np.zeros((0, dim, self.rank), np.float32),
-            "fp_sd": np.sqrt(np.asarray([self.iso[c] for c in have], dtype=np.float32)),
-        }
+        return FeaturePrompts(
+            np.asarray(have, dtype=np.int64),
+            np.stack([self.mean[c] for c in have]).astype(np.float32) if have else np.zeros((0, dim), np.float32),
+            np.stack([self.factor[c] for c in have]).astype(np.float32) if have else np.zeros((0, dim, self.rank), np.float32),
+            np.sqrt(np.asarray([self.iso[c] for c in have], dtype=np.float32)),
+        )
 
 
 def sample_features(mu: torch.Tensor, L: torch.Tensor, sd: torch.Tensor, which: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

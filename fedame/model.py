@@ -17,6 +17,7 @@ from bench.training import (
 )
 from fedame.config import FedAMEConfig
 from fedame.experts import EXPERT_KEYS, ExpertWeights, anchor_logits, mix
+from fedame.payload import ModelPart
 from fedame.router import Projector, RouterHead, route
 
 
@@ -32,14 +33,10 @@ def build_projector(cfg: FedAMEConfig, env: MethodEnv, anchor_dim: int) -> Proje
         return proj
 
 
-def load_experts(
-    arrays: dict[str, np.ndarray], ids: np.ndarray, prefix: str, device: str = "cpu", trainable: bool = False
-) -> list[dict[str, torch.Tensor]]:
-    """The weights of experts `ids` as tensors on `device` (copies: training leaves the
-    payload alone); `trainable`: leaves that require a gradient."""
-    return [
-        {k: as_tensor(np.array(arrays[f"{prefix}expert.{int(e)}.{k}"]), device).requires_grad_(trainable) for k in EXPERT_KEYS} for e in ids
-    ]
+def load_experts(weights: list[dict[str, np.ndarray]], device: str = "cpu", trainable: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Experts' weights as tensors on `device` (copies: training leaves the payload alone);
+    `trainable`: leaves that require a gradient."""
+    return [{k: as_tensor(np.array(w[k]), device).requires_grad_(trainable) for k in EXPERT_KEYS} for w in weights]
 
 
 def on_device(a: np.ndarray, device: str = "cpu") -> torch.Tensor:
@@ -95,15 +92,13 @@ def prototypes(anchors: torch.Tensor, radius: float, pos: torch.Tensor, target: 
     return anchors.index_put((pos,), F.normalize(anchors[pos] + residual, dim=-1))
 
 
-def build_moe(cfg: FedAMEConfig, a: dict[str, np.ndarray], prefix: str, class_anchors: torch.Tensor) -> AnchorMoE | None:
-    """The model part of a payload (prefix "" for the current model, "teacher." for the
-    teacher), on the device of `class_anchors`."""
-    held = a[f"{prefix}held"]
-    if len(held) == 0:
+def build_moe(cfg: FedAMEConfig, part: ModelPart, class_anchors: torch.Tensor, trainable: bool) -> AnchorMoE | None:
+    """The mixture a payload's model part describes (the current model's, trained, or the
+    teacher's), on the device of `class_anchors`; none if it holds no expert."""
+    if len(part.held) == 0:
         return None
     d, dev = class_anchors.shape[1], class_anchors.device
-    router = module_from_arrays(lambda: RouterHead(d, cfg.router_map), a, f"{prefix}router.", dev)
-    experts = load_experts(a, held, prefix, dev, trainable=prefix == "")
-    log_scale = torch.nn.Parameter(on_device(a[f"{prefix}log_scale"], dev).clone())
-    expert_anchors = on_device(a[f"{prefix}expert_anchors"], dev)
-    return AnchorMoE(cfg, router, experts, a[f"{prefix}held_pos"].tolist(), expert_anchors, class_anchors, log_scale)
+    router = module_from_arrays(lambda: RouterHead(d, cfg.router_map), part.router, "", dev)
+    experts = load_experts([part.experts[int(e)] for e in part.held], dev, trainable)
+    log_scale = torch.nn.Parameter(on_device(part.log_scale, dev).clone())
+    return AnchorMoE(cfg, router, experts, part.held_pos.tolist(), on_device(part.expert_anchors, dev), class_anchors, log_scale)

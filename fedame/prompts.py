@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedame.payload import AnchorPrompts
+
 MIN_VAR = 1e-5
 VAR_FLOOR = 0.1  # per-dimension variance floor, as a fraction of a unit vector's mean 1/d: keeps the
 # Mahalanobis regulariser bounded when a class has few samples or collapsed features
@@ -53,14 +55,15 @@ class PromptBank:
         """Set class c's mean (its variance kept), the residual clipped to the radius again."""
         self.residual[c] = clip_residual(mean - self.anchors[c], self.radius)
 
-    def arrays(self, classes: list[int]) -> dict[str, np.ndarray]:
+    def prompts(self, classes: list[int]) -> AnchorPrompts:
+        """The prompts of those of `classes` that have one, in their order."""
         have = [c for c in classes if c in self.residual]
         d = self.anchors.shape[1]
-        return {
-            "prompt_classes": np.asarray(have, dtype=np.int64),
-            "prompt_mu": np.stack([self.mean(c) for c in have]).astype(np.float32) if have else np.zeros((0, d), np.float32),
-            "prompt_var": np.stack([self.var[c] for c in have]) if have else np.zeros((0, d), np.float32),
-        }
+        return AnchorPrompts(
+            np.asarray(have, dtype=np.int64),
+            np.stack([self.mean(c) for c in have]).astype(np.float32) if have else np.zeros((0, d), np.float32),
+            np.stack([self.var[c] for c in have]) if have else np.zeros((0, d), np.float32),
+        )
 
 
 def class_statistics(u: torch.Tensor, y_pos: torch.Tensor, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

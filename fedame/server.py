@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,22 @@ from fedame.anchors import AnchorError, anchors_input, class_anchors, cluster_an
 from fedame.client import FedAMEClient
 from fedame.config import FedAMEConfig
 from fedame.drift import compensated
-from fedame.feature_prompts import FeaturePromptBank, scatter_rows
+from fedame.feature_prompts import FeaturePromptBank, dense_report, scatter_rows
 from fedame.gaussian import mahalanobis
 from fedame.llm import Decision, DecisionMaker, LLMRequiredError, ask_clusters
 from fedame.model import AnchorMoE, build_projector, load_experts, on_device, prototypes
+from fedame.payload import (
+    AnchorPrompts,
+    Downlink,
+    DriftReport,
+    FeaturePrompts,
+    ModelPart,
+    Uplink,
+    expert_keys,
+    expert_prefix,
+    shared_keys,
+    split_shared,
+)
 from fedame.pool import ExpertPool
 from fedame.prompts import PromptBank
 from fedame.router import RouterHead
@@ -128,14 +141,13 @@ class FedAME(Server):
         self.log_scale = np.array(np.log(cfg.init_scale), dtype=np.float32)
         self.prompts = PromptBank(self.anchors, cfg.max_residual_norm)
         self.feature_prompts = FeaturePromptBank(cfg.prompt_rank)
-        self.feature_reports: dict[int, dict[str, np.ndarray]] = {}  # this task's, per client
+        self.feature_reports: dict[int, dict[str, np.ndarray]] = {}  # this task's, per client, dense over `seen`
         self.seen: list[int] = []
         self.old: list[int] = []
-        self.teacher: dict[str, np.ndarray] = {}
+        self.teacher: ModelPart | None = None  # the previous task's model, every expert held
         self.prompt_base: dict[int, np.ndarray] = {}
-        self._teacher_experts: dict[str, np.ndarray] = {}
         self.client_classes: dict[int, tuple[int, ...]] = {}
-        self._shared: dict[str, np.ndarray] | None = None
+        self._shared: Downlink | None = None
 
     def _clusters(self, names: list[str]) -> list[int] | None:
         c = self.config.clusters
@@ -202,28 +214,42 @@ class FedAME(Server):
         after = self.config.freeze_projector_after
         return after is not None and self.task > after
 
-    def _shared_arrays(self) -> dict[str, np.ndarray]:
-        """What every client receives this round (built once per round, shared by reference)."""
+    def _model_part(self, copy: bool = False) -> ModelPart:
+        """The current model with every alive expert (`copy`: a snapshot the pool's training
+        does not change)."""
+        alive = self.pool.alive
+        experts = {e: {k: v.copy() for k, v in self.pool.params[e].items()} if copy else self.pool.params[e] for e in alive}
+        return ModelPart(
+            proj=module_arrays(self.proj),
+            router=module_arrays(self.router),
+            log_scale=np.array(self.log_scale, copy=True) if copy else self.log_scale,
+            all_experts=np.asarray(alive, dtype=np.int64),
+            expert_anchors=self.pool.expert_anchors(alive),
+            held=np.asarray(alive, dtype=np.int64),
+            held_pos=np.arange(len(alive), dtype=np.int64),
+            experts=experts,
+        )
+
+    def _round_payload(self) -> Downlink:
+        """What every client receives this round, every expert included (built once per round;
+        its arrays are shared by reference among the clients' payloads)."""
         if self._shared is None:
-            seen = np.asarray(self.seen, dtype=np.int64)
             pos = {c: i for i, c in enumerate(self.seen)}
-            alive = self.pool.alive
-            where = {e: i for i, e in enumerate(alive)}
-            self._shared = {
-                **module_arrays(self.proj, "proj."),
-                "proj_frozen": np.array(self.projector_frozen),
-                **module_arrays(self.router, "router."),
-                "log_scale": self.log_scale,
-                "seen": seen,
-                "class_anchors": self.anchors[seen],
-                "old_pos": np.asarray([pos[c] for c in self.old], dtype=np.int64),
-                "all_experts": np.asarray(alive, dtype=np.int64),
-                "expert_anchors": self.pool.expert_anchors(alive),
-                "owner_pos": np.asarray([where[self.pool.owner[c]] for c in self.seen], dtype=np.int64),
-                **self.prompts.arrays(self.seen),
-                **(self.feature_prompts.arrays(self.seen, self.env.feature_dim) if self.config.prompt_space == "feature" else {}),
-                **self.teacher,
-            }
+            model = self._model_part()
+            where = {int(e): i for i, e in enumerate(model.all_experts)}
+            feature = self.config.prompt_space == "feature"
+            self._shared = Downlink(
+                model=model,
+                proj_frozen=self.projector_frozen,
+                seen=np.asarray(self.seen, dtype=np.int64),
+                class_anchors=self.anchors[self.seen],
+                old_pos=np.asarray([pos[c] for c in self.old], dtype=np.int64),
+                owner_pos=np.asarray([where[self.pool.owner[c]] for c in self.seen], dtype=np.int64),
+                prompts=self.prompts.prompts(self.seen),
+                feature_prompts=self.feature_prompts.prompts(self.seen, self.env.feature_dim) if feature else None,
+                want_feature_stats=False,
+                teacher=self.teacher,
+            )
         return self._shared
 
     def held_experts(self, client_id: int) -> list[int]:
@@ -233,47 +259,42 @@ class FedAME(Server):
 
     def payload_for(self, client_id: int) -> Message:
         held = self.held_experts(client_id)
-        arrays = dict(self._shared_arrays())
-        where = {e: i for i, e in enumerate(self.pool.alive)}
-        arrays["held"] = np.asarray(held, dtype=np.int64)
-        # features are frozen: one report per client per task describes its data for good
-        arrays["want_feature_stats"] = np.array(self.config.prompt_space == "feature" and client_id not in self.feature_reports)
-        arrays["held_pos"] = np.asarray([where[e] for e in held], dtype=np.int64)
-        for e in held:
-            arrays.update({f"expert.{e}.{k}": v for k, v in self.pool.params[e].items()})
-        if self.teacher:
-            t_alive = [int(e) for e in self.teacher["teacher.all_experts"]]
-            t_where = {e: i for i, e in enumerate(t_alive)}
-            t_held = [e for e in held if e in t_where]
-            arrays["teacher.held"] = np.asarray(t_held, dtype=np.int64)
-            arrays["teacher.held_pos"] = np.asarray([t_where[e] for e in t_held], dtype=np.int64)
-            arrays.update({k: v for k, v in self._teacher_experts.items() if int(k.split(".")[2]) in t_held})
-        return Message(arrays)
+        common = self._round_payload()
+        teacher = common.teacher
+        if teacher is not None:
+            teacher = teacher.holding([e for e in held if e in set(teacher.all_experts.tolist())])
+        down = replace(
+            common,
+            model=common.model.holding(held),
+            # features are frozen: one report per client per task describes its data for good
+            want_feature_stats=self.config.prompt_space == "feature" and client_id not in self.feature_reports,
+            teacher=teacher,
+        )
+        return Message(down.encode())
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
-        keys = [k for k in updates[0].arrays if k.startswith(("proj.", "router."))] + ["log_scale"]
-        shared = self.combine(updates, keys, reference=self._shared_arrays())  # what this round's clients started from
+        ups = [Uplink.decode(u.arrays) for u in updates]
+        shared = self.combine(updates, shared_keys(updates[0].arrays), reference=self._round_payload().encode())
+        proj, router, self.log_scale = split_shared(shared)
         if not self.projector_frozen:
-            load_module_arrays(self.proj, shared, "proj.")
-        load_module_arrays(self.router, shared, "router.")
-        self.log_scale = shared["log_scale"]
+            load_module_arrays(self.proj, proj)
+        load_module_arrays(self.router, router)
         for e in self.pool.alive:  # per expert, weighted by the samples that trained it
-            carriers = [u for u in updates if f"expert.{e}.fc1.weight" in u.arrays]
+            carriers = [u for u, up in zip(updates, ups) if e in up.experts]
             weights = [max(u.meta["expert_samples"].get(e, 0), 0) for u in carriers]
             if not carriers or sum(weights) == 0:
                 continue
-            keys = [k for k in carriers[0].arrays if k.startswith(f"expert.{e}.")]
-            avg = self.combine(carriers, keys, weights, reference={f"expert.{e}.{k}": v for k, v in self.pool.params[e].items()})
-            self.pool.params[e] = {k.removeprefix(f"expert.{e}."): v for k, v in avg.items()}
+            prefix = expert_prefix(e)
+            reference = {prefix + k: v for k, v in self.pool.params[e].items()}
+            avg = self.combine(carriers, expert_keys(carriers[0].arrays, e), weights, reference=reference)
+            self.pool.params[e] = {k.removeprefix(prefix): v for k, v in avg.items()}
         n = len(self.seen)
-        stats = [sum(scatter_rows(u.arrays["stat_pos"], u.arrays[k], n) for u in updates) for k in ("stat_count", "stat_sum", "stat_sumsq")]
+        stats = [sum(scatter_rows(up.stats.pos, getattr(up.stats, k), n) for up in ups) for k in ("count", "sum", "sumsq")]
         self.prompts.update(np.asarray(self.seen), *stats)
-        self._compensate_drift(updates)
-        fresh = [u for u in updates if "fp_count" in u.arrays]
-        for u in fresh:
-            self.feature_reports[int(u.meta["client_id"])] = {
-                k: scatter_rows(u.arrays["fp_pos"], v, n) for k, v in u.arrays.items() if k.startswith("fp_") and k != "fp_pos"
-            }
+        self._compensate_drift([up.drift for up in ups if up.drift is not None])
+        fresh = [(u, up.feature_report) for u, up in zip(updates, ups) if up.feature_report is not None]
+        for u, report in fresh:
+            self.feature_reports[int(u.meta["client_id"])] = dense_report(report, n)
         if fresh:  # only the classes in this task's data: other prompts were final when their task ended
             present = set().union(*self.client_classes.values())
             current = [i for i, c in enumerate(self.seen) if c in present]
@@ -281,30 +302,21 @@ class FedAME(Server):
             self.feature_prompts.update(np.asarray(self.seen)[current], reports)
         self._shared = None
 
-    def _compensate_drift(self, updates: list[ClientUpdate]) -> None:
+    def _compensate_drift(self, reports: list[DriftReport]) -> None:
         """`prompt_drift: sdc`: old classes' prompt means moved by this round's pooled drift
         estimate, from the means their task ended with (fedame/drift.py)."""
-        reports = [u.arrays for u in updates if "drift_sum" in u.arrays]
         if not reports:
             return
-        classes = reports[0]["drift_classes"]
-        sums = sum(r["drift_sum"] for r in reports)
-        weights = sum(r["drift_weight"] for r in reports)
+        classes = reports[0].classes
+        sums = sum(r.sum for r in reports)
+        weights = sum(r.weight for r in reports)
         base = np.stack([self.prompt_base[int(c)] for c in classes])
         for c, mean in zip(classes, compensated(base, sums, weights)):
             self.prompts.move_to(int(c), mean)
 
     def end_task(self) -> None:
         self.prompt_base = {c: self.prompts.mean(c).copy() for c in self.prompts.residual}  # drift is measured from here
-        alive = self.pool.alive
-        self.teacher = {
-            **{f"teacher.{k}": v for k, v in module_arrays(self.proj, "proj.").items()},
-            **{f"teacher.{k}": v for k, v in module_arrays(self.router, "router.").items()},
-            "teacher.log_scale": np.array(self.log_scale, copy=True),
-            "teacher.all_experts": np.asarray(alive, dtype=np.int64),
-            "teacher.expert_anchors": self.pool.expert_anchors(alive),
-        }
-        self._teacher_experts = {f"teacher.expert.{e}.{k}": v.copy() for e in alive for k, v in self.pool.params[e].items()}
+        self.teacher = self._model_part(copy=True)
 
     # -------------------------------------------------------------- evaluation
     def predict(self, x: np.ndarray, mixture: bool = True, gaussian: bool | None = None) -> np.ndarray:
@@ -315,11 +327,10 @@ class FedAME(Server):
         parts = []
         if mixture:
             alive = self.pool.alive
-            arrays = {f"expert.{e}.{k}": v for e in alive for k, v in self.pool.params[e].items()}
             moe = AnchorMoE(
                 self.config,
                 self.router,
-                load_experts(arrays, np.asarray(alive), ""),
+                load_experts([self.pool.params[e] for e in alive]),
                 list(range(len(alive))),
                 on_device(self.pool.expert_anchors(alive)),
                 on_device(self.anchors[self.seen]),
@@ -335,10 +346,10 @@ class FedAME(Server):
     def gaussian_scores(self, weight: float) -> Callable[[torch.Tensor], torch.Tensor]:
         """x -> (n, seen) weighted prompt log-likelihoods (-weight/2 Mahalanobis distance to each
         class's feature prompt); a class without a prompt yet gets the lowest score of the row."""
-        arrays = self.feature_prompts.arrays(self.seen, self.env.feature_dim)
+        fp = self.feature_prompts.prompts(self.seen, self.env.feature_dim)
         pos = {c: i for i, c in enumerate(self.seen)}
-        cols = torch.tensor([pos[int(c)] for c in arrays["fp_classes"]], dtype=torch.long)
-        mu, L, sd = on_device(arrays["fp_mu"]), on_device(arrays["fp_L"]), on_device(arrays["fp_sd"])
+        cols = torch.tensor([pos[int(c)] for c in fp.classes], dtype=torch.long)
+        mu, L, sd = on_device(fp.mu), on_device(fp.L), on_device(fp.sd)
 
         def score(xb: torch.Tensor) -> torch.Tensor:
             d = -0.5 * weight * mahalanobis(xb, mu, L, sd, self.config.gaussian_shrink).float()
@@ -347,23 +358,21 @@ class FedAME(Server):
 
         return score
 
-    def replay_prompts(self) -> tuple[bool, np.ndarray, dict[str, np.ndarray]]:
-        """(feature space?, classes with a prompt, their arrays): the prompts replay draws from."""
+    def replay_prompts(self) -> AnchorPrompts | FeaturePrompts:
+        """The prompts replay draws from (of the seen classes that have one)."""
         if self.config.prompt_space == "feature":
-            arrays = self.feature_prompts.arrays(self.seen, self.env.feature_dim)
-            return True, arrays["fp_classes"], arrays
-        arrays = self.prompts.arrays(self.seen)
-        return False, arrays["prompt_classes"], arrays
+            return self.feature_prompts.prompts(self.seen, self.env.feature_dim)
+        return self.prompts.prompts(self.seen)
 
     @torch.no_grad()
     def class_prototypes(self) -> torch.Tensor | None:
         if self.config.prototype_weight == 0:
             return None
-        feature, classes, arrays = self.replay_prompts()
+        prompts = self.replay_prompts()
         pos = {c: i for i, c in enumerate(self.seen)}
-        where = torch.tensor([pos[int(c)] for c in classes], dtype=torch.long)
-        means = on_device(arrays["fp_mu" if feature else "prompt_mu"])
-        target = self.proj(means) if feature else F.normalize(means, dim=-1)
+        where = torch.tensor([pos[int(c)] for c in prompts.classes], dtype=torch.long)
+        means = on_device(prompts.mu)
+        target = self.proj(means) if isinstance(prompts, FeaturePrompts) else F.normalize(means, dim=-1)
         return prototypes(on_device(self.anchors[self.seen]), self.config.max_residual_norm, where, target)
 
     def stats(self) -> dict[str, float]:

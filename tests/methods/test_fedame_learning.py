@@ -114,7 +114,11 @@ def test_a_class_that_comes_back_merges_its_new_data_with_its_settled_prompt():
     """A class reported again in a later task (a new domain of it) gets the prompt of all its
     data, as if every sample had been reported at once, however many rounds its reports take;
     one reported once keeps its prompt."""
-    from fedame.feature_prompts import FeaturePromptBank, client_report
+    from fedame.feature_prompts import FeaturePromptBank, dense_report
+    from fedame.feature_prompts import client_report as report_of
+
+    def client_report(x: torch.Tensor, y: torch.Tensor, n: int, rank: int) -> dict[str, np.ndarray]:
+        return dense_report(report_of(x, y, n, rank), n)
 
     g = np.random.default_rng(0)
     d, rank = 6, 6  # rank >= d: the merge is exact, nothing is truncated
@@ -263,3 +267,24 @@ def test_fedame_batch_size_is_its_own_minibatch(monkeypatch):
     sizes.clear()
     run(batch_size=None)  # null: the training section's (16 in this test's environment)
     assert set(sizes) == {16}
+
+
+def test_the_codec_round_trips_every_payload_and_update_without_copying(with_replay):
+    """Decoding then encoding a real payload (teacher, experts held, feature prompts) or update
+    gives back every key and the very same array objects: both sides read and write through
+    fedame/payload.py, and nothing on the wire is spelt outside it."""
+    from fedame.payload import Downlink, Uplink
+
+    _, server, updates = with_replay
+    sent = server.payload_for(0).arrays
+    down = Downlink.decode(sent)
+    assert down.teacher is not None and down.feature_prompts is not None and len(down.model.held) > 0
+    again = down.encode()
+    assert list(again) and set(again) == set(sent)
+    assert all(again[k] is sent[k] for k in sent if k not in ("proj_frozen", "want_feature_stats"))
+    for u in updates:
+        up = Uplink.decode(u.arrays)
+        assert set(up.experts) == set(u.meta["expert_samples"])
+        assert set(up.encode()) == set(u.arrays) and all(up.encode()[k] is v for k, v in u.arrays.items())
+    assert any(Uplink.decode(u.arrays).feature_report is not None for u in updates)
+    assert any(Uplink.decode(u.arrays).feature_report is None for u in updates)
