@@ -144,17 +144,20 @@ def _print_counts(cfg, specs, alphas: list[float], data_dir: str | None) -> None
 
 
 def _stage_sizes(cfg, ds, what: str) -> Table:
-    """`--dry-run` for any track: per stage, the clients and their training samples (min,
-    median, max), and the track's own description of the scenario."""
+    """`--dry-run` for any track: per stage, the clients holding data, those its rounds train
+    and those joining at its end, their training samples (total, min, median, max), and the
+    track's own description of the scenario."""
     from bench.tracks import get_track
 
     track = get_track(cfg.track)(cfg, ds, ds.test_x)
     table = Table(title=f"{cfg.track}: {json.dumps(track.describe())}, {what}")
-    for col in ("stage", "clients", "samples", "min", "median", "max"):
+    for col in ("stage", "clients", "training", "joining", "samples", "min", "median", "max"):
         table.add_column(col, justify="right")
     for t in range(track.num_stages):
         sizes = np.array([len(ix) for ix in track.stage(t).client_indices])
-        table.add_row(str(t), str(len(sizes)), str(sizes.sum()), str(sizes.min()), f"{np.median(sizes):g}", str(sizes.max()))
+        training = track.participants(t)
+        counts = (len(sizes), len(sizes) if training is None else len(training), len(track.joiners(t)))
+        table.add_row(str(t), *map(str, counts), str(sizes.sum()), str(sizes.min()), f"{np.median(sizes):g}", str(sizes.max()))
     return table
 
 

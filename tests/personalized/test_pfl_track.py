@@ -118,3 +118,22 @@ def test_report_and_plot_read_a_personalised_sweep_with_an_attacker(tmp_path):
     for name in ("pfl_client_spread", "pfl_retrogress", "pfl_attention_matrix", "pfl_attention_attacker"):
         assert (tmp_path / "fig" / f"{name}.png").exists(), name
     assert not (tmp_path / "fig" / "forgetting.png").exists()
+
+
+def test_dry_run_prints_the_personalised_scenario_through_the_track_seam(tmp_path):
+    """`run --dry-run` on the personalised track prints its one stage: 5 clients hold data, 4
+    train and the new one joins at the end; with the track's own description. It trains
+    nothing and writes nothing."""
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from tests.personalized.conftest import BASE
+
+    out = tmp_path / "r"
+    args = ["run", "-c", "smoke", "--methods", "local_only", "--dry-run", "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, *(a for s in BASE for a in ("--set", s))], terminal_width=400)
+    assert res.exit_code == 0, res.output
+    assert "personalized" in res.output and '"new_clients": 1' in res.output
+    row = next(line for line in res.output.splitlines() if line.strip("│ ").startswith("0 "))
+    assert [c.strip() for c in row.split("│")[1:5]] == ["0", "5", "4", "1"], row
+    assert not out.exists()
