@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ def harness_round(method: str, rounds: int, data_dir: str) -> float:
     cfg = load_config("ml100k", [f"data.root={data_dir}", f"training.rounds={rounds}", "eval.every=0", "runtime.torch_threads=1"])
     ds = load_dataset(cfg.data, data_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        out = execute_run(RunSpec(method, cfg), ds, FeatureStore(ds, cfg.backbone, tmp), LocalExecutor(cfg.runtime), tmp)
+        out = execute_run(RunSpec(method, cfg), ds, FeatureStore(ds, cfg.backbone, Path(tmp)), LocalExecutor(cfg.runtime), tmp)
     walls = [r["wall_seconds"] for r in out.tables["rounds"] if r["acc_seen"] is None]
     return float(np.mean(walls[1:]))  # the first round pays one-time costs (the text features' load)
 
