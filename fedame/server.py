@@ -262,7 +262,8 @@ class FedAME(Server):
         common = self._round_payload()
         teacher = common.teacher
         if teacher is not None:
-            teacher = teacher.holding([e for e in held if e in set(teacher.all_experts.tolist())])
+            known = set(teacher.all_experts.tolist())
+            teacher = teacher.holding([e for e in held if e in known])
         down = replace(
             common,
             model=common.model.holding(held),
