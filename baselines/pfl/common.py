@@ -6,7 +6,9 @@ shared by the client and the server's evaluation, so both use the same code:
 
 * `received(global, kept)`: the personal model right after the client takes the server's
   model (FedAvg: the global model; FedPer: the global base with its own head; Ditto: its own
-  personal model, untouched);
+  personal model, untouched); `arriving(global, kept)`, the server's model as it lands on
+  the client (the received model, or for a method that keeps a second model beside the
+  personal one, that second model: Ditto's global, DET's deputy);
 * `train_round(global, kept, x, y, ctx)`: what the client trains and what it sends;
 * `deploys_global` (server): whether a client predicts with the global model (FedAvg) or
   with its personal model (everything personalised).
@@ -66,6 +68,12 @@ class PFLClient(Client):
             return {k: glob[k] for k in self.keys}
         own = personal_of(kept)
         return {k: own[k] if self.keeps(k) else glob[k] for k in self.keys}
+
+    def arriving(self, glob: State, kept: State | None) -> State:
+        """The model the server's message becomes on the client before any training: the
+        received model, unless the method keeps its personal model and gives the server's to a
+        second one (overridden there)."""
+        return self.received(glob, kept)
 
     def model(self, state: State, device: str) -> SplitNet:
         return net(self.config, self.env, state, device)
@@ -160,6 +168,8 @@ class PFLServer(Server):
             return personal_of(kept)
         if view == "received":
             return self.client.received(glob, kept)
+        if view == "arriving":
+            return self.client.arriving(glob, kept)
         if kept is None or self.deploys_global:
             return self.client.received(glob, None)
         return personal_of(kept)

@@ -31,6 +31,10 @@ class PairClient(PFLClient):
     def keeps(self, key: str) -> bool:
         return True
 
+    def arriving(self, glob: State, kept: State | None) -> State:
+        """The shared model as the server sends it (PFA-DET merges it with P first)."""
+        return {k: glob[k] for k in self.keys}
+
     def fit_pair(self, p: SplitNet, d: SplitNet, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext, tag: str, loss: PairLoss) -> float:
         params = [*p.parameters(), *d.parameters()]
         return train_epochs(params, x, y, ctx, lambda xb, yb: loss(xb, yb, p(xb), d(xb)), torch_generator(derive_seed(ctx.seed, tag)))
@@ -47,7 +51,7 @@ class FMLClient(PairClient):
 
     def train_round(self, glob: State, kept: State | None, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext) -> Trained:
         c = self.config
-        p, meme = self.model(self.received(glob, kept), ctx.device), self.model({k: glob[k] for k in self.keys}, ctx.device)
+        p, meme = self.model(self.received(glob, kept), ctx.device), self.model(self.arriving(glob, kept), ctx.device)
 
         def loss(xb: torch.Tensor, yb: torch.Tensor, lp: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
             local = c.beta * F.cross_entropy(lp, yb) + (1 - c.beta) * distillation(lp, lm.detach(), c.temperature)
@@ -108,7 +112,7 @@ class DETClient(PairClient):
 
     def train_round(self, glob: State, kept: State | None, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext) -> Trained:
         c = self.config
-        p, d = self.model(self.received(glob, kept), ctx.device), self.model({k: glob[k] for k in self.keys}, ctx.device)
+        p, d = self.model(self.received(glob, kept), ctx.device), self.model(self.arriving(glob, kept), ctx.device)
         tr, va = (torch.as_tensor(i, device=x.device) for i in self.own_split(len(y), ctx))
         counts, losses = [0, 0, 0], []
 

@@ -62,15 +62,21 @@ def merged(key: str, own: np.ndarray, amp: np.ndarray, phase: np.ndarray, band: 
     return np.real(np.fft.ifftn(f, axes=axes)).astype(own.dtype).reshape(own.shape)
 
 
+def own_with_low_band(client: PFLClient, glob: State, kept: State | None) -> State:
+    """The client's own model (the initial one before it has one) with the server's averaged
+    low band in place of its own (`glob` holds the band and the spectra)."""
+    own = initial_state(client.config, client.env) if kept is None else personal_of(kept)
+    band = float(glob["band"])
+    return {k: merged(k, own[k], glob["amp." + k], glob["phase." + k], band) for k in client.keys}
+
+
 class PFAClient(PFLClient):
     config: PFAConfig
 
     def received(self, glob: State, kept: State | None) -> State:
         if "band" not in glob:  # before the first aggregation: the initial model
             return super().received(glob, kept)
-        own = initial_state(self.config, self.env) if kept is None else personal_of(kept)
-        band = float(glob["band"])
-        return {k: merged(k, own[k], glob["amp." + k], glob["phase." + k], band) for k in self.keys}
+        return own_with_low_band(self, glob, kept)
 
     def train_round(self, glob: State, kept: State | None, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext) -> Trained:
         tr = super().train_round(glob, kept, x, y, ctx)

@@ -124,8 +124,11 @@ class DittoClient(PFLClient):
     def keeps(self, key: str) -> bool:
         return True
 
+    def arriving(self, glob: State, kept: State | None) -> State:
+        return {k: glob[k] for k in self.keys}
+
     def train_round(self, glob: State, kept: State | None, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext) -> Trained:
-        w = self.model({k: glob[k] for k in self.keys}, ctx.device)
+        w = self.model(self.arriving(glob, kept), ctx.device)
         loss = self.fit(list(w.parameters()), w, x, y, ctx, "global")
         v = self.model(self.received(glob, kept), ctx.device)
         self.fit(list(v.parameters()), v, x, y, ctx, "personal", proximal(glob, v, self.config.lam, ctx.device))

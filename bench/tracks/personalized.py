@@ -18,13 +18,18 @@ request holds `clients` (one client id), `x` (that client's inputs) and `view`:
 
 * "deployed": the model the client predicts with after its latest training;
 * "local": the model the client ended its latest local training with;
-* "received": the model it holds right after taking the server's current model, before training.
+* "received": the model it holds right after taking the server's current model, before training;
+* "arriving": the server's model as it lands on the client before training: the received model,
+  or, for a method that keeps its personal model and gives the server's to a second one (Ditto's
+  global, DET's deputy, FML's meme), that second model.
 
 The answer is logits (N x classes). **Retrogress** at an evaluation is the mean, over the
 clients that have trained, of validation accuracy of "local" minus that of "received": how
 much a client loses by taking the server's model. The server's model at an evaluation is
 what the next round sends, so with every client taking part each round this is exactly the
-drop at the moment of receiving it.
+drop at the moment of receiving it. A method that never overwrites its personal model has zero
+retrogress by construction; **shared retrogress** (local minus "arriving") is the drop of the
+model that does take the server's, the one such a method must repair (DET's Recover phase).
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from bench.data.partitions import partition
 from bench.seeds import derive_seed
 from bench.tracks.base import Stage, Track, register_track
 
-VIEWS = ("deployed", "local", "received")
+VIEWS = ("deployed", "local", "received", "arriving")
+VAL_VIEWS = ("val_local", "val_received", "val_arriving")
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,7 @@ class Personalized(Track):
                 ("val_acc", pa.float64()),
                 ("val_local", pa.float64()),
                 ("val_received", pa.float64()),
+                ("val_arriving", pa.float64()),
             ]
         )
     }
@@ -152,6 +159,7 @@ class Personalized(Track):
         ("val_round", pa.int64()),
         ("val_acc", pa.float64()),  # mean validation accuracy at the last round
         ("retrogress", pa.float64()),  # mean over evaluations of mean(val local - val received)
+        ("retrogress_shared", pa.float64()),  # the same with the arriving model in place of the received one
         ("new_acc", pa.float64()),  # new clients after local fine-tuning: mean test accuracy
     )
     metric_labels = {
@@ -163,16 +171,18 @@ class Personalized(Track):
         "acc_worst10_at_val": ("Worst-10% at val. round (%)", True, 100, 1),
         "val_acc": ("Val. client acc. (%)", True, 100, 1),
         "retrogress": ("Retrogress (%)", False, 100, 2),
+        "retrogress_shared": ("Shared retrogress (%)", False, 100, 2),
         "new_acc": ("New-client acc. (%)", True, 100, 1),
     }
     headline = ("acc_mean", "acc_worst10", "retrogress", "new_acc")
-    report_metrics = ("acc_mean", "acc_worst10", "retrogress")
+    report_metrics = ("acc_mean", "acc_worst10", "retrogress", "retrogress_shared")
     tune_metric = "val_acc"
     own_validation = True
     note = (
         "Per-client test accuracy at the last round of each client's deployed model (mean over clients that trained, "
         "and the mean of the worst 10%). Retrogress: mean over evaluations of a client's validation accuracy with the "
-        "model it ended local training with minus that right after taking the server's model. 'at val. round': at the "
+        "model it ended local training with minus that right after taking the server's model; shared retrogress: the same "
+        "for the model that takes the server's (Ditto's global, DET's deputy). 'at val. round': at the "
         "round of best mean validation accuracy."
     )
 
@@ -210,11 +220,11 @@ class Personalized(Track):
 
     def evaluate(self, server: ServerHandle, t: int, kept: dict[int, dict[str, np.ndarray]]) -> tuple[float, dict[str, np.ndarray]]:
         """Per client: test and validation accuracy of the deployed model, validation accuracy
-        of the local and received models (clients that have trained); new clients once joined."""
+        of the local, received and arriving models (clients that have trained); new clients once joined."""
         if self.train_x is None:
             raise RuntimeError("the personalized track evaluates on the clients' validation data: set its train_x")
         n = self.cfg.scenario.num_clients
-        out = {name: np.full(n, np.nan) for name in ("test_acc", "val_acc", "val_local", "val_received")}
+        out = {name: np.full(n, np.nan) for name in ("test_acc", "val_acc", *VAL_VIEWS)}
         for k in range(n):
             if k in self.new and k not in kept:
                 continue  # not joined yet
@@ -226,8 +236,8 @@ class Personalized(Track):
             if self.with_test:
                 out["test_acc"][k] = accuracy(logits[len(vi) :], self.ds.test_y[ti])
             if k in kept:
-                out["val_local"][k] = accuracy(self._score(server, k, val_x, "local", kept[k]), val_y)
-                out["val_received"][k] = accuracy(self._score(server, k, val_x, "received", kept[k]), val_y)
+                for name in VAL_VIEWS:
+                    out[name][k] = accuracy(self._score(server, k, val_x, name.removeprefix("val_"), kept[k]), val_y)
         trained = np.array(self.training_clients)
         return float(np.nanmean(out["val_acc"][trained])), out
 
@@ -254,8 +264,12 @@ class Personalized(Track):
         evals, trained = record.evaluations, self.training_clients
         last = evals[-1]
         best = max(evals, key=lambda e: np.nanmean(e["val_acc"][trained]))  # the first of equals: the earliest round
-        drops = [e["val_local"][trained] - e["val_received"][trained] for e in evals]
-        drops = [float(np.nanmean(d)) for d in drops if np.isfinite(d).any()]
+
+        def mean_drop(view: str) -> float | None:
+            drops = [e["val_local"][trained] - e[view][trained] for e in evals]
+            drops = [float(np.nanmean(d)) for d in drops if np.isfinite(d).any()]
+            return float(np.mean(drops)) if drops else None
+
         at_val = self._test_figures(best)
         new_acc = last["test_acc"][self.new] if self.new else np.array([])
         return {
@@ -264,7 +278,8 @@ class Personalized(Track):
             "acc_worst10_at_val": at_val["acc_worst10"],
             "val_round": best["round"],
             "val_acc": float(np.nanmean(last["val_acc"][trained])),
-            "retrogress": float(np.mean(drops)) if drops else None,
+            "retrogress": mean_drop("val_received"),
+            "retrogress_shared": mean_drop("val_arriving"),
             "new_acc": float(np.nanmean(new_acc)) if self.with_test and np.isfinite(new_acc).any() else None,
         }
 
@@ -280,7 +295,7 @@ class Personalized(Track):
                     "new": k in self.new,
                     "train_samples": len(self.splits.train[k]),
                     "test_samples": len(self.splits.test[k]),
-                    **{name: num(e[name][k]) for name in ("test_acc", "val_acc", "val_local", "val_received")},
+                    **{name: num(e[name][k]) for name in ("test_acc", "val_acc", *VAL_VIEWS)},
                 }
                 for e in record.evaluations
                 for k in range(self.cfg.scenario.num_clients)

@@ -31,6 +31,7 @@ def test_the_track_has_its_methods():
         "ditto",
         "pfa",
         "det",
+        "pfa_det",
         "cpa",
         "fml",
         "fedproto",
@@ -51,7 +52,8 @@ def test_runs_end_to_end_with_its_client_table(method, pfl_data):
     s = out.summary
     assert s["run_id"] == spec.run_id
     assert all(
-        math.isfinite(s[m]) for m in ("acc_mean", "acc_weighted", "acc_worst10", "acc_mean_at_val", "val_acc", "retrogress", "new_acc")
+        math.isfinite(s[m])
+        for m in ("acc_mean", "acc_weighted", "acc_worst10", "acc_mean_at_val", "val_acc", "retrogress", "retrogress_shared", "new_acc")
     )
     assert s["acc_worst10"] <= s["acc_mean"]
     aggregated = {int(k) for r in out.tables["rounds"] if r["agg_shares"] for k in json.loads(r["agg_shares"])}

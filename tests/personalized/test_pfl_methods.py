@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from baselines.pfl.common import personal_of
 from baselines.pfl.model import initial_state
 from baselines.pfl.mutual import DETConfig
-from baselines.pfl.pfa import merged, spectrum
+from baselines.pfl.pfa import low_band, merged, spectrum
 from bench.api import get_method
 from bench.runner import RunLoop
 from bench.tracks.personalized import Personalized
@@ -89,6 +89,26 @@ def test_pfa_with_the_whole_band_gives_every_client_one_model_and_a_narrow_band_
     whole, narrow = received(1.0), received(0.1)
     assert all(np.allclose(r, whole[0], atol=1e-5) for r in whole)
     assert not np.allclose(narrow[0], narrow[1], atol=1e-3)
+
+
+def test_pfa_dets_deputy_arrives_as_the_federations_low_band_over_the_personal_high_frequencies(pfl_data):
+    """PFA + DET: the personal model P is kept (received view); the deputy takes PFA's averaged
+    low band and P's own high frequencies, not FedAvg's global model as DET's deputy does."""
+    server, kept, out = servers_after("pfa_det", pfl_data, "methods.pfa_det.band_start=0.3", "methods.pfa_det.band_end=0.3")
+    key, glob = "base.0.weight", server.payload_for(0).arrays
+    for k in sorted(kept):
+        p, deputy = personal_of(kept[k])[key], server.view("arriving", kept[k], k)[key]
+        assert np.array_equal(server.view("received", kept[k], k)[key], p)
+        f_dep, f_p = spectrum(key, deputy), spectrum(key, p)
+        low = low_band(f_p.shape, (0, 1), 0.3)
+        assert 0 < low.sum() < low.size
+        assert np.allclose(f_dep[~low], f_p[~low], atol=1e-3)  # its own high frequencies
+        target = glob["amp." + key] * np.exp(1j * glob["phase." + key])
+        assert np.allclose(f_dep[low], target[low], atol=1e-3)  # the federation's low band
+        assert not np.allclose(deputy, p, atol=1e-3)
+    assert out.summary["retrogress"] == 0.0  # P is never overwritten
+    stats = [json.loads(r["stats"]) for r in out.tables["rounds"]]
+    assert all(abs(sum(s[f"det_{p}"] for p in ("recover", "exchange", "sublimate")) - 1) < 1e-9 for s in stats)
 
 
 def test_det_orders_its_thresholds_and_reports_its_phases(pfl_data):

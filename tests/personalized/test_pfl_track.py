@@ -79,6 +79,24 @@ def test_a_client_that_never_takes_the_servers_model_does_not_retrogress(pfl_dat
     assert sum(r["bytes_up"] for r in out.tables["rounds"]) == 0  # it sends nothing
 
 
+@pytest.mark.parametrize("method", ["ditto", "det", "fedavg_ft"])
+def test_shared_retrogress_is_the_drop_of_the_model_that_takes_the_servers(method, pfl_data):
+    """Ditto and DET keep their personal model, so their retrogress is 0 by construction; the
+    model that does take the server's (Ditto's global, DET's deputy) drops, and shared
+    retrogress measures that. For a one-model method the two figures are one."""
+    _, out = run_pfl(method, pfl_data, *FAST)
+    rows = [r for r in out.tables["clients"] if not r["new"] and r["val_arriving"] is not None]
+    per_round = {}
+    for r in rows:
+        per_round.setdefault(r["round"], []).append(r["val_local"] - r["val_arriving"])
+    s = out.summary
+    assert s["retrogress_shared"] == pytest.approx(np.mean([np.mean(v) for v in per_round.values()]))
+    if method == "fedavg_ft":
+        assert s["retrogress_shared"] == s["retrogress"] != 0.0
+    else:
+        assert s["retrogress"] == 0.0 and s["retrogress_shared"] != 0.0
+
+
 def test_the_summary_reads_the_last_round_and_the_round_chosen_on_validation(pfl_data):
     _, out = run_pfl("fedavg_pfl", pfl_data, "training.rounds=4", "eval.every=1")
     rows = [r for r in out.tables["clients"] if not r["new"]]
