@@ -20,8 +20,8 @@ request holds `clients` (one client id), `x` (that client's inputs) and `view`:
 * "local": the model the client ended its latest local training with;
 * "received": the model it holds right after taking the server's current model, before training;
 * "arriving": the server's model as it lands on the client before training: the received model,
-  or, for a method that keeps its personal model and gives the server's to a second one (Ditto's
-  global, DET's deputy, FML's meme), that second model.
+  or, for a method that keeps its personal model and gives the server's to a second one (a
+  global model kept beside the personal one, a deputy), that second model.
 
 The answer is logits (N x classes). **Retrogress** at an evaluation is the mean, over the
 clients that have trained, of validation accuracy of "local" minus that of "received": how
@@ -29,7 +29,7 @@ much a client loses by taking the server's model. The server's model at an evalu
 what the next round sends, so with every client taking part each round this is exactly the
 drop at the moment of receiving it. A method that never overwrites its personal model has zero
 retrogress by construction; **shared retrogress** (local minus "arriving") is the drop of the
-model that does take the server's, the one such a method must repair (DET's Recover phase).
+model that does take the server's, the drop such a method must repair in its second model.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ class Personalized(Track):
         "Per-client test accuracy at the last round of each client's deployed model (mean over clients that trained, "
         "and the mean of the worst 10%). Retrogress: mean over evaluations of a client's validation accuracy with the "
         "model it ended local training with minus that right after taking the server's model; shared retrogress: the same "
-        "for the model that takes the server's (Ditto's global, DET's deputy). 'at val. round': at the "
+        "for the second model that takes the server's, where a method keeps two. 'at val. round': at the "
         "round of best mean validation accuracy."
     )
 
