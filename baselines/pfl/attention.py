@@ -9,8 +9,9 @@ its next model is the weighted sum of their models. A client whose update points
 (a malicious one, a very different distribution) gets less weight from the others.
 
 The weights of every round are the `attention` table (round, client, peer, weight); each
-peer's mean weight over the receivers is its share in the rounds table (`agg_shares`), so
-`malicious_share` there is the attention an attacker got. The run's `aggregation.rule` does
+peer's mean weight over the other receivers (its weight on itself left out) is its share in
+the rounds table (`agg_shares`), so `malicious_share` there is the attention an attacker got
+from the others. The run's `aggregation.rule` does
 not apply: attention is this method's aggregation.
 """
 
@@ -39,6 +40,13 @@ def attention_weights(models: np.ndarray, updates: np.ndarray, temperature: floa
     logits = tokens @ tokens.T / temperature
     p = np.exp(logits - logits.max(1, keepdims=True))
     return p / p.sum(1, keepdims=True)
+
+
+def trust_from_others(A: np.ndarray) -> np.ndarray:
+    """Column j: the mean weight the other clients give client j. Self-attention is left out,
+    or a client that trusts only itself would seem trusted by the federation."""
+    n = len(A)
+    return (A.sum(0) - np.diag(A)) / (n - 1) if n > 1 else np.diag(A).copy()
 
 
 @register
@@ -76,7 +84,7 @@ class FedAMPAttention(PFLServer):
             self.personal[i] = unflat(row @ models)
         n = np.array([u.num_samples for u in updates], dtype=np.float64)
         self.glob = unflat((n / n.sum()) @ models)
-        for j, share in zip(ids, A.mean(0)):
+        for j, share in zip(ids, trust_from_others(A)):
             self._shares.setdefault(j, []).append(float(share))
         self.attention_rows += [
             {"round": self.round, "client": i, "peer": j, "weight": float(A[a, b])} for a, i in enumerate(ids) for b, j in enumerate(ids)

@@ -8,7 +8,7 @@ shared by the client and the server's evaluation, so both use the same code:
   model (FedAvg: the global model; FedPer: the global base with its own head; Ditto: its own
   personal model, untouched); `arriving(global, kept)`, the server's model as it lands on
   the client (the received model, or for a method that keeps a second model beside the
-  personal one, that second model: Ditto's global, DET's deputy);
+  personal one (`second_model`), that second model: Ditto's global, DET's deputy);
 * `train_round(global, kept, x, y, ctx)`: what the client trains and what it sends;
 * `deploys_global` (server): whether a client predicts with the global model (FedAvg) or
   with its personal model (everything personalised).
@@ -54,6 +54,9 @@ def with_epochs(ctx: TrainContext, epochs: int) -> TrainContext:
 
 class PFLClient(Client):
     config: PFLConfig
+    #: the server's model goes to a second model beside the kept personal one (Ditto's global,
+    #: DET's deputy), not into the personal model
+    second_model: ClassVar[bool] = False
 
     def __init__(self, config: PFLConfig, env: MethodEnv) -> None:
         super().__init__(config, env)
@@ -71,9 +74,8 @@ class PFLClient(Client):
 
     def arriving(self, glob: State, kept: State | None) -> State:
         """The model the server's message becomes on the client before any training: the
-        received model, unless the method keeps its personal model and gives the server's to a
-        second one (overridden there)."""
-        return self.received(glob, kept)
+        received model, or for a method with a second model, the server's model whole."""
+        return {k: glob[k] for k in self.keys} if self.second_model else self.received(glob, kept)
 
     def model(self, state: State, device: str) -> SplitNet:
         return net(self.config, self.env, state, device)

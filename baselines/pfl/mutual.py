@@ -28,12 +28,10 @@ PairLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], to
 class PairClient(PFLClient):
     """P (personal, kept) and a shared model trained side by side, one minibatch order."""
 
+    second_model = True
+
     def keeps(self, key: str) -> bool:
         return True
-
-    def arriving(self, glob: State, kept: State | None) -> State:
-        """The shared model as the server sends it (PFA-DET merges it with P first)."""
-        return {k: glob[k] for k in self.keys}
 
     def fit_pair(self, p: SplitNet, d: SplitNet, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext, tag: str, loss: PairLoss) -> float:
         params = [*p.parameters(), *d.parameters()]

@@ -121,11 +121,10 @@ class DittoConfig(PFLConfig):
 class DittoClient(PFLClient):
     config: DittoConfig
 
+    second_model = True
+
     def keeps(self, key: str) -> bool:
         return True
-
-    def arriving(self, glob: State, kept: State | None) -> State:
-        return {k: glob[k] for k in self.keys}
 
     def train_round(self, glob: State, kept: State | None, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext) -> Trained:
         w = self.model(self.arriving(glob, kept), ctx.device)

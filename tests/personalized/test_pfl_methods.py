@@ -164,6 +164,11 @@ def test_attention_trusts_a_random_attacker_least(pfl_data):
     assert len(others) and (others.weight < 1 / n).all()
     assert all(r["malicious_share"] < 1 / r["clients_used"] for r in out.tables["rounds"])
     assert np.allclose(att.groupby(["round", "client"]).weight.sum(), 1.0)
+    # the share is what the others gave it, its own weight on itself left out
+    given = others.groupby("round").weight.mean()
+    assert np.allclose([r["malicious_share"] for r in out.tables["rounds"]], given.to_numpy())
+    own = att[(att.client == bad) & (att.peer == bad)].weight
+    assert (own > 0.5).all()  # its own mix is mostly itself
 
 
 def test_fedproto_without_its_pull_is_local_training_and_sends_only_prototypes(pfl_data):
