@@ -103,9 +103,14 @@ def run(
     if tuned is None:
         specs = expand(cfg, names, alphas, seed_list)
     else:  # each method on the config with its own choice (and the slice it was chosen without)
-        from bench.tune import tuned_overrides
+        from bench.tune import replaced_choices, tuned_overrides
 
-        specs = [s for m in names for s in expand(load_config(config, [*overrides, *tuned_overrides(tuned, m)]), [m], alphas, seed_list)]
+        specs = []
+        for m in names:
+            chosen = tuned_overrides(tuned, m)
+            for line in replaced_choices(chosen, overrides):
+                console.print(f"{m}: {line}")
+            specs += expand(load_config(config, [*chosen, *overrides]), [m], alphas, seed_list)
     if dry_run:
         _print_counts(cfg, specs, alphas, data_dir)
         return

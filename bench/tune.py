@@ -222,6 +222,13 @@ def tuned_overrides(path: Path, method: str) -> list[str]:
     return [*(f"{k}={v}" for k, v in entry["set"].items()), f"data.val_fraction={entry['val_fraction']}"]
 
 
+def replaced_choices(chosen: list[str], explicit: list[str]) -> list[str]:
+    """The tuned choices the command line's --set replaces, one line each: the command line
+    wins (an ablation of a tuned method) and says so."""
+    given = {o.split("=", 1)[0].strip(): o for o in explicit}
+    return [f"--set {given[k]} replaces the tuned {o}" for o in chosen if (k := o.split("=", 1)[0].strip()) in given]
+
+
 def check_budget(trials: int, methods: list[str]) -> None:
     if trials < 1:
         raise ConfigError("--trials must be at least 1")

@@ -98,6 +98,19 @@ def test_run_tuned_gives_each_method_its_own_choice_on_the_same_training_samples
     assert res.exit_code == 2 and "no choice for fedncm" in res.output
 
 
+def test_run_tuned_lets_the_command_line_replace_a_choice_and_says_so(tuned, tmp_path):
+    chosen = yaml.safe_load((tuned / "chosen.yaml").read_text())["methods"]["fedprox"]["set"]
+    args = ["run", "-c", "smoke", "-m", "fedprox", "--tuned", str(tuned / "chosen.yaml"), "--set", "methods.fedprox.mu=0", "--dry-run"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    line = " ".join(res.output.split())
+    assert f"fedprox: --set methods.fedprox.mu=0 replaces the tuned methods.fedprox.mu={chosen['methods.fedprox.mu']}" in line
+    res = runner.invoke(app, [*args[:-1], "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(read_table(tmp_path / "a", "runs").to_pylist()[0]["config"])
+    assert cfg["methods"]["fedprox"]["mu"] == 0 and cfg["data"]["val_fraction"] == 0.1  # the rest of the tuned file applies
+
+
 def test_asha_stops_trials_early_and_chooses_among_finished_ones(tmp_path, cluster, tuned):
     out = _tune(tmp_path, cluster.address, "fedavg", 4, "asha")
     rows = pq.read_table(out / "trials" / "fedavg.parquet").to_pylist()
