@@ -17,6 +17,7 @@ not apply: attention is this method's aggregation.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -96,28 +97,39 @@ class FedAMPAttention(PFLServer):
 
     @classmethod
     def figures(cls, rounds: Any, extra: dict[str, Any]) -> dict[str, Any]:
-        """The attention matrix of a run's last round, and, for runs under attack, the
-        attention the attackers got over rounds beside what a uniform mix would give them."""
+        """The attention matrix of a run's last round, self-weights left out and colour on a log
+        scale (a client's weight on itself can be 99.9 %, which would hide who trusts whom);
+        and, for runs under attack, the attention the attackers got from the others over
+        rounds beside an honest peer's mean and a uniform mix's share, on a log scale."""
         import matplotlib.pyplot as plt
+        from matplotlib.colors import LogNorm
 
         out: dict[str, Any] = {}
         att = extra.get("attention")
         if att is not None and not att.empty:
             run = sorted(att.run_id.unique())[0]
             last = att[(att.run_id == run) & (att["round"] == att[att.run_id == run]["round"].max())]
-            M = last.pivot(index="client", columns="peer", values="weight")
-            fig, ax = plt.subplots(figsize=(4.6, 4))
-            im = ax.imshow(M.to_numpy(), cmap="viridis")
-            ax.set(xlabel="peer", ylabel="client", title=f"attention, last round ({run})")
+            M = last.pivot(index="client", columns="peer", values="weight").to_numpy().copy()
+            own = float(np.diag(M).mean())
+            np.fill_diagonal(M, np.nan)
+            fig, ax = plt.subplots(figsize=(4.8, 4))
+            positive = M[np.isfinite(M) & (M > 0)]
+            norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
+            im = ax.imshow(M, cmap="viridis", norm=norm)
+            ax.set(xlabel="peer", ylabel="client", title=f"attention on the others, last round\n(self-weight left out, its mean {own:.4f})")
+            ax.title.set_fontsize("small")
             fig.colorbar(im, ax=ax)
             out["pfl_attention_matrix"] = fig
         attacked = rounds.dropna(subset=["malicious_share"]) if "malicious_share" in rounds else rounds.iloc[:0]
         if not attacked.empty:
-            fig, ax = plt.subplots(figsize=(5, 3.6))
+            fig, ax = plt.subplots(figsize=(5, 4.4))
             for run, sel in attacked.groupby("run_id"):
-                ax.plot(sel["round"] + 1, sel.malicious_share, label=f"attacker ({run})")
+                shares = [json.loads(x) for x in sel.agg_shares]
+                honest = [(sum(sh.values()) - m) / (len(sh) - 1) for sh, m in zip(shares, sel.malicious_share)]
+                (line,) = ax.plot(sel["round"] + 1, sel.malicious_share, label=f"attacker ({run})")
+                ax.plot(sel["round"] + 1, honest, "--", color=line.get_color(), label="an honest peer (mean)")
             ax.plot(attacked["round"] + 1, 1.0 / attacked.clients_used, ":", color="0.5", label="uniform share")
-            ax.set(xlabel="round", ylabel="mean attention on the attacker", title="Attention under attack")
-            ax.legend(fontsize="x-small")
+            ax.set(xlabel="round", ylabel="mean weight from the others", title="Attention under attack", yscale="log")
+            ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.2))
             out["pfl_attention_attacker"] = fig
         return out
