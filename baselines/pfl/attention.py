@@ -100,7 +100,7 @@ class FedAMPAttention(PFLServer):
         """The attention matrix of a run's last round, self-weights left out and colour on a log
         scale (a client's weight on itself can be 99.9 %, which would hide who trusts whom);
         and, for runs under attack, the attention the attackers got from the others over
-        rounds beside an honest peer's mean and a uniform mix's share, on a log scale."""
+        rounds beside the median client's and a uniform mix's share, on a log scale."""
         import matplotlib.pyplot as plt
         from matplotlib.colors import LogNorm
 
@@ -124,10 +124,9 @@ class FedAMPAttention(PFLServer):
         if not attacked.empty:
             fig, ax = plt.subplots(figsize=(5, 4.4))
             for run, sel in attacked.groupby("run_id"):
-                shares = [json.loads(x) for x in sel.agg_shares]
-                honest = [(sum(sh.values()) - m) / (len(sh) - 1) for sh, m in zip(shares, sel.malicious_share)]
-                (line,) = ax.plot(sel["round"] + 1, sel.malicious_share, label=f"attacker ({run})")
-                ax.plot(sel["round"] + 1, honest, "--", color=line.get_color(), label="an honest peer (mean)")
+                median = [float(np.median(list(json.loads(x).values()))) for x in sel.agg_shares]
+                (line,) = ax.plot(sel["round"] + 1, sel.malicious_share, label=f"attackers, summed ({run})")
+                ax.plot(sel["round"] + 1, median, "--", color=line.get_color(), label="the median client")
             ax.plot(attacked["round"] + 1, 1.0 / attacked.clients_used, ":", color="0.5", label="uniform share")
             ax.set(xlabel="round", ylabel="mean weight from the others", title="Attention under attack", yscale="log")
             ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.2))
