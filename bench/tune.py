@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from bench.config import CONFIG_DIR, ConfigError, RuntimeConfig
+from bench.config import CONFIG_DIR, ConfigError, RuntimeConfig, parse_override
 from bench.errors import UserError
 from bench.inputs import atomic_write
 
@@ -225,8 +225,8 @@ def tuned_overrides(path: Path, method: str) -> list[str]:
 def replaced_choices(chosen: list[str], explicit: list[str]) -> list[str]:
     """The tuned choices the command line's --set replaces, one line each: the command line
     wins (an ablation of a tuned method) and says so."""
-    given = {o.split("=", 1)[0].strip(): o for o in explicit}
-    return [f"--set {given[k]} replaces the tuned {o}" for o in chosen if (k := o.split("=", 1)[0].strip()) in given]
+    given = {tuple(parse_override(o)[0]): o for o in explicit}
+    return [f"--set {given[k]} replaces the tuned {o}" for o in chosen if (k := tuple(parse_override(o)[0])) in given]
 
 
 def check_budget(trials: int, methods: list[str]) -> None:
