@@ -35,7 +35,7 @@ class APFLClient(PFLClient):
 
     def own(self, glob: State, kept: State | None) -> tuple[State, float]:
         if kept is None:
-            return {k: glob[k] for k in self.keys}, self.config.alpha
+            return self.server_model(glob), self.config.alpha
         return {k: kept[OWN + k] for k in self.keys}, float(kept["alpha"][0])
 
     def received(self, glob: State, kept: State | None) -> State:
@@ -44,7 +44,7 @@ class APFLClient(PFLClient):
 
     def train_round(self, glob: State, kept: State | None, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext) -> Trained:
         own, alpha0 = self.own(glob, kept)
-        w, v = self.model({k: glob[k] for k in self.keys}, ctx.device), self.model(own, ctx.device)
+        w, v = self.model(self.server_model(glob), ctx.device), self.model(own, ctx.device)
         alpha = torch.tensor(alpha0, device=ctx.device, requires_grad=True)
         wp, vp = dict(w.named_parameters()), dict(v.named_parameters())
 

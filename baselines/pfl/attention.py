@@ -45,9 +45,10 @@ def attention_weights(models: np.ndarray, updates: np.ndarray, temperature: floa
 
 def trust_from_others(A: np.ndarray) -> np.ndarray:
     """Column j: the mean weight the other clients give client j. Self-attention is left out,
-    or a client that trusts only itself would seem trusted by the federation."""
+    or a client that trusts only itself would seem trusted by the federation. A round with one
+    client has no others: that client is the whole aggregate, share 1."""
     n = len(A)
-    return (A.sum(0) - np.diag(A)) / (n - 1) if n > 1 else np.diag(A).copy()
+    return (A.sum(0) - np.diag(A)) / (n - 1) if n > 1 else np.ones(n)
 
 
 @register

@@ -66,16 +66,20 @@ class PFLClient(Client):
         """Whether the client keeps its own value of `key` when the server's model arrives."""
         return False
 
+    def server_model(self, glob: State) -> State:
+        """The model's own arrays out of the server's message (which may carry more beside them)."""
+        return {k: glob[k] for k in self.keys}
+
     def received(self, glob: State, kept: State | None) -> State:
         if kept is None:
-            return {k: glob[k] for k in self.keys}
+            return self.server_model(glob)
         own = personal_of(kept)
         return {k: own[k] if self.keeps(k) else glob[k] for k in self.keys}
 
     def arriving(self, glob: State, kept: State | None) -> State:
         """The model the server's message becomes on the client before any training: the
         received model, or for a method with a second model, the server's model whole."""
-        return {k: glob[k] for k in self.keys} if self.second_model else self.received(glob, kept)
+        return self.server_model(glob) if self.second_model else self.received(glob, kept)
 
     def model(self, state: State, device: str) -> SplitNet:
         return net(self.config, self.env, state, device)

@@ -45,7 +45,7 @@ class FedALAClient(PFLClient):
 
     def received(self, glob: State, kept: State | None) -> State:
         if kept is None:
-            return {k: glob[k] for k in self.keys}
+            return self.server_model(glob)
         own, top = personal_of(kept), self.top_keys()
         return {k: (own[k] + (glob[k] - own[k]) * kept[ALA + k]).astype(glob[k].dtype) if k in top else glob[k] for k in self.keys}
 
@@ -81,7 +81,7 @@ class FedALAClient(PFLClient):
     def train_round(self, glob: State, kept: State | None, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext) -> Trained:
         top = self.top_keys()
         if kept is None:
-            start, W = {k: glob[k] for k in self.keys}, {k: np.ones_like(glob[k]) for k in top}
+            start, W = self.server_model(glob), {k: np.ones_like(glob[k]) for k in top}
         else:
             learned = self.learn_weights(glob, kept, x, y, ctx)
             W = {k: w.cpu().numpy() for k, w in learned.items()}

@@ -171,7 +171,7 @@ class CPAClient(DETClient):
 
     def train_round(self, glob: State, kept: State | None, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext) -> Trained:
         tr = super().train_round(glob, kept, x, y, ctx)
-        tr.upload.update(prototype_sums(self.model({k: tr.upload[k] for k in self.keys}, ctx.device), x, y, self.env.num_classes))
+        tr.upload.update(prototype_sums(self.model(self.server_model(tr.upload), ctx.device), x, y, self.env.num_classes))
         return tr
 
 
