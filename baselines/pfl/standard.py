@@ -3,6 +3,8 @@ Local-only, FedAvg (global model), FedAvg + fine-tuning, FedProx, FedPer, FedRep
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from pydantic import Field
 
@@ -95,12 +97,24 @@ class FedRepConfig(PFLConfig):
     head_epochs: int = Field(5, ge=1)  # epochs on the head (base frozen) before the base's epochs
 
 
+def head_only(model: SplitNet) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's forward with the base outside autograd: the head's epochs train the head
+    alone, so a backward pass through the base (most of a CNN's cost) would be thrown away."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = model.base(x)
+        return model.head(features)
+
+    return forward
+
+
 class FedRepClient(HeadKeepingClient):
     config: FedRepConfig
 
     def train_round(self, glob: State, kept: State | None, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext) -> Trained:
         model = self.model(self.received(glob, kept), ctx.device)
-        self.fit(list(model.head.parameters()), model, x, y, with_epochs(ctx, self.config.head_epochs), "head")
+        self.fit(list(model.head.parameters()), head_only(model), x, y, with_epochs(ctx, self.config.head_epochs), "head")
         loss = self.fit(list(model.base.parameters()), model, x, y, ctx, "base")
         state = module_arrays(model)
         return Trained({k: v for k, v in state.items() if not self.keeps(k)}, state, loss)

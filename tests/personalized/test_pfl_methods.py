@@ -204,3 +204,29 @@ def test_fedala_takes_the_lower_layers_and_mixes_the_top_by_learned_weights(pfl_
         own = personal_of(kept[k])["head.weight"]
         assert np.allclose(received["head.weight"], own + (server.glob["head.weight"] - own) * w, atol=1e-6)
     assert any(not np.all(kept[k]["ala.head.weight"] == 1) for k in kept)  # learned, not left at their start
+
+
+def test_fedreps_head_epochs_train_the_head_without_a_backward_pass_through_the_base():
+    import torch
+
+    from baselines.pfl.model import PFLConfig, net
+    from baselines.pfl.standard import head_only
+    from bench.api import MethodEnv, TrainSettings
+
+    env = MethodEnv(
+        feature_dim=4,
+        num_classes=5,
+        class_names=tuple("abcde"),
+        dataset="x",
+        run_seed=0,
+        num_clients=2,
+        train=TrainSettings(1, 8, "sgd", 0.1, 0.0, 0.0),
+    )
+    for model_kind, x in (("cnn", torch.randint(0, 255, (3, 3, 32, 32)).float()), ("mlp", torch.randn(3, 4))):
+        cfg = PFLConfig(model=model_kind)
+        model = net(cfg, env, initial_state(cfg, env))
+        out = head_only(model)(x)
+        assert torch.equal(out, model(x))  # the same forward
+        out.sum().backward()
+        assert all(p.grad is None for p in model.base.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters())
