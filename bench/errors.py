@@ -7,3 +7,9 @@ its traceback.
 
 class UserError(Exception):
     """Something the user can fix; the message says what to do."""
+
+
+class Diverged(RuntimeError):
+    """A client's training loss stopped being a number. The run fails with this line (the
+    sweep records it and goes on to the next run): training on from NaN weights would only
+    spend the budget and write chance accuracy as if it were a result."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.api import TrainContext, TrainSettings
+from bench.errors import Diverged
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -94,7 +95,17 @@ def train_epochs(
             count += len(idx)
         if after_epoch is not None:
             after_epoch(epoch)
-    return float(total) / max(count, 1)
+    return finite_loss(float(total) / max(count, 1), ctx)
+
+
+def finite_loss(loss: float, ctx: TrainContext) -> float:
+    """`loss`, or `Diverged` when it is not a number (NaN or infinite)."""
+    if not np.isfinite(loss):
+        raise Diverged(
+            f"training diverged: client {ctx.client_id}'s mean loss is {loss} in task {ctx.task}, round {ctx.round}; "
+            "lower training.lr or the method's loss weights"
+        )
+    return loss
 
 
 def tensor_arrays(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, np.ndarray]:
@@ -210,4 +221,4 @@ def train_epochs_batched(
         if final[k] is None:  # no data: the start, untouched
             final[k] = {name: v.detach().clone() for name, v in start.items()}
     counts = [sum(len(i) for i in sched) for sched in schedules]
-    return final, [float(totals[k]) / max(counts[k], 1) for k in range(n)]
+    return final, [finite_loss(float(totals[k]) / max(counts[k], 1), ctx) for k, ctx in enumerate(ctxs)]

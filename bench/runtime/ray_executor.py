@@ -37,6 +37,7 @@ import numpy as np
 
 from bench.api import Message
 from bench.config import RuntimeConfig
+from bench.errors import Diverged
 from bench.runtime.base import ClientJob, ClientResult, DeviceUnavailable, Executor
 from bench.runtime.ray_actors import ClientActor, RemoteServer
 from bench.runtime.ray_cluster import RayUnavailable, ensure_ray, forwarded_environ
@@ -177,7 +178,7 @@ class RayExecutor(Executor):
     def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
         """One call per actor per round (its clients' jobs together); an actor that dies is
         replaced and its jobs of the round are retried, each retry counted per job."""
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         refs = self._put_arrays(jobs)
         by_actor: dict[int, list[int]] = {}
@@ -192,6 +193,10 @@ class RayExecutor(Executor):
                 try:
                     headers = self.ray.get(headers_ref)
                     break
+                except RayTaskError as e:  # a client's own error: as the local executor raises it
+                    if isinstance(e.cause, Diverged):
+                        raise e.cause from None
+                    raise
                 except RayActorError as e:
                     retries += 1
                     clients = [jobs[i].client_id for i in ix]

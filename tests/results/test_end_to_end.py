@@ -254,3 +254,18 @@ def test_a_domain_incremental_scenario_runs_end_to_end(tmp_path):
     assert all(ame.loc[(2, t)] > 0.9 for t in range(3)), ame
     bad = run_cli("run", "--config", "smoke", "--set", "scenario.tasks_by=domain", "--out", str(tmp_path / "x"))
     assert bad.exit_code == 2 and "set scenario.tasks and n_tasks to null" in bad.output
+
+
+def test_a_diverging_run_fails_with_one_line_and_the_sweep_goes_on(tmp_path):
+    """At an absurd learning rate FedAvg's loss becomes NaN in its first round: the run is
+    recorded as failed with the reason and what to do (a rerun tries it again), and the
+    statistics method beside it, which takes no SGD step, still completes."""
+    out = tmp_path / "out"
+    res = run_cli("run", "--config", "smoke", "--methods", "fedavg,fedncm", "--set", "training.lr=1e38", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert "failed: Diverged: training diverged: client" in said and "in task 0, round 0; lower training.lr" in said
+    runs = {r["method"]: r for r in read_table(out, "runs").to_pylist()}
+    assert runs["fedavg"]["status"] == "failed" and "training diverged" in runs["fedavg"]["error"]
+    assert runs["fedncm"]["status"] == "completed"
+    assert [r["method"] for r in read_table(out, "summary").to_pylist()] == ["fedncm"]

@@ -69,6 +69,17 @@ def test_ray_reproduces_local_accuracy_matrix(cluster, tmp_path, method):
     assert local.summary["bytes_down"] == remote.summary["bytes_down"]  # manifests from the central actor
 
 
+def test_a_client_that_diverges_on_an_actor_is_the_same_one_line_error_as_locally(cluster, tmp_path):
+    from bench.errors import Diverged
+
+    spec, ds, store = smoke("fedavg", tmp_path, "training.lr=1e38")
+    with pytest.raises(Diverged) as local:
+        run(spec, ds, store, LocalExecutor(), tmp_path)
+    with pytest.raises(Diverged) as remote:
+        run(spec, ds, store, RayExecutor(spec.config.runtime), tmp_path)
+    assert str(remote.value) == str(local.value) and "lower training.lr" in str(local.value)
+
+
 def test_ray_reproduces_an_attacked_run_and_its_aggregation_shares(cluster, tmp_path):
     # one thread count everywhere, so the updates (not only the accuracies) agree to the bit
     spec, ds, store = smoke("fedame", tmp_path, "scenario.attack.kind=sign_flip", "aggregation.rule=attention", "runtime.torch_threads=1")

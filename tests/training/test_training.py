@@ -61,3 +61,36 @@ def test_warm_up_pays_the_first_optimisers_lazy_import_before_any_run():
     if before == "True":
         pytest.skip("this torch imports torch._dynamo eagerly: nothing left to warm up")
     assert after == "True"
+
+
+def test_a_loss_that_stops_being_a_number_fails_training_with_what_to_do():
+    """Both loops (one client, and many clients at once) check the loss they return: a
+    diverged client is an error naming it, its task and round, not NaN weights trained on."""
+    from torch.func import functional_call
+
+    from bench.api import TrainContext, TrainSettings
+    from bench.errors import Diverged
+    from bench.training import train_epochs, train_epochs_batched
+
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+
+    def ctx(lr: float, client: int = 4) -> TrainContext:
+        return TrainContext(0, 1, 7, client, TrainSettings(2, 16, "sgd", lr, 0.9, 0.0))
+
+    model = torch.nn.Linear(6, 3)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def loss_fn(xb, yb):
+        return torch.nn.functional.cross_entropy(model(xb), yb)
+
+    assert np.isfinite(train_epochs(model.parameters(), x, y, ctx(0.1), loss_fn, torch.Generator().manual_seed(0)))
+    with pytest.raises(Diverged, match=r"client 4's mean loss is (nan|inf) in task 1, round 7; lower training.lr"):
+        train_epochs(model.parameters(), x, y, ctx(1e38), loss_fn, torch.Generator().manual_seed(0))
+
+    def per_client(params, xb, yb):
+        return torch.nn.functional.cross_entropy(functional_call(model, params, (xb,)), yb)
+
+    _, losses = train_epochs_batched(start, [(x, y), (x, y)], [ctx(0.1, 0), ctx(0.1, 1)], per_client)
+    assert all(np.isfinite(losses))
+    with pytest.raises(Diverged, match="client 0's mean loss"):
+        train_epochs_batched(start, [(x, y), (x, y)], [ctx(1e38, 0), ctx(1e38, 1)], per_client)
