@@ -1,7 +1,7 @@
 """FedProto (Tan et al., AAAI 2022): clients share class prototypes, never model parameters.
 
-Each client trains its own model with cross-entropy plus `lam` x the squared distance of its
-base features to the global prototype of their class (classes some client holds); it sends
+Each client trains its own model with cross-entropy plus `lam` x the mean squared difference
+of its base features to the global prototype of their class (classes some client holds); it sends
 the per-class sums and counts of its features, and the server returns their exact means.
 A client predicts with its own classifier (the paper's alternative, the nearest global
 prototype, is not built).

@@ -156,8 +156,8 @@ class CPAConfig(DETConfig):
 
 
 class CPAClient(DETClient):
-    """DET whose supervised term is the CPA loss: cross-entropy plus, per sample, the squared
-    distance of its base features to its class's global prototype, weighted by the class's
+    """DET whose supervised term is the CPA loss: cross-entropy plus, per sample, the mean squared
+    difference of its base features to its class's global prototype, weighted by the class's
     global rarity; the deputy's class prototypes (sums and counts) go up with it."""
 
     config: CPAConfig

@@ -29,6 +29,8 @@ def global_prototypes(updates: list[ClientUpdate]) -> tuple[np.ndarray, np.ndarr
 
 
 def prototype_distance(feats: torch.Tensor, y: torch.Tensor, glob: State) -> torch.Tensor:
-    """Each sample's squared distance to its class's global prototype."""
+    """Each sample's mean squared difference to its class's global prototype, over the
+    features: FedProto's reference code (and PFLlib's) takes an MSE loss, so a method's `lam`
+    means what the papers' does and does not grow with the feature width."""
     proto = torch.as_tensor(glob["proto"], device=feats.device)
-    return ((feats - proto[y]) ** 2).sum(1)
+    return ((feats - proto[y]) ** 2).mean(1)

@@ -123,7 +123,7 @@ def test_cpa_without_its_alignment_is_det(pfl_data):
     """CPA's only difference from DET is its prototype term: at lam 0 the numbers are DET's."""
     _, det = run_pfl("det", pfl_data, *FAST)
     _, cpa0 = run_pfl("cpa", pfl_data, *FAST, "methods.cpa.lam=0")
-    _, cpa = run_pfl("cpa", pfl_data, *FAST, "methods.cpa.lam=1")
+    _, cpa = run_pfl("cpa", pfl_data, *FAST, "methods.cpa.lam=100")
 
     def accs(out):
         return [r["test_acc"] for r in numbers(out)["clients"]]
@@ -174,7 +174,7 @@ def test_attention_trusts_a_random_attacker_least(pfl_data):
 def test_fedproto_without_its_pull_is_local_training_and_sends_only_prototypes(pfl_data):
     _, local = run_pfl("local_only", pfl_data, *FAST)
     _, free = run_pfl("fedproto", pfl_data, *FAST, "methods.fedproto.lam=0")
-    _, pulled = run_pfl("fedproto", pfl_data, *FAST)
+    _, pulled = run_pfl("fedproto", pfl_data, *FAST, "methods.fedproto.lam=100")
 
     def accs(out):
         return [r["test_acc"] for r in numbers(out)["clients"]]
@@ -230,3 +230,19 @@ def test_fedreps_head_epochs_train_the_head_without_a_backward_pass_through_the_
         out.sum().backward()
         assert all(p.grad is None for p in model.base.parameters())
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters())
+
+
+def test_the_prototype_pull_is_the_reference_codes_mse_and_does_not_grow_with_the_width():
+    """FedProto's reference code (and PFLlib's) pulls features to prototypes with an MSE loss:
+    the mean over the features, so a `lam` from the papers means the same at any width."""
+    import torch
+
+    from baselines.pfl.prototypes import prototype_distance
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 2, 1, 2])
+    for width in (8, 512):
+        feats, proto = torch.randn(4, width, generator=gen), torch.randn(3, width, generator=gen)
+        got = prototype_distance(feats, y, {"proto": proto.numpy()})
+        want = torch.nn.functional.mse_loss(feats, proto[y], reduction="none").mean(1)
+        assert torch.allclose(got, want) and 1.0 < float(got.mean()) < 3.0  # about 2 (two unit variances) at any width
