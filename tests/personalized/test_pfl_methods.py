@@ -222,6 +222,7 @@ def test_fedreps_head_epochs_train_the_head_without_a_backward_pass_through_the_
         num_clients=2,
         train=TrainSettings(1, 8, "sgd", 0.1, 0.0, 0.0),
     )
+    torch.manual_seed(0)
     for model_kind, x in (("cnn", torch.randint(0, 255, (3, 3, 32, 32)).float()), ("mlp", torch.randn(3, 4))):
         cfg = PFLConfig(model=model_kind)
         model = net(cfg, env, initial_state(cfg, env))

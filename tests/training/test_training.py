@@ -72,6 +72,7 @@ def test_a_loss_that_stops_being_a_number_fails_training_with_what_to_do():
     from bench.errors import Diverged
     from bench.training import train_epochs, train_epochs_batched
 
+    torch.manual_seed(0)
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
 
     def ctx(lr: float, client: int = 4) -> TrainContext:
